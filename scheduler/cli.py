@@ -1,0 +1,35 @@
+"""The ``cohort`` command line: ``cohort run --config FILE``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from scheduler.errors import CohortError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cohort", description="Run many models of one architecture on one GPU.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run", help="start a coordinator and its workers")
+    run_parser.add_argument("--config", required=True, help="TOML config file")
+    run_parser.add_argument("--address", help="override coordinator.address")
+    run_parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s cohort %(levelname)s %(message)s", stream=sys.stderr)
+    from scheduler.config import load_config
+    from scheduler.coordinator import run
+
+    try:
+        config = load_config(args.config)
+        if args.address:
+            from dataclasses import replace
+
+            config = replace(config, coordinator=replace(config.coordinator, address=args.address))
+        return run(config)
+    except CohortError as exc:
+        print(f"cohort: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

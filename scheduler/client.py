@@ -1,0 +1,416 @@
+"""The client library: ``Client`` (threads and futures) and ``AsyncClient`` (asyncio).
+
+A ``Client`` owns one ZeroMQ DEALER socket, used only by a background I/O thread;
+callers hand it requests through a queue and a wake-up pipe and wait on
+``concurrent.futures.Future`` objects, so any number of threads can share a client.
+Every call takes ``timeout=``; none can hang forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Callable
+
+import msgspec
+import torch
+import zmq
+import zmq.asyncio
+
+from scheduler.config import ADDRESS_ENV, DEFAULT_ADDRESS
+from scheduler.errors import BadInput, CohortError, JobTimeout, ProtocolError, error_from_wire
+from scheduler.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Ack,
+    BarrierRequest,
+    CopyWeights,
+    ErrorReply,
+    GetWeights,
+    JobDone,
+    ListModels,
+    ModelInfo,
+    ModelsReply,
+    SetWeights,
+    SnapshotRequest,
+    StatsReply,
+    StatsRequest,
+    SubmitJob,
+    WeightsReply,
+    client_codec,
+    decode_tensors,
+    encode_tensors,
+)
+
+DEFAULT_TIMEOUT_S = 60.0
+JOB_OPS = ("infer", "train_step", "ensemble", "train_round")
+
+
+def default_address() -> str:
+    """``$COHORT_ADDRESS`` if set, else the coordinator's default loopback address."""
+    return os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+
+
+def _job_request(req_id: int, op: str, target: str, inputs: Any, targets: Any, timeout: float | None,
+                 max_bytes: int) -> tuple[SubmitJob, list[Any]]:
+    if op not in JOB_OPS:
+        raise BadInput(f"unknown op {op!r}; ops: {', '.join(JOB_OPS)}")
+    if op in ("train_step", "train_round") and targets is None:
+        raise BadInput(f"{op} needs targets")
+    tree_in, buf_in = encode_tensors(inputs)
+    tree_t, buf_t = encode_tensors(targets)
+    size = sum(b.nbytes for b in buf_in) + sum(b.nbytes for b in buf_t)
+    if size > max_bytes:
+        raise BadInput(f"tensors of {size} bytes exceed the message bound of {max_bytes} bytes")
+    return SubmitJob(req_id, op, target, tree_in, tree_t, timeout), [*buf_in, *buf_t]
+
+
+def _result(op: str, reply: Any, buffers: list[Any]) -> Any:
+    """Turn a reply into what the API returns, or raise its error."""
+    if isinstance(reply, ErrorReply):
+        raise error_from_wire(reply.error, reply.message, reply.traceback)
+    if isinstance(reply, JobDone):
+        if op == "train_step":
+            return float(reply.losses[0]) if reply.losses else float("nan")
+        if op == "train_round":
+            return list(reply.losses or [])
+        return decode_tensors(reply.outputs, buffers)
+    if isinstance(reply, ModelsReply):
+        return list(reply.models)
+    if isinstance(reply, WeightsReply):
+        return decode_tensors(reply.weights, buffers)
+    if isinstance(reply, StatsReply):
+        return reply.stats
+    if isinstance(reply, Ack):
+        return reply.detail
+    raise ProtocolError(f"unexpected reply {type(reply).__name__}")
+
+
+class _Pending:
+    __slots__ = ("future", "op", "deadline")
+
+    def __init__(self, future: Future[Any], op: str, deadline: float) -> None:
+        self.future = future
+        self.op = op
+        self.deadline = deadline
+
+
+class Client:
+    """Submit jobs to a cohort coordinator from any number of threads.
+
+    >>> with Client("tcp://127.0.0.1:5555") as c:
+    ...     y = c.infer("mlp/3", x)
+    """
+
+    def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.address = address or default_address()
+        self.timeout = timeout
+        self.max_message_bytes = max_message_bytes
+        self._codec = client_codec()
+        self._ids = itertools.count(1)
+        self._outbox: queue.SimpleQueue[tuple[int, list[Any], _Pending] | None] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._pending: dict[int, _Pending] = {}
+        self._closed = False
+        self._context = zmq.Context()
+        self._thread = threading.Thread(target=self._io_loop, name="cohort-client-io", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public API
+
+    def submit(self, op: str, target: str, inputs: Any, targets: Any = None, *, timeout: float | None = None) -> Future[Any]:
+        """Queue a job (``infer``, ``train_step``, ``ensemble``, ``train_round``); a Future of its result."""
+        t = self.timeout if timeout is None else timeout
+        req_id = next(self._ids)
+        message, buffers = _job_request(req_id, op, target, inputs, targets, t, self.max_message_bytes)
+        return self._send(req_id, message, buffers, op, t)
+
+    def infer(self, model: str, inputs: Any, *, timeout: float | None = None) -> Any:
+        """Run model ``"group/index"`` on ``inputs``; its output, on the CPU."""
+        return self._wait(self.submit("infer", model, inputs, timeout=timeout), timeout)
+
+    def train_step(self, model: str, inputs: Any, targets: torch.Tensor, *, timeout: float | None = None) -> float:
+        """One optimizer step of one model; returns the loss."""
+        return self._wait(self.submit("train_step", model, inputs, targets, timeout=timeout), timeout)
+
+    def ensemble(self, group: str, inputs: Any, *, timeout: float | None = None) -> Any:
+        """The same inputs through every model of ``group``: outputs stacked ``[K, ...]``."""
+        return self._wait(self.submit("ensemble", group, inputs, timeout=timeout), timeout)
+
+    def train_round(self, group: str, inputs: Any, targets: torch.Tensor, *, timeout: float | None = None) -> list[float]:
+        """One step for every model of ``group``; inputs and targets stacked ``[K, B, ...]``; K losses."""
+        return self._wait(self.submit("train_round", group, inputs, targets, timeout=timeout), timeout)
+
+    def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """Every model: id, group, index, worker, version, device."""
+        return self._call(lambda r, t: ListModels(r), "models", timeout)
+
+    def barrier(self, scope: str | list[str] | None = None, *, timeout: float | None = None) -> None:
+        """Return once every job accepted before it (within ``scope``: a group, model ids, or all) has finished."""
+        items = [scope] if isinstance(scope, str) else scope
+        self._call(lambda r, t: BarrierRequest(r, items, t), "barrier", timeout)
+
+    def get_weights(self, model: str, *, timeout: float | None = None) -> dict[str, torch.Tensor]:
+        """A consistent copy of one model's parameters and buffers, taken at a barrier of that model."""
+        return self._call(lambda r, t: GetWeights(r, model, t), "get_weights", timeout)
+
+    def set_weights(self, model: str, weights: dict[str, torch.Tensor], *, timeout: float | None = None) -> None:
+        """Replace one model's parameters and buffers, and reset its optimizer state."""
+        tree, buffers = encode_tensors(dict(weights))
+        self._call(lambda r, t: SetWeights(r, model, tree, t), "set_weights", timeout, buffers)
+
+    def copy_weights(self, src: str, dst: str, *, timeout: float | None = None) -> None:
+        """Copy ``src``'s weights and optimizer state onto ``dst`` (same group), on the device."""
+        self._call(lambda r, t: CopyWeights(r, src, dst, t), "copy_weights", timeout)
+
+    def snapshot(self, path: str | os.PathLike[str], *, timeout: float | None = None) -> dict[str, Any]:
+        """Write every model to ``path/<group>/<index>.safetensors`` at a barrier; path as seen from here."""
+        full = os.path.abspath(os.fspath(path))
+        return self._call(lambda r, t: SnapshotRequest(r, full, t), "snapshot", timeout)
+
+    def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """Workers, queues, jobs/s, latency percentiles, MPS state."""
+        return self._call(lambda r, t: StatsRequest(r), "stats", timeout)
+
+    def close(self) -> None:
+        """Fail calls still waiting and stop the I/O thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._outbox.put(None)
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout=5)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._context.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _call(self, build: Callable[[int, float], Any], op: str, timeout: float | None, buffers: list[Any] | None = None) -> Any:
+        t = self.timeout if timeout is None else timeout
+        req_id = next(self._ids)
+        return self._wait(self._send(req_id, build(req_id, t), buffers or [], op, t), timeout)
+
+    def _send(self, req_id: int, message: msgspec.Struct, buffers: list[Any], op: str, timeout: float) -> Future[Any]:
+        if self._closed:
+            raise ProtocolError("the client is closed")
+        future: Future[Any] = Future()
+        future.set_running_or_notify_cancel()
+        pending = _Pending(future, op, time.monotonic() + timeout)
+        self._outbox.put((req_id, self._codec.encode(message, buffers), pending))
+        os.write(self._wake_w, b"x")
+        return future
+
+    def _wait(self, future: Future[Any], timeout: float | None) -> Any:
+        t = self.timeout if timeout is None else timeout
+        try:
+            # The I/O thread fails the future at its deadline; the margin covers a stalled thread.
+            return future.result(timeout=t + 5.0)
+        except FutureTimeout:
+            raise JobTimeout(f"no answer from {self.address} within {t} s") from None
+
+    def _io_loop(self) -> None:
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(self.address)
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while True:
+                timeout = self._next_deadline_ms()
+                events = dict(poller.poll(timeout))
+                if self._wake_r in events and not self._drain_outbox(socket):
+                    break
+                if socket in events:
+                    self._drain_replies(socket)
+                self._expire()
+        finally:
+            for p in self._pending.values():
+                if not p.future.done():
+                    p.future.set_exception(ProtocolError("the client was closed before the answer came"))
+            self._pending.clear()
+            socket.close(linger=0)
+
+    def _drain_outbox(self, socket: zmq.Socket[Any]) -> bool:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                item = self._outbox.get_nowait()
+            except queue.Empty:
+                return True
+            if item is None:
+                return False
+            req_id, frames, pending = item
+            self._pending[req_id] = pending
+            socket.send_multipart(frames, copy=False)
+
+    def _drain_replies(self, socket: zmq.Socket[Any]) -> None:
+        while True:
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                reply, buffers = self._codec.decode([f.buffer for f in frames])
+            except ProtocolError:
+                continue  # a reply we cannot read cannot be matched to a call either
+            pending = self._pending.pop(reply.req_id, None)
+            if pending is None:
+                continue  # the call already timed out
+            try:
+                pending.future.set_result(_result(pending.op, reply, buffers))
+            except CohortError as exc:
+                pending.future.set_exception(exc)
+            except Exception as exc:
+                pending.future.set_exception(ProtocolError(f"bad reply: {type(exc).__name__}: {exc}"))
+
+    def _next_deadline_ms(self) -> int:
+        if not self._pending:
+            return 1000
+        soonest = min(p.deadline for p in self._pending.values())
+        return max(0, min(1000, int((soonest - time.monotonic()) * 1000) + 1))
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for req_id in [r for r, p in self._pending.items() if p.deadline <= now]:
+            pending = self._pending.pop(req_id)
+            pending.future.set_exception(
+                JobTimeout(f"{pending.op}: no answer from {self.address} within the timeout")
+            )
+
+
+class AsyncClient:
+    """The asyncio flavour of ``Client``: the same calls, as coroutines.
+
+    >>> async with AsyncClient() as c:
+    ...     y = await c.infer("mlp/3", x)
+    """
+
+    def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.address = address or default_address()
+        self.timeout = timeout
+        self.max_message_bytes = max_message_bytes
+        self._codec = client_codec()
+        self._ids = itertools.count(1)
+        self._context = zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(self.address)
+        self._pending: dict[int, tuple[asyncio.Future[Any], str]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def submit(self, op: str, target: str, inputs: Any, targets: Any = None, *, timeout: float | None = None) -> Any:
+        t = self.timeout if timeout is None else timeout
+        req_id = next(self._ids)
+        message, buffers = _job_request(req_id, op, target, inputs, targets, t, self.max_message_bytes)
+        return await self._request(req_id, message, buffers, op, t)
+
+    async def infer(self, model: str, inputs: Any, *, timeout: float | None = None) -> Any:
+        return await self.submit("infer", model, inputs, timeout=timeout)
+
+    async def train_step(self, model: str, inputs: Any, targets: torch.Tensor, *, timeout: float | None = None) -> float:
+        return await self.submit("train_step", model, inputs, targets, timeout=timeout)
+
+    async def ensemble(self, group: str, inputs: Any, *, timeout: float | None = None) -> Any:
+        return await self.submit("ensemble", group, inputs, timeout=timeout)
+
+    async def train_round(self, group: str, inputs: Any, targets: torch.Tensor, *, timeout: float | None = None) -> list[float]:
+        return await self.submit("train_round", group, inputs, targets, timeout=timeout)
+
+    async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        return await self._call(lambda r, t: ListModels(r), "models", timeout)
+
+    async def barrier(self, scope: str | list[str] | None = None, *, timeout: float | None = None) -> None:
+        items = [scope] if isinstance(scope, str) else scope
+        await self._call(lambda r, t: BarrierRequest(r, items, t), "barrier", timeout)
+
+    async def get_weights(self, model: str, *, timeout: float | None = None) -> dict[str, torch.Tensor]:
+        return await self._call(lambda r, t: GetWeights(r, model, t), "get_weights", timeout)
+
+    async def set_weights(self, model: str, weights: dict[str, torch.Tensor], *, timeout: float | None = None) -> None:
+        tree, buffers = encode_tensors(dict(weights))
+        await self._call(lambda r, t: SetWeights(r, model, tree, t), "set_weights", timeout, buffers)
+
+    async def copy_weights(self, src: str, dst: str, *, timeout: float | None = None) -> None:
+        await self._call(lambda r, t: CopyWeights(r, src, dst, t), "copy_weights", timeout)
+
+    async def snapshot(self, path: str | os.PathLike[str], *, timeout: float | None = None) -> dict[str, Any]:
+        full = os.path.abspath(os.fspath(path))
+        return await self._call(lambda r, t: SnapshotRequest(r, full, t), "snapshot", timeout)
+
+    async def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
+        return await self._call(lambda r, t: StatsRequest(r), "stats", timeout)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, Exception):
+                pass
+        for future, _ in self._pending.values():
+            if not future.done():
+                future.set_exception(ProtocolError("the client was closed before the answer came"))
+        self._pending.clear()
+        self._socket.close(linger=0)
+        self._context.term()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, build: Callable[[int, float], Any], op: str, timeout: float | None,
+                    buffers: list[Any] | None = None) -> Any:
+        t = self.timeout if timeout is None else timeout
+        req_id = next(self._ids)
+        return await self._request(req_id, build(req_id, t), buffers or [], op, t)
+
+    async def _request(self, req_id: int, message: msgspec.Struct, buffers: list[Any], op: str, timeout: float) -> Any:
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read_replies())
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[req_id] = (future, op)
+        await self._socket.send_multipart(self._codec.encode(message, buffers), copy=False)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise JobTimeout(f"{op}: no answer from {self.address} within {timeout} s") from None
+        finally:
+            self._pending.pop(req_id, None)
+
+    async def _read_replies(self) -> None:
+        while True:
+            frames = await self._socket.recv_multipart(copy=False)
+            try:
+                reply, buffers = self._codec.decode([f.buffer for f in frames])
+            except ProtocolError:
+                continue
+            entry = self._pending.get(reply.req_id)
+            if entry is None or entry[0].done():
+                continue
+            future, op = entry
+            try:
+                future.set_result(_result(op, reply, buffers))
+            except CohortError as exc:
+                future.set_exception(exc)

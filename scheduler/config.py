@@ -1,0 +1,234 @@
+"""Loading and checking the TOML config; every error names the key at fault.
+
+    [coordinator]            address, workers, device, mps, streams, queue bounds, ...
+    [[group]]                name, factory, kwargs, count, input, loss, optimizer, init, batching
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scheduler.errors import ConfigError
+from scheduler.protocol import DTYPES, InputSpec
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+ADDRESS_ENV = "COHORT_ADDRESS"
+
+OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
+    "sgd": {"lr": 0.01, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": 0.0},
+    "adam": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0},
+    "adamw": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01},
+}
+BUILTIN_LOSSES = ("cross_entropy", "mse")
+_GROUP_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    address: str = DEFAULT_ADDRESS
+    workers: int = 1
+    device: str = "auto"
+    mps: str = "auto"
+    streams: int = 4
+    max_queued: int = 10_000
+    max_queued_per_model: int = 1_000
+    window: int = 64
+    max_message_bytes: int = 256 * 1024 * 1024
+    heartbeat_timeout_s: float = 30.0
+    start_timeout_s: float = 120.0
+    snapshot_interval_s: float = 0.0
+    snapshot_dir: str = ""
+    mps_thread_percentage: int | None = None
+    curve_secret_key: str = ""
+    curve_allowed_keys: str = ""
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    name: str
+    factory: str
+    kwargs: dict[str, Any]
+    count: int
+    inputs: list[InputSpec]
+    single_input: bool
+    loss: str
+    optimizer: str
+    hparams: dict[str, list[float]]
+    init_seed: int | None
+    init_safetensors: str | None
+
+
+@dataclass(frozen=True)
+class Config:
+    coordinator: CoordinatorConfig
+    groups: list[GroupConfig] = field(default_factory=list)
+    path: str = ""
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and check a config file; raise ``ConfigError`` naming the bad key."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(p)!r} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return parse_config(raw, str(p))
+
+
+def parse_config(raw: dict[str, Any], path: str = "<config>") -> Config:
+    """Check an already parsed TOML document."""
+    unknown = set(raw) - {"coordinator", "group"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; expected [coordinator] and [[group]]")
+    coordinator = _coordinator(raw.get("coordinator", {}), path)
+    groups_raw = raw.get("group", [])
+    if not isinstance(groups_raw, list) or not groups_raw:
+        raise ConfigError(f"{path}: at least one [[group]] is needed")
+    groups = [_group(g, f"group[{i}]", path) for i, g in enumerate(groups_raw)]
+    names = [g.name for g in groups]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{path}: group.name {dupes[0]!r} is used twice")
+    return Config(coordinator, groups, path)
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], key: str, path: str) -> Any:
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise ConfigError(f"{path}: {key} must be a number, got {value!r}")
+    if not isinstance(value, kind):
+        want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ConfigError(f"{path}: {key} must be {want}, got {value!r}")
+    return value
+
+
+def _coordinator(raw: Any, path: str) -> CoordinatorConfig:
+    _expect(raw, dict, "coordinator", path)
+    defaults = CoordinatorConfig()
+    known = set(CoordinatorConfig.__dataclass_fields__)
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"{path}: unknown key coordinator.{sorted(unknown)[0]}; known: {', '.join(sorted(known))}")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        default = getattr(defaults, key)
+        kind: Any = type(default) if default is not None else int
+        if kind is float:
+            kind = (int, float)
+        values[key] = _expect(value, kind, f"coordinator.{key}", path)
+    cfg = CoordinatorConfig(**values)
+    if not re.match(r"^(tcp|ipc)://.+", cfg.address):
+        raise ConfigError(f"{path}: coordinator.address must be tcp://HOST:PORT or ipc://PATH, got {cfg.address!r}")
+    if not 1 <= cfg.workers <= 64:
+        raise ConfigError(f"{path}: coordinator.workers must be between 1 and 64, got {cfg.workers}")
+    if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", cfg.device):
+        raise ConfigError(f"{path}: coordinator.device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.mps not in ("auto", "on", "off"):
+        raise ConfigError(f"{path}: coordinator.mps must be auto, on or off, got {cfg.mps!r}")
+    for key in ("streams", "max_queued", "max_queued_per_model", "window", "max_message_bytes"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{path}: coordinator.{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.mps_thread_percentage is not None and not 1 <= cfg.mps_thread_percentage <= 100:
+        raise ConfigError(f"{path}: coordinator.mps_thread_percentage must be 1..100")
+    return cfg
+
+
+_GROUP_KEYS = {"name", "factory", "kwargs", "count", "input", "loss", "optimizer", "init", "batching"}
+
+
+def _group(raw: Any, key: str, path: str) -> GroupConfig:
+    _expect(raw, dict, key, path)
+    unknown = set(raw) - _GROUP_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {key}.{sorted(unknown)[0]}; known: {', '.join(sorted(_GROUP_KEYS))}")
+    for required in ("name", "factory", "count", "input"):
+        if required not in raw:
+            raise ConfigError(f"{path}: {key}.{required} is required")
+    name = _expect(raw["name"], str, f"{key}.name", path)
+    if not _GROUP_NAME.match(name):
+        raise ConfigError(f"{path}: {key}.name {name!r} may use only letters, digits, '_', '-' and '.'")
+    key = f"group {name!r}"
+    factory = _expect(raw["factory"], str, f"{key}.factory", path)
+    if ":" not in factory:
+        raise ConfigError(f"{path}: {key}.factory must look like 'package.module:function', got {factory!r}")
+    count = _expect(raw["count"], int, f"{key}.count", path)
+    if not 1 <= count <= 100_000:
+        raise ConfigError(f"{path}: {key}.count must be between 1 and 100000, got {count}")
+    kwargs = _expect(raw.get("kwargs", {}), dict, f"{key}.kwargs", path)
+    inputs, single = _inputs(raw["input"], f"{key}.input", path)
+    loss = _expect(raw.get("loss", "cross_entropy"), str, f"{key}.loss", path)
+    if loss not in BUILTIN_LOSSES and ":" not in loss:
+        raise ConfigError(f"{path}: {key}.loss must be cross_entropy, mse or 'package.module:function', got {loss!r}")
+    optimizer, hparams = _optimizer(raw.get("optimizer", {"name": "sgd"}), count, f"{key}.optimizer", path)
+    seed, safetensors = _init(raw.get("init", {"seed": 0}), f"{key}.init", path)
+    return GroupConfig(name, factory, kwargs, count, inputs, single, loss, optimizer, hparams, seed, safetensors)
+
+
+def _input_spec(raw: Any, name: str, key: str, path: str) -> InputSpec:
+    _expect(raw, dict, key, path)
+    shape = _expect(raw.get("shape"), list, f"{key}.shape", path)
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and (d == -1 or d > 0) for d in shape):
+        raise ConfigError(f"{path}: {key}.shape must be a list of positive sizes or -1, got {shape!r}")
+    dtype = _expect(raw.get("dtype", "float32"), str, f"{key}.dtype", path)
+    if dtype not in DTYPES:
+        raise ConfigError(f"{path}: {key}.dtype {dtype!r} unknown; use one of {', '.join(DTYPES)}")
+    return InputSpec(name, tuple(shape), dtype)
+
+
+def _inputs(raw: Any, key: str, path: str) -> tuple[list[InputSpec], bool]:
+    _expect(raw, dict, key, path)
+    if "shape" in raw:
+        return [_input_spec(raw, "x", key, path)], True
+    if not raw:
+        raise ConfigError(f"{path}: {key} must give a shape, or named inputs each with a shape")
+    return [_input_spec(v, k, f"{key}.{k}", path) for k, v in raw.items()], False
+
+
+def _optimizer(raw: Any, count: int, key: str, path: str) -> tuple[str, dict[str, list[float]]]:
+    _expect(raw, dict, key, path)
+    name = _expect(raw.get("name", "sgd"), str, f"{key}.name", path).lower()
+    if name not in OPTIMIZER_DEFAULTS:
+        raise ConfigError(f"{path}: {key}.name {name!r} unknown; use one of {', '.join(OPTIMIZER_DEFAULTS)}")
+    values: dict[str, Any] = dict(raw)
+    values.pop("name", None)
+    if "betas" in values:
+        betas = values.pop("betas")
+        if not (isinstance(betas, list) and len(betas) == 2):
+            raise ConfigError(f"{path}: {key}.betas must be a pair [beta1, beta2]; per-model betas use beta1 = [...]")
+        values["beta1"], values["beta2"] = betas
+    defaults = OPTIMIZER_DEFAULTS[name]
+    unknown = set(values) - set(defaults)
+    if unknown:
+        raise ConfigError(f"{path}: {key}.{sorted(unknown)[0]} is not a {name} setting; known: {', '.join(defaults)}")
+    hparams: dict[str, list[float]] = {}
+    for hp, default in defaults.items():
+        value = values.get(hp, default)
+        if isinstance(value, list):
+            if len(value) != count:
+                raise ConfigError(f"{path}: {key}.{hp} has {len(value)} values; give one, or one per model ({count})")
+            items = value
+        else:
+            items = [value] * count
+        for v in items:
+            if isinstance(v, bool):
+                v = float(v)
+            _expect(v, (int, float), f"{key}.{hp}", path)
+        hparams[hp] = [float(v) for v in items]
+    return name, hparams
+
+
+def _init(raw: Any, key: str, path: str) -> tuple[int | None, str | None]:
+    _expect(raw, dict, key, path)
+    unknown = set(raw) - {"seed", "safetensors"}
+    if unknown:
+        raise ConfigError(f"{path}: {key}.{sorted(unknown)[0]} unknown; use seed = N or safetensors = 'path/{{index}}.safetensors'")
+    if "safetensors" in raw:
+        template = _expect(raw["safetensors"], str, f"{key}.safetensors", path)
+        return None, template
+    return _expect(raw.get("seed", 0), int, f"{key}.seed", path), None

@@ -1,0 +1,111 @@
+"""The CUDA MPS control daemon: started for cohort's workers when asked, stopped on exit.
+
+``mps = "auto"`` starts ``nvidia-cuda-mps-control -d`` when the device is a GPU and
+the binary is present, with private pipe and log directories handed to every worker
+(and to the coordinator, which maps banks through CUDA IPC); if that fails it goes on
+without MPS and says why. ``"on"`` makes any failure an error; ``"off"`` never starts
+it. Only a daemon cohort started is ever stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+
+from scheduler.errors import ConfigError
+
+CONTROL = "nvidia-cuda-mps-control"
+
+
+@dataclass
+class MpsDaemon:
+    requested: str
+    mode: str = "off"
+    reason: str = ""
+    pipe_dir: str = ""
+    log_dir: str = ""
+    thread_percentage: int | None = None
+    _owned_dirs: list[str] = field(default_factory=list)
+
+    def state(self) -> dict[str, object]:
+        return {"mode": self.mode, "requested": self.requested, "reason": self.reason, "pipe_dir": self.pipe_dir}
+
+    def start(self, device_type: str) -> None:
+        if self.requested == "off":
+            self.reason = "mps = off in the config"
+            return
+        problem = self._precondition(device_type)
+        if problem is None:
+            problem = self._start_daemon()
+        if problem is None:
+            self.mode = "on"
+            self.reason = "started by cohort"
+            os.environ.update(self._client_env())
+            return
+        if self.requested == "on":
+            self.stop()
+            raise ConfigError(f"coordinator.mps = 'on', but MPS cannot start: {problem}")
+        self.reason = problem
+
+    def _precondition(self, device_type: str) -> str | None:
+        if device_type != "cuda":
+            return f"device is {device_type}"
+        if shutil.which(CONTROL) is None:
+            return f"{CONTROL} not found on PATH"
+        return None
+
+    def _start_daemon(self) -> str | None:
+        self.pipe_dir = tempfile.mkdtemp(prefix="cohort-mps-pipe-")
+        self.log_dir = tempfile.mkdtemp(prefix="cohort-mps-log-")
+        self._owned_dirs = [self.pipe_dir, self.log_dir]
+        try:
+            result = subprocess.run([CONTROL, "-d"], env={**os.environ, **self._client_env()},
+                                    capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"{CONTROL} -d failed: {exc}"
+        if result.returncode != 0:
+            return f"{CONTROL} -d exited {result.returncode}: {(result.stderr or result.stdout).strip()}"
+        check = self.control("get_server_list")
+        if check is None:
+            return "the MPS daemon started but does not answer on its pipe"
+        return None
+
+    def _client_env(self) -> dict[str, str]:
+        return {"CUDA_MPS_PIPE_DIRECTORY": self.pipe_dir, "CUDA_MPS_LOG_DIRECTORY": self.log_dir}
+
+    def worker_env(self, workers: int) -> dict[str, str]:
+        """Variables a worker needs to join the daemon (none when MPS is off)."""
+        if self.mode != "on":
+            return {}
+        env = self._client_env()
+        if self.thread_percentage is not None:
+            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(self.thread_percentage)
+        return env
+
+    def control(self, command: str) -> str | None:
+        """Send one command to the daemon; its answer, or None if it did not answer."""
+        try:
+            result = subprocess.run([CONTROL], input=command + "\n", env={**os.environ, **self._client_env()},
+                                    capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return result.stdout if result.returncode == 0 else None
+
+    def terminate_client(self, pid: int) -> None:
+        """Detach a worker from the MPS server before killing it, so it cannot hang the others."""
+        if self.mode != "on":
+            return
+        servers = (self.control("get_server_list") or "").split()
+        for server in servers:
+            self.control(f"terminate_client {server} {pid}")
+
+    def stop(self) -> None:
+        if self.mode == "on":
+            self.control("quit")
+            self.mode = "off"
+        for path in self._owned_dirs:
+            shutil.rmtree(path, ignore_errors=True)
+        self._owned_dirs = []

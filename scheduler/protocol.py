@@ -1,0 +1,477 @@
+"""The wire format of cohort: every message, and the codec for tensors.
+
+This module is the only place that knows how bytes on a socket look.
+
+A message is a ZeroMQ multipart message of frames:
+
+    [version]      one byte, ``PROTOCOL_VERSION``; a mismatch is refused before decoding
+    [header]       a msgspec struct, MessagePack, tagged with its type name
+    [buffer ...]   raw tensor bytes, in the order of the header's ``TensorMeta`` entries
+
+Nothing is ever unpickled. Headers are decoded into the declared union of structs
+(an unknown type or a wrong field is a ``ProtocolError``), and every size is checked
+against the bound before anything is allocated. New fields are appended last, with
+defaults, so that an older peer still decodes a newer message.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+import msgspec
+import numpy as np
+import torch
+
+from scheduler.errors import BadInput, ProtocolError
+
+PROTOCOL_VERSION = 1
+VERSION_FRAME = bytes([PROTOCOL_VERSION])
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+MAX_TENSORS = 1024
+MAX_NDIM = 8
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+Op = Literal["infer", "train_step", "ensemble", "train_round"]
+JOB_OPS: tuple[str, ...] = ("infer", "train_step", "ensemble", "train_round")
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+class TensorMeta(msgspec.Struct, array_like=True, frozen=True):
+    """Header of one tensor; its bytes are the next buffer frame."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class TensorTree(msgspec.Struct, array_like=True, frozen=True):
+    """A tensor, a tuple of tensors, or a dict of named tensors (``layout``)."""
+
+    layout: Literal["tensor", "tuple", "dict", "none"]
+    metas: tuple[TensorMeta, ...] = ()
+    keys: tuple[str, ...] = ()
+
+
+NO_TENSORS = TensorTree("none")
+
+
+def tensor_nbytes(meta: TensorMeta) -> int:
+    """Bytes that a tensor of this header occupies, validating the header first."""
+    dtype = DTYPES.get(meta.dtype)
+    if dtype is None:
+        raise BadInput(f"unsupported dtype {meta.dtype!r}; supported: {', '.join(DTYPES)}")
+    if len(meta.shape) > MAX_NDIM or any(d < 0 for d in meta.shape):
+        raise BadInput(f"invalid tensor shape {list(meta.shape)}")
+    numel = 1
+    for d in meta.shape:
+        numel *= d
+    return numel * dtype.itemsize
+
+
+def _tensor_buffer(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a CPU tensor, without a copy when it is already contiguous."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _meta(t: torch.Tensor) -> TensorMeta:
+    name = DTYPE_NAMES.get(t.dtype)
+    if name is None:
+        raise BadInput(f"unsupported dtype {t.dtype}; supported: {', '.join(DTYPES)}")
+    return TensorMeta(name, tuple(t.shape))
+
+
+def encode_tensors(value: Any) -> tuple[TensorTree, list[memoryview]]:
+    """Split a tensor, tuple/list of tensors, or dict of tensors into header and buffers."""
+    if value is None:
+        return NO_TENSORS, []
+    if isinstance(value, torch.Tensor):
+        return TensorTree("tensor", (_meta(value),)), [_tensor_buffer(value)]
+    if isinstance(value, (tuple, list)):
+        items = list(value)
+        layout: Literal["tuple", "dict"] = "tuple"
+        keys: tuple[str, ...] = ()
+    elif isinstance(value, dict):
+        keys = tuple(value)
+        if not all(isinstance(k, str) for k in keys):
+            raise BadInput("dict inputs must have string keys")
+        items = [value[k] for k in keys]
+        layout = "dict"
+    else:
+        raise BadInput(f"expected a Tensor, a tuple of Tensors or a dict of Tensors, got {type(value).__name__}")
+    if not all(isinstance(t, torch.Tensor) for t in items):
+        raise BadInput("every element of the input must be a torch.Tensor")
+    return TensorTree(layout, tuple(_meta(t) for t in items), keys), [_tensor_buffer(t) for t in items]
+
+
+def check_buffers(tree: TensorTree, buffers: list[Any], max_bytes: int) -> int:
+    """Check buffer count and sizes against the header before anything is built; return total bytes."""
+    if len(tree.metas) > MAX_TENSORS:
+        raise BadInput(f"too many tensors in one message ({len(tree.metas)} > {MAX_TENSORS})")
+    if len(buffers) != len(tree.metas):
+        raise ProtocolError(f"header announces {len(tree.metas)} tensors but {len(buffers)} buffers followed")
+    if tree.layout == "dict" and len(tree.keys) != len(tree.metas):
+        raise ProtocolError("dict layout needs one key per tensor")
+    if tree.layout == "tensor" and len(tree.metas) != 1:
+        raise ProtocolError("tensor layout needs exactly one tensor")
+    total = 0
+    for meta, buf in zip(tree.metas, buffers):
+        need = tensor_nbytes(meta)
+        if need != memoryview(buf).nbytes:
+            raise ProtocolError(f"tensor {list(meta.shape)} {meta.dtype} needs {need} bytes, frame has {memoryview(buf).nbytes}")
+        total += need
+    if total > max_bytes:
+        raise BadInput(f"tensors of {total} bytes exceed the message bound of {max_bytes} bytes")
+    return total
+
+
+def _decode_tensor(meta: TensorMeta, buf: Any) -> torch.Tensor:
+    # Copy into a tensor we own: received frames are read-only and short-lived.
+    out = torch.empty(meta.shape, dtype=DTYPES[meta.dtype])
+    if out.numel():
+        out.reshape(-1).view(torch.uint8).numpy()[:] = np.frombuffer(buf, dtype=np.uint8)
+    return out
+
+
+def decode_tensors(tree: TensorTree, buffers: list[Any], max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
+    """Rebuild what ``encode_tensors`` split: None, a Tensor, a tuple or a dict."""
+    check_buffers(tree, buffers, max_bytes)
+    tensors = [_decode_tensor(m, b) for m, b in zip(tree.metas, buffers)]
+    if tree.layout == "none":
+        return None
+    if tree.layout == "tensor":
+        return tensors[0]
+    if tree.layout == "tuple":
+        return tuple(tensors)
+    return dict(zip(tree.keys, tensors))
+
+
+# --------------------------------------------------------------------------- client -> coordinator
+
+
+class ClientRequest(msgspec.Struct, tag=True, array_like=True):
+    """Base of every request a client sends; ``req_id`` is echoed in the reply."""
+
+    req_id: int
+
+
+class Hello(ClientRequest):
+    client_version: str = ""
+
+
+class SubmitJob(ClientRequest):
+    """A job; ``inputs``' buffers come first, then ``targets``'."""
+
+    op: str
+    target: str
+    inputs: TensorTree
+    targets: TensorTree = NO_TENSORS
+    timeout_s: float | None = None
+
+
+class BarrierRequest(ClientRequest):
+    scope: list[str] | None = None
+    timeout_s: float | None = None
+
+
+class ListModels(ClientRequest):
+    pass
+
+
+class GetWeights(ClientRequest):
+    model: str
+    timeout_s: float | None = None
+
+
+class SetWeights(ClientRequest):
+    model: str
+    weights: TensorTree
+    timeout_s: float | None = None
+
+
+class CopyWeights(ClientRequest):
+    src: str
+    dst: str
+    timeout_s: float | None = None
+
+
+class SnapshotRequest(ClientRequest):
+    path: str
+    timeout_s: float | None = None
+
+
+class StatsRequest(ClientRequest):
+    pass
+
+
+ClientMessage = Union[
+    Hello, SubmitJob, BarrierRequest, ListModels, GetWeights, SetWeights, CopyWeights, SnapshotRequest, StatsRequest
+]
+
+
+# --------------------------------------------------------------------------- coordinator -> client
+
+
+class ModelInfo(msgspec.Struct, frozen=True):
+    """One model the coordinator serves."""
+
+    id: str
+    group: str
+    index: int
+    worker: int
+    version: int
+    device: str
+
+
+class Reply(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+
+
+class HelloReply(Reply):
+    protocol: int
+    cohort_version: str
+    max_message_bytes: int
+
+
+class JobDone(Reply):
+    """A finished job: output tensors (buffers follow) and, for training, the losses."""
+
+    outputs: TensorTree = NO_TENSORS
+    losses: list[float] | None = None
+
+
+class ErrorReply(Reply):
+    error: str
+    message: str
+    traceback: str = ""
+
+
+class ModelsReply(Reply):
+    models: list[ModelInfo]
+
+
+class Ack(Reply):
+    """Barrier, set/copy weights, snapshot: done; ``detail`` says what was done."""
+
+    detail: dict[str, Any] = {}
+
+
+class WeightsReply(Reply):
+    weights: TensorTree
+
+
+class StatsReply(Reply):
+    stats: dict[str, Any]
+
+
+CoordinatorReply = Union[HelloReply, JobDone, ErrorReply, ModelsReply, Ack, WeightsReply, StatsReply]
+
+
+# --------------------------------------------------------------------------- coordinator <-> worker
+
+
+class EntrySpec(msgspec.Struct, array_like=True, frozen=True):
+    """One per-model tensor of a bank: a parameter, a buffer or optimizer state."""
+
+    name: str
+    role: Literal["param", "buffer", "state"]
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class InputSpec(msgspec.Struct, array_like=True, frozen=True):
+    """One model input; ``-1`` in ``shape`` is the batch dimension (or any size)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class GroupSpec(msgspec.Struct, frozen=True):
+    """A group's compiled definition as a worker receives it, for the models placed there."""
+
+    name: str
+    factory: str
+    kwargs: dict[str, Any]
+    inputs: list[InputSpec]
+    single_input: bool
+    entries: list[EntrySpec]
+    loss: str
+    optimizer: str
+    hparams: dict[str, list[float]]
+    indices: list[int]
+    init_seed: int | None = None
+    init_safetensors: str | None = None
+
+
+class CudaIpcHandle(msgspec.Struct, array_like=True, frozen=True):
+    """The fields ``UntypedStorage._share_cuda_()`` gives, as plain values."""
+
+    device: int
+    handle: bytes
+    storage_size: int
+    storage_offset: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+
+
+class BankHandle(msgspec.Struct, array_like=True, frozen=True):
+    """How another process maps a worker's bank: a shared-memory name or a CUDA IPC handle."""
+
+    group: str
+    kind: Literal["shm", "cuda"]
+    nbytes: int
+    count: int
+    shm_name: str = ""
+    cuda: CudaIpcHandle | None = None
+
+
+class ToWorker(msgspec.Struct, tag=True, array_like=True):
+    pass
+
+
+class InitWorker(ToWorker):
+    worker_id: int
+    device: str
+    streams: int
+    groups: list[GroupSpec]
+    shm_prefix: str
+    restore: bool = False
+
+
+class RunJob(ToWorker):
+    """Run ``op`` on the models at ``slots`` of ``group``'s bank; buffers: inputs, then targets."""
+
+    job_id: int
+    op: str
+    group: str
+    slots: list[int]
+    inputs: TensorTree
+    targets: TensorTree = NO_TENSORS
+
+
+class RestoreWeights(ToWorker):
+    """Nothing to run: the coordinator rewrote a bank and the worker must drop derived caches."""
+
+    group: str
+
+
+class Shutdown(ToWorker):
+    pass
+
+
+WorkerCommand = Union[InitWorker, RunJob, RestoreWeights, Shutdown]
+
+
+class FromWorker(msgspec.Struct, tag=True, array_like=True):
+    worker_id: int
+
+
+class WorkerHello(FromWorker):
+    pid: int
+
+
+class WorkerReady(FromWorker):
+    device: str
+    banks: list[BankHandle]
+
+
+class JobResult(FromWorker):
+    job_id: int
+    outputs: TensorTree = NO_TENSORS
+    losses: list[float] | None = None
+
+
+class JobError(FromWorker):
+    job_id: int
+    error: str
+    message: str
+    traceback: str = ""
+
+
+class Heartbeat(FromWorker):
+    busy: bool = False
+
+
+class WorkerFailed(FromWorker):
+    """Start-up failed; the worker exits after sending this."""
+
+    error: str
+    message: str
+    traceback: str = ""
+
+
+WorkerEvent = Union[WorkerHello, WorkerReady, JobResult, JobError, Heartbeat, WorkerFailed]
+
+
+# --------------------------------------------------------------------------- framing
+
+
+class Codec:
+    """Encodes and decodes one direction's messages to and from frames.
+
+    Holds reusable msgspec encoder/decoder objects: building them per message
+    costs more than encoding a small header.
+    """
+
+    def __init__(self, decode_type: Any) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(decode_type)
+
+    def encode(self, message: msgspec.Struct, buffers: list[Any] | None = None) -> list[Any]:
+        return [VERSION_FRAME, self._encoder.encode(message), *(buffers or ())]
+
+    def decode(self, frames: list[Any]) -> tuple[Any, list[Any]]:
+        """Return ``(message, buffer frames)``; raise ``ProtocolError`` on anything malformed."""
+        if len(frames) < 2:
+            raise ProtocolError(f"a message needs at least 2 frames, got {len(frames)}")
+        version = bytes(frames[0])
+        if version != VERSION_FRAME:
+            raise ProtocolError(f"protocol version {version!r} not supported; this peer speaks {PROTOCOL_VERSION}")
+        try:
+            message = self._decoder.decode(frames[1])
+        except msgspec.MsgspecError as exc:
+            raise ProtocolError(f"malformed message: {exc}") from None
+        return message, frames[2:]
+
+
+def client_codec() -> Codec:
+    """Codec of the client side: encodes requests, decodes replies."""
+    return Codec(CoordinatorReply)
+
+
+def coordinator_client_codec() -> Codec:
+    """Codec of the coordinator's client socket: decodes requests, encodes replies."""
+    return Codec(ClientMessage)
+
+
+def coordinator_worker_codec() -> Codec:
+    """Codec of the coordinator's worker sockets: decodes worker events."""
+    return Codec(WorkerEvent)
+
+
+def worker_codec() -> Codec:
+    """Codec of a worker: decodes commands from the coordinator."""
+    return Codec(WorkerCommand)

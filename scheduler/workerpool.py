@@ -1,0 +1,130 @@
+"""Worker processes as the coordinator sees them: start, talk, notice death, stop.
+
+Each worker has its own ZeroMQ PAIR socket on a private ``ipc://`` path (a new one
+for every replacement, so a late message from a dead worker never reaches its
+successor). Death is noticed from the process itself (``poll()``, checked every loop
+turn) and from silence (no heartbeat within the configured timeout).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from scheduler.jobs import Part
+from scheduler.placement import Block
+from scheduler.protocol import GroupSpec
+
+STOP_GRACE_S = 5.0
+
+
+@dataclass
+class WorkerHandle:
+    id: int
+    blocks: list[Block]
+    specs: list[GroupSpec]
+    state: str = "new"  # new -> starting -> ready -> dead (-> starting ...) ; stopping
+    generation: int = 0
+    address: str = ""
+    socket: zmq.Socket | None = None
+    process: subprocess.Popen[bytes] | None = None
+    pid: int = 0
+    device: str = ""
+    pending: deque[Part] = field(default_factory=deque)
+    in_flight: dict[int, Part] = field(default_factory=dict)
+    last_seen: float = 0.0
+    started_at: float = 0.0
+    jobs_done: int = 0
+    restarts: int = 0
+    restore: bool = False
+    shm_prefix: str = ""
+
+    @property
+    def placed(self) -> dict[str, list[int]]:
+        return {b.group: b.indices for b in self.blocks}
+
+    def model_ids(self) -> list[str]:
+        return [f"{b.group}/{i}" for b in self.blocks for i in b.indices]
+
+    def spawn(self, context: zmq.Context[Any], run_dir: str, run_id: str, env: dict[str, str]) -> None:
+        """Start (or restart) the process on a fresh socket."""
+        self.generation += 1
+        self.address = f"ipc://{run_dir}/worker-{self.id}-{self.generation}.sock"
+        self.shm_prefix = f"cohort-{run_id}-w{self.id}g{self.generation}-"
+        self.socket = context.socket(zmq.PAIR)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDHWM, 0)
+        self.socket.bind(self.address)
+        worker_env = {**os.environ, **env, "PYTORCH_ALLOC_CONF": "expandable_segments:False"}
+        path = [os.getcwd(), *filter(None, worker_env.get("PYTHONPATH", "").split(os.pathsep))]
+        worker_env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "workers", "--address", self.address, "--worker-id", str(self.id)],
+            env=worker_env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches the coordinator only; it stops workers in order
+        )
+        self.pid = self.process.pid
+        self.state = "starting"
+        self.started_at = self.last_seen = time.monotonic()
+
+    def exited(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def send(self, frames: list[Any]) -> bool:
+        """Send without blocking; False when the message could not be queued."""
+        if self.socket is None:
+            return False
+        try:
+            self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.ZMQError:
+            return False
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.kill(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait()
+
+    def close_socket(self) -> None:
+        if self.socket is not None:
+            self.socket.close(linger=0)
+            self.socket = None
+        if self.address.startswith("ipc://"):
+            try:
+                os.unlink(self.address[len("ipc://"):])
+            except OSError:
+                pass
+
+
+def stop_processes(workers: list[WorkerHandle], grace_s: float = STOP_GRACE_S) -> None:
+    """Wait for workers told to shut down; then SIGTERM, then SIGKILL the ones still there."""
+    deadline = time.monotonic() + grace_s
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        alive = [w for w in workers if w.process is not None and w.process.poll() is None]
+        if not alive:
+            return
+        if sig is not None:
+            for w in alive:
+                try:
+                    os.kill(w.process.pid, sig)  # type: ignore[union-attr]
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 2.0
+        for w in alive:
+            assert w.process is not None
+            try:
+                w.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass

@@ -1,0 +1,183 @@
+"""What users do without cohort: one process looping over the models, or N processes.
+
+``sequential`` runs the K models one after another in this process. ``processes``
+splits them over N spawned processes that run side by side; ``processes_mps`` does
+the same under a CUDA MPS daemon started for the occasion (``bench_mps``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tools.bench_measure import Result, describe, measure_steps, ok, skipped, time_steps, warm_up
+from tools.bench_mps import MpsUnavailable, mps_daemon
+from tools.bench_workloads import Batch, Workload, build_models, loss_function, make_batches, make_optimizer
+
+START_TIMEOUT_S = 300.0
+MAX_PROCESSES = 8
+
+
+class SequentialRunner:
+    """Plain PyTorch modules, each with its own optimizer, stepped one after another."""
+
+    def __init__(self, workload: Workload, indices: list[int], device: str) -> None:
+        self.workload = workload
+        self.indices = indices
+        self.models = build_models(workload, indices, device)
+        self.loss = loss_function(workload)
+        self.optimizers = [make_optimizer(workload, m) for m in self.models] if workload.task == "train" else []
+
+    def infer(self, batch: Batch) -> list[torch.Tensor]:
+        """Every model on the shared input: what an ensemble user loops over."""
+        with torch.no_grad():
+            return [model(batch.x) for model in self.models]
+
+    def train(self, batch: Batch) -> list[torch.Tensor]:
+        """One optimizer step per model on that model's own batch; returns the losses."""
+        losses = []
+        for slot, index in enumerate(self.indices):
+            model, optimizer = self.models[slot], self.optimizers[slot]
+            optimizer.zero_grad(set_to_none=True)
+            loss = self.loss(model(batch.xs[index]), batch.ts[index])
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        return losses
+
+    def step(self, batch: Batch) -> list[torch.Tensor]:
+        return self.train(batch) if self.workload.task == "train" else self.infer(batch)
+
+
+def _stepper(runner: SequentialRunner, batches: list[Batch]) -> Callable[[int], object]:
+    return lambda i: runner.step(batches[i % len(batches)])
+
+
+def run_sequential(workload: Workload, device: str) -> Result:
+    """One process, one model at a time: the baseline every ratio is taken against."""
+    runner = SequentialRunner(workload, list(range(workload.count)), device)
+    batches = make_batches(workload, device)
+    return time_steps(_stepper(runner, batches), workload.warmup, workload.steps, device, workload.samples_per_step)
+
+
+def process_count(workload: Workload, device: str) -> int:
+    """N: one process per model, capped by MAX_PROCESSES and, on the CPU, by the core count."""
+    cap = MAX_PROCESSES if device.startswith("cuda") else min(MAX_PROCESSES, os.cpu_count() or 1)
+    return max(1, min(workload.count, cap))
+
+
+def shards(count: int, parts: int) -> list[list[int]]:
+    """Split model indices 0..count-1 into ``parts`` nearly equal contiguous runs."""
+    base, extra = divmod(count, parts)
+    bounds = [0]
+    for part in range(parts):
+        bounds.append(bounds[-1] + base + (1 if part < extra else 0))
+    return [list(range(bounds[p], bounds[p + 1])) for p in range(parts)]
+
+
+def _process_main(
+    workload: Workload, indices: list[int], device: str, threads: int, barrier: Any, results: Any
+) -> None:
+    """Child: build its shard, warm up, wait for all, time the steps, wait for all again."""
+    try:
+        torch.set_num_threads(threads)
+        runner = SequentialRunner(workload, indices, device)
+        step = _stepper(runner, make_batches(workload, device))
+        warm_up(step, workload.warmup, device)
+        barrier.wait(timeout=START_TIMEOUT_S)
+        durations = measure_steps(step, workload.steps, device)
+        barrier.wait(timeout=START_TIMEOUT_S)
+        results.put(("ok", durations))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the mode
+        barrier.abort()
+        results.put(("error", describe(exc)))
+
+
+def _collect(results: Any, expected: int, processes: list[Any]) -> list[list[float]]:
+    """Every child's step durations, or the first child's error as an exception."""
+    collected = []
+    for _ in range(expected):
+        try:
+            status, payload = results.get(timeout=START_TIMEOUT_S)
+        except queue.Empty:
+            codes = [p.exitcode for p in processes]
+            raise RuntimeError(f"a benchmark process sent no result (exit codes {codes})") from None
+        if status != "ok":
+            raise RuntimeError(f"benchmark process failed: {payload}")
+        collected.append(payload)
+    return collected
+
+
+def _time_between_barriers(barrier: Any) -> float | None:
+    """Parent's view of the measured phase, start barrier to end barrier; None if it broke."""
+    try:
+        barrier.wait(timeout=START_TIMEOUT_S)
+        start = time.perf_counter()
+        barrier.wait(timeout=START_TIMEOUT_S)
+    except threading.BrokenBarrierError:
+        return None
+    return time.perf_counter() - start
+
+
+def _run_children(workload: Workload, device: str, parts: int) -> tuple[float, list[list[float]]]:
+    """Start ``parts`` spawned processes, time their measured phase, always reap them."""
+    context = mp.get_context("spawn")
+    barrier = context.Barrier(parts + 1)
+    results = context.Queue()
+    threads = max(1, (os.cpu_count() or 1) // parts)
+    processes = [
+        context.Process(target=_process_main, args=(workload, shard, device, threads, barrier, results), daemon=True)
+        for shard in shards(workload.count, parts)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        wall = _time_between_barriers(barrier)
+        durations = _collect(results, parts, processes)
+        if wall is None:
+            raise RuntimeError("the measured phase did not complete in every process")
+        return wall, durations
+    finally:
+        _reap(processes)
+
+
+def _reap(processes: list[Any]) -> None:
+    for process in processes:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=10)
+
+
+def run_processes(workload: Workload, device: str) -> Result:
+    """N plain processes, each looping over its K/N models; throughput = all samples / wall."""
+    parts = process_count(workload, device)
+    wall, per_process = _run_children(workload, device, parts)
+    slowest = [max(steps) for steps in zip(*per_process)]
+    threads = max(1, (os.cpu_count() or 1) // parts)
+    note = f"N={parts} processes; step latency = slowest process's step"
+    if not device.startswith("cuda"):
+        note += f"; {threads} torch thread(s) each"
+    result = ok(workload.samples_per_step * workload.steps / wall, "samples/s", slowest, wall, processes=parts)
+    result["notes"] = note
+    return result
+
+
+def run_processes_mps(workload: Workload, device: str) -> Result:
+    """The same N processes as clients of a private CUDA MPS daemon."""
+    if not device.startswith("cuda"):
+        return skipped("no GPU")
+    try:
+        with mps_daemon():
+            result = run_processes(workload, device)
+    except MpsUnavailable as exc:
+        return skipped(f"MPS unavailable: {exc}")
+    result["notes"] = result.get("notes", "") + "; under CUDA MPS"
+    return result

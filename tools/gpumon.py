@@ -1,0 +1,186 @@
+"""cohort's monitor: GPU (NVML), host and coordinator figures in one view.
+
+    python tools/gpumon.py [--address ADDR] [--interval S] [--once] [--json]
+                           [--prometheus PORT [--prometheus-bind HOST]]
+
+Live terminal view by default; `--once` prints one view and exits; `--json` prints
+samples as JSON lines (with `--once`, one line); `--prometheus PORT` serves the same
+figures on http://HOST:PORT/metrics until Ctrl-C. No GPU, no NVML or no coordinator
+is reported in the view and never ends the monitor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from gpumon_coord import CoordinatorSource, default_address
+from gpumon_history import History
+from gpumon_nvml import NvmlSource
+from gpumon_sample import Sampler
+from gpumon_view import render
+from rich.console import Console, RenderableType
+from rich.live import Live
+from rich.text import Text
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line; the address defaults as cohort's Client does."""
+    parser = argparse.ArgumentParser(
+        description="Live view of cohort's GPU and coordinator."
+    )
+    parser.add_argument(
+        "--address",
+        default=default_address(),
+        help="coordinator address (default: $COHORT_ADDRESS, else %(default)s)",
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        help="seconds between samples; also the coordinator timeout",
+    )
+    parser.add_argument("--once", action="store_true", help="print one sample and exit")
+    parser.add_argument(
+        "--json", action="store_true", help="print samples as JSON lines"
+    )
+    parser.add_argument(
+        "--prometheus",
+        type=int,
+        metavar="PORT",
+        help="serve the figures for Prometheus on PORT until Ctrl-C",
+    )
+    parser.add_argument(
+        "--prometheus-bind",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="interface for --prometheus (default: loopback only)",
+    )
+    args = parser.parse_args(argv)
+    if args.interval <= 0:
+        parser.error("--interval must be positive")
+    if args.prometheus is not None and (args.once or args.json):
+        parser.error(
+            "--prometheus serves until Ctrl-C; use it without --once and --json"
+        )
+    return args
+
+
+def make_sampler(address: str, interval: float) -> Sampler:
+    """Real sources; the coordinator timeout is the interval so a sample never lags."""
+    return Sampler(NvmlSource(), CoordinatorSource(address, timeout=interval))
+
+
+def print_json(sample: dict[str, Any]) -> None:
+    """One sample as one JSON line; a sample JSON cannot hold becomes an error line."""
+    try:
+        # default=str: a stats field of an unexpected type must not lose the line.
+        line = json.dumps(sample, default=str)
+    except (TypeError, ValueError) as exc:
+        line = json.dumps({"time": sample.get("time"), "monitor_error": str(exc)})
+    print(line, flush=True)
+
+
+def run_once(sampler: Sampler, as_json: bool, console: Console) -> None:
+    """One sample, as JSON or as one rendered view."""
+    if as_json:
+        print_json(sampler.sample())
+    else:
+        console.print(frame(sampler, History()))
+
+
+def run_json_lines(sampler: Sampler, interval: float) -> None:
+    """One JSON line per interval, for logging to a file or piping to jq."""
+    while True:
+        started = time.monotonic()
+        print_json(sampler.sample())
+        pause(started, interval)
+
+
+def run_live(sampler: Sampler, interval: float, console: Console) -> None:
+    """Redraw the view every interval until Ctrl-C."""
+    history = History()
+    with Live(Text("sampling..."), console=console, auto_refresh=False) as live:
+        while True:
+            started = time.monotonic()
+            live.update(frame(sampler, history), refresh=True)
+            pause(started, interval)
+
+
+def run_prometheus(sampler: Sampler, port: int, bind: str) -> None:
+    """Serve /metrics (sampled on each scrape) until Ctrl-C."""
+    from gpumon_prom import serve  # only this mode needs prometheus_client
+
+    server, thread = serve(sampler.sample, port, bind)
+    try:
+        print(
+            f"serving cohort metrics at http://{bind}:{server.server_port}/metrics "
+            "(Ctrl-C stops)",
+            flush=True,
+        )
+        while thread.is_alive():
+            time.sleep(1.0)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def frame(sampler: Sampler, history: History) -> RenderableType:
+    """Sample, remember and render; on any failure one line saying why.
+
+    Odd figures from a newer or broken coordinator must cost one frame, never the
+    refresh loop.
+    """
+    try:
+        sample = sampler.sample()
+        history.add(sample)
+        return render(sample, history)
+    except Exception as exc:  # noqa: BLE001 - a bad frame must not end the loop
+        return Text(
+            f"monitor: cannot draw this sample ({type(exc).__name__}: {exc}); retrying",
+            style="red",
+        )
+
+
+def pause(started: float, interval: float) -> None:
+    """Sleep out the rest of the interval, so samples stay evenly spaced."""
+    time.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sampler = make_sampler(args.address, args.interval)
+    console = Console()
+    try:
+        if args.once:
+            run_once(sampler, args.json, console)
+        elif args.prometheus is not None:
+            run_prometheus(sampler, args.prometheus, args.prometheus_bind)
+        elif args.json:
+            run_json_lines(sampler, args.interval)
+        else:
+            run_live(sampler, args.interval, console)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how users leave the monitor: not an error
+    finally:
+        sampler.close()
+    return 0
+
+
+def stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM (systemd, docker stop) ends the monitor as cleanly as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    # Run as `python tools/gpumon.py`, only tools/ is on the path; the checkout root
+    # makes `scheduler` importable even where cohort is not pip-installed.
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""The monitor's terminal view, drawn with rich.
+
+`render(sample, history)` is pure: it reads a sample dict (see gpumon_sample) and the
+sparkline history and returns a renderable, so it can be tested by printing to a
+recording console. Values are read with .get and formatted defensively, because the
+coordinator's stats may come from a newer or older cohort than this monitor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from gpumon_history import History, gpu_index, sparkline
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+TOP_MODELS = 20
+_STATE_STYLES = {
+    "ready": "green",
+    "busy": "green",
+    "starting": "yellow",
+    "restarting": "yellow",
+    "stopping": "yellow",
+    "dead": "red",
+    "failed": "red",
+}
+
+
+def render(sample: Mapping[str, Any], history: History) -> RenderableType:
+    """The whole view: header, GPUs, GPU processes, host, workers, models, history."""
+    stats = sample.get("coordinator")
+    parts: list[RenderableType] = [_header(sample)]
+    parts.extend(_gpu_section(sample))
+    parts.append(_host_line(sample))
+    if stats:
+        parts.append(_jobs_line(stats))
+        parts.append(_workers_table(stats))
+        parts.append(_models_table(stats))
+    else:
+        address = sample.get("address") or "?"
+        line = Text(
+            f"coordinator: unreachable at {address} (retrying)", style="bold red"
+        )
+        if sample.get("coordinator_error"):
+            line.append(f"  {sample['coordinator_error']}", style="dim")
+        parts.append(line)
+    parts.append(_sparklines(sample, history))
+    return Group(*parts)
+
+
+def _header(sample: Mapping[str, Any]) -> Text:
+    stats = sample.get("coordinator") or {}
+    mps = stats.get("mps") or {}
+    header = Text("cohort gpumon", style="bold")
+    header.append(f"  {stats.get('address') or sample.get('address') or '?'}")
+    if stats:
+        header.append(f"  device {stats.get('device', '?')}")
+        header.append(f"  MPS {_mps_text(mps)}")
+        header.append(f"  up {_duration(stats.get('uptime_s'))}")
+        if stats.get("cohort_version"):
+            header.append(f"  v{stats['cohort_version']}", style="dim")
+    header.append(f"  {_clock(sample.get('time'))}", style="dim")
+    return header
+
+
+def _mps_text(mps: Mapping[str, Any]) -> str:
+    text = str(mps.get("mode", "?"))
+    details = [f"requested {mps['requested']}"] if mps.get("requested") else []
+    if mps.get("reason"):
+        details.append(str(mps["reason"]))
+    return f"{text} ({', '.join(details)})" if details else text
+
+
+def _gpu_section(sample: Mapping[str, Any]) -> list[RenderableType]:
+    gpus = sample.get("gpus") or []
+    if not gpus:
+        return [
+            Text(f"no GPU: {sample.get('gpu_error') or 'none found'}", style="yellow")
+        ]
+    table = Table(title="GPUs", title_justify="left", expand=False)
+    for column in (
+        "GPU",
+        "Name",
+        "Util",
+        "Mem util",
+        "Memory",
+        "Power",
+        "Temp",
+        "SM clk",
+        "Mem clk",
+    ):
+        table.add_column(column, justify="left" if column == "Name" else "right")
+    for gpu in gpus:
+        table.add_row(
+            str(gpu.get("index", "?")),
+            Text(str(gpu.get("name") or "?")),
+            _percent(gpu.get("utilization")),
+            _percent(gpu.get("memory_utilization")),
+            _used_of(gpu.get("memory_used"), gpu.get("memory_total")),
+            _power(gpu.get("power_w"), gpu.get("power_limit_w")),
+            _unit(gpu.get("temperature_c"), " °C"),
+            _unit(gpu.get("clock_sm_mhz"), " MHz"),
+            _unit(gpu.get("clock_mem_mhz"), " MHz"),
+        )
+    return [table, _process_table(gpus, sample.get("coordinator") or {})]
+
+
+def _process_table(gpus: list[Mapping[str, Any]], stats: Mapping[str, Any]) -> Table:
+    workers = {w.get("pid"): w.get("id") for w in stats.get("workers") or []}
+    table = Table(title="GPU processes", title_justify="left", expand=False)
+    for column in ("GPU", "PID", "Name", "Memory", "Role", "Command"):
+        table.add_column(
+            column, justify="right" if column in ("GPU", "PID", "Memory") else "left"
+        )
+    under_mps = False
+    for gpu in gpus:
+        for proc in gpu.get("processes") or []:
+            role = ""
+            if proc.get("mps_server"):
+                role, under_mps = "MPS server", True
+            elif proc.get("pid") in workers:
+                role = f"cohort worker {workers[proc.get('pid')]}"
+            table.add_row(
+                str(gpu.get("index", "?")),
+                str(proc.get("pid", "?")),
+                Text(str(proc.get("name") or "?")),
+                _bytes(proc.get("memory_used")),
+                Text(role, style="magenta" if role == "MPS server" else "cyan"),
+                Text(_shorten(str(proc.get("command") or ""), 50), style="dim"),
+            )
+    if under_mps:
+        # Users otherwise read the MPS server's row as one process hogging the GPU.
+        table.caption = (
+            "under MPS, clients' kernels run in the MPS server: utilization is "
+            "per GPU only, memory per process is exact"
+        )
+    return table
+
+
+def _host_line(sample: Mapping[str, Any]) -> Text:
+    host = sample.get("host")
+    if not host:
+        return Text(f"host: {sample.get('host_error') or 'no figures'}", style="yellow")
+    line = Text("host", style="bold")
+    line.append(f"  CPU {_percent(host.get('cpu_percent'))}")
+    line.append(
+        f"  memory {_used_of(host.get('memory_used'), host.get('memory_total'))}"
+    )
+    return line
+
+
+def _jobs_line(stats: Mapping[str, Any]) -> Text:
+    jobs = stats.get("jobs") or {}
+    latency = stats.get("latency_ms") or {}
+    line = Text("jobs", style="bold")
+    line.append(f"  {_number(stats.get('jobs_per_s'), '.1f')} jobs/s")
+    line.append(
+        f"  queued {_number(stats.get('queued'))}"
+        f"  in flight {_number(stats.get('in_flight'))}"
+    )
+    line.append(
+        f"  submitted {_number(jobs.get('submitted'))}"
+        f"  completed {_number(jobs.get('completed'))}"
+    )
+    line.append(
+        f"  failed {_number(jobs.get('failed'))}",
+        style="red" if _is_positive(jobs.get("failed")) else "",
+    )
+    # p50 and p99 are the figures users watch; p90 only when the coordinator sends it.
+    quantiles = ("p50", "p90", "p99") if "p90" in latency else ("p50", "p99")
+    line.append("\nlatency", style="bold")
+    line.append(
+        "  " + "  ".join(f"{q} {_number(latency.get(q), '.1f')} ms" for q in quantiles)
+    )
+    return line
+
+
+def _workers_table(stats: Mapping[str, Any]) -> Table:
+    table = Table(title="Workers", title_justify="left", expand=False)
+    for column in (
+        "Worker",
+        "PID",
+        "State",
+        "Device",
+        "Models",
+        "Queued",
+        "In flight",
+        "Done",
+        "Restarts",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("State", "Device") else "right"
+        )
+    for worker in stats.get("workers") or []:
+        state = str(worker.get("state", "?"))
+        table.add_row(
+            str(worker.get("id", "?")),
+            str(worker.get("pid", "?")),
+            Text(state, style=_STATE_STYLES.get(state, "")),
+            Text(str(worker.get("device", "?"))),
+            str(len(worker.get("models") or [])),
+            _number(worker.get("queued")),
+            _number(worker.get("in_flight")),
+            _number(worker.get("jobs_done")),
+            _number(worker.get("restarts")),
+        )
+    return table
+
+
+def _models_table(stats: Mapping[str, Any]) -> Table:
+    models = stats.get("models") or {}
+    ranked = sorted(
+        models.items(), key=lambda item: -_as_float((item[1] or {}).get("jobs"))
+    )
+    table = Table(
+        title=f"Models (top {TOP_MODELS} by jobs)", title_justify="left", expand=False
+    )
+    for column in ("Model", "Worker", "Version", "Queued", "Jobs"):
+        table.add_column(column, justify="left" if column == "Model" else "right")
+    for model_id, entry in ranked[:TOP_MODELS]:
+        info = entry or {}
+        table.add_row(
+            Text(str(model_id)),
+            str(info.get("worker", "?")),
+            _number(info.get("version")),
+            _number(info.get("queued")),
+            _number(info.get("jobs")),
+        )
+    if len(ranked) > TOP_MODELS:
+        table.caption = f"{len(ranked) - TOP_MODELS} more models not shown"
+    return table
+
+
+def _sparklines(sample: Mapping[str, Any], history: History) -> Table:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_column(justify="right")
+    gpus = {gpu_index(g, i): g for i, g in enumerate(sample.get("gpus") or [])}
+    for index, series in sorted(history.gpu_util.items()):
+        current = gpus.get(index, {}).get("utilization")
+        table.add_row(f"GPU {index} util", sparkline(series, 0, 100), _percent(current))
+    stats = sample.get("coordinator") or {}
+    table.add_row(
+        "jobs/s", sparkline(history.jobs_per_s), _number(stats.get("jobs_per_s"), ".1f")
+    )
+    return table
+
+
+# Formatting: every helper accepts anything and falls back to "-", so one odd value
+# from a newer coordinator costs one cell, not the view.
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _as_float(value: Any) -> float:
+    return float(value) if _is_number(value) else 0.0
+
+
+def _is_positive(value: Any) -> bool:
+    return _is_number(value) and value > 0
+
+
+def _number(value: Any, spec: str = "") -> str:
+    if not _is_number(value):
+        return "-"
+    return format(value, spec) if spec else str(value)
+
+
+def _unit(value: Any, unit: str) -> str:
+    return f"{value:.0f}{unit}" if _is_number(value) else "-"
+
+
+def _percent(value: Any) -> str:
+    return f"{value:.0f}%" if _is_number(value) else "-"
+
+
+def _bytes(value: Any) -> str:
+    if not _is_number(value):
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value} B"
+
+
+def _used_of(used: Any, total: Any) -> str:
+    if not (_is_number(used) and _is_number(total) and total > 0):
+        return _bytes(used)
+    used_text, total_text = _bytes(used), _bytes(total)
+    number, unit = used_text.split(" ")
+    # "20.0/80.0 GiB" rather than "20.0 GiB/80.0 GiB": keeps the GPU row on one line.
+    if total_text.endswith(f" {unit}"):
+        used_text = number
+    return f"{used_text}/{total_text} ({used / total:.0%})"
+
+
+def _power(watts: Any, limit: Any) -> str:
+    if not _is_number(watts):
+        return "-"
+    return f"{watts:.0f} / {limit:.0f} W" if _is_number(limit) else f"{watts:.0f} W"
+
+
+def _duration(seconds: Any) -> str:
+    if not _is_number(seconds):
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _clock(epoch: Any) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(epoch)) if _is_number(epoch) else ""
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"

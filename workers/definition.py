@@ -1,0 +1,123 @@
+"""A group's model definition: built once by the coordinator, instantiated by workers.
+
+The coordinator imports the factory, builds the module on the ``meta`` device (no
+memory, no init), reads the bank layout from it (every parameter and buffer with its
+per-model shape and dtype, plus the optimizer's state entries), and checks the input
+spec with a shape-only forward. Workers receive that ``GroupSpec`` and build the
+module once more on their own device, without re-deriving or re-checking anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from scheduler.config import GroupConfig
+from scheduler.errors import ConfigError
+from scheduler.protocol import DTYPE_NAMES, DTYPES, EntrySpec, GroupSpec, InputSpec
+from workers.optim import optimizer_state_entries
+
+
+def import_object(ref: str, what: str) -> Any:
+    """Import ``"package.module:attr"``; raise ``ConfigError`` saying what failed."""
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ConfigError(f"{what} {ref!r}: cannot import {module_name!r}: {exc}") from None
+    try:
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise ConfigError(f"{what} {ref!r}: module {module_name!r} has no {attr!r}") from None
+    return obj
+
+
+def build_module(factory: str, kwargs: dict[str, Any], device: torch.device | str) -> nn.Module:
+    """Call the factory with its device set as the default, so no real memory is touched on meta."""
+    fn: Callable[..., Any] = import_object(factory, "factory")
+    with torch.device(device):
+        module = fn(**kwargs)
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"factory {factory!r} returned {type(module).__name__}, not an nn.Module")
+    return module
+
+
+def example_inputs(inputs: list[InputSpec], single: bool, batch: int, device: torch.device | str) -> Any:
+    """Inputs of the spec's shapes (``-1`` -> ``batch``) on ``device``."""
+    made = {}
+    for spec in inputs:
+        shape = [batch if d == -1 else d for d in spec.shape]
+        made[spec.name] = torch.zeros(shape, dtype=DTYPES[spec.dtype], device=device)
+    return made["x"] if single else made
+
+
+def call_module(module: nn.Module, params: dict[str, torch.Tensor], inputs: Any) -> Any:
+    """Run the module with the given parameters and buffers, no copies."""
+    if isinstance(inputs, dict):
+        return torch.func.functional_call(module, params, (), inputs, strict=False)
+    return torch.func.functional_call(module, params, (inputs,), strict=False)
+
+
+def build_definition(group: GroupConfig) -> GroupSpec:
+    """Build the group's definition once, on meta; raise ``ConfigError`` naming the group."""
+    where = f"group {group.name!r}"
+    try:
+        module = build_module(group.factory, group.kwargs, "meta")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except Exception as exc:
+        raise ConfigError(f"{where}: factory {group.factory!r} failed with kwargs {group.kwargs}: {type(exc).__name__}: {exc}") from None
+    entries = [
+        EntrySpec(name, "param", tuple(p.shape), _dtype_name(p.dtype, where, name))
+        for name, p in module.named_parameters()
+    ]
+    entries += [
+        EntrySpec(name, "buffer", tuple(b.shape), _dtype_name(b.dtype, where, name))
+        for name, b in module.named_buffers()
+    ]
+    if not any(e.role == "param" for e in entries):
+        raise ConfigError(f"{where}: the module has no parameters")
+    entries += optimizer_state_entries(group.optimizer, [e for e in entries if e.role == "param"])
+    _check_forward(module, group, where)
+    if group.loss not in ("cross_entropy", "mse"):
+        import_object(group.loss, f"{where}: loss")
+    return GroupSpec(
+        name=group.name,
+        factory=group.factory,
+        kwargs=group.kwargs,
+        inputs=group.inputs,
+        single_input=group.single_input,
+        entries=entries,
+        loss=group.loss,
+        optimizer=group.optimizer,
+        hparams=group.hparams,
+        indices=list(range(group.count)),
+        init_seed=group.init_seed,
+        init_safetensors=group.init_safetensors,
+    )
+
+
+def _dtype_name(dtype: torch.dtype, where: str, name: str) -> str:
+    if dtype not in DTYPE_NAMES:
+        raise ConfigError(f"{where}: tensor {name!r} has unsupported dtype {dtype}")
+    return DTYPE_NAMES[dtype]
+
+
+def _check_forward(module: nn.Module, group: GroupConfig, where: str) -> None:
+    """A shape-only forward on meta, so a wrong input spec fails at start-up, not at the first job."""
+    inputs = example_inputs(group.inputs, group.single_input, 2, "meta")
+    try:
+        with torch.no_grad():
+            if isinstance(inputs, dict):
+                module(**inputs)
+            else:
+                module(inputs)
+    except Exception as exc:
+        raise ConfigError(
+            f"{where}.input: a forward pass with inputs of the configured shape failed: {type(exc).__name__}: {exc}"
+        ) from None

@@ -1,0 +1,155 @@
+"""Running jobs on one group's bank: infer, train_step, ensemble, train_round.
+
+A ``GroupRuntime`` owns the module (built once, its own parameters unused) and the
+bank. Every call binds model ``slot``'s views of the bank into the module with
+``torch.func.functional_call``: no weights are copied in or out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from scheduler.errors import BadInput, ConfigError
+from scheduler.protocol import DTYPES, GroupSpec
+from workers.bank import Bank
+from workers.definition import build_module, call_module
+from workers.losses import check_target, resolve_loss
+from workers.optim import optimizer_step
+
+
+class GroupRuntime:
+    """One group's models on this worker: its module, bank, loss and optimizer."""
+
+    def __init__(self, spec: GroupSpec, bank: Bank, device: torch.device) -> None:
+        self.spec = spec
+        self.bank = bank
+        self.device = device
+        self.module: nn.Module = build_module(spec.factory, spec.kwargs, "meta").to_empty(device=device)
+        self.loss_fn = resolve_loss(spec.loss)
+        self.hparams = {
+            k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in spec.hparams.items()
+        }
+        self.params = bank.role("param")
+        self.buffers = bank.role("buffer")
+        self.state = bank.role("state")
+
+    # ------------------------------------------------------------------ weights
+
+    def initialise(self) -> None:
+        """Fill the bank from the group's init: seeded like plain PyTorch, or safetensors files."""
+        for slot, index in enumerate(self.spec.indices):
+            if self.spec.init_safetensors is not None:
+                weights = self._load_safetensors(index)
+            else:
+                weights = self._seeded_weights(index)
+            views = self.bank.model_state(slot)
+            with torch.no_grad():
+                for name, view in views.items():
+                    view.copy_(weights[name])
+            self.bank.reset_optimizer_state(slot)
+
+    def _seeded_weights(self, index: int) -> dict[str, torch.Tensor]:
+        # Model ``index`` is what ``torch.manual_seed(seed + index); factory(**kwargs)`` builds.
+        assert self.spec.init_seed is not None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.spec.init_seed + index)
+            module = build_module(self.spec.factory, self.spec.kwargs, "cpu")
+        return dict(module.state_dict())
+
+    def _load_safetensors(self, index: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        assert self.spec.init_safetensors is not None
+        path = self.spec.init_safetensors.format(index=index, group=self.spec.name)
+        try:
+            weights = load_file(path)
+        except Exception as exc:
+            raise ConfigError(f"group {self.spec.name!r} init: cannot load {path!r}: {exc}") from None
+        expected = self.bank.model_state(0)
+        missing = sorted(set(expected) - set(weights))
+        extra = sorted(set(weights) - set(expected))
+        if missing or extra:
+            raise ConfigError(f"group {self.spec.name!r} init: {path!r} missing {missing[:5]}, unexpected {extra[:5]}")
+        for name, view in expected.items():
+            if tuple(weights[name].shape) != tuple(view.shape):
+                raise ConfigError(
+                    f"group {self.spec.name!r} init: {path!r} tensor {name!r} has shape "
+                    f"{list(weights[name].shape)}, the model needs {list(view.shape)}"
+                )
+        return weights
+
+    # ------------------------------------------------------------------ jobs
+
+    def _bound(self, slot: int, trainable: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        bound = {n: t[slot] for n, t in self.params.items()}
+        if trainable:
+            bound.update(trainable)
+        bound.update({n: t[slot] for n, t in self.buffers.items()})
+        return bound
+
+    def infer(self, slot: int, inputs: Any) -> Any:
+        self.module.eval()
+        with torch.no_grad():
+            return call_module(self.module, self._bound(slot), inputs)
+
+    def train_step(self, slot: int, inputs: Any, target: torch.Tensor) -> torch.Tensor:
+        """One optimizer step of model ``slot``; returns the loss (a 0-dim tensor on the device)."""
+        self.module.train()
+        leaves = {n: t[slot].detach().requires_grad_(True) for n, t in self.params.items()}
+        output = call_module(self.module, self._bound(slot, leaves), inputs)
+        check_target(self.spec.loss, output, target)
+        loss = self.loss_fn(output, target)
+        names = list(leaves)
+        grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+        # Like torch.optim, a parameter without a gradient is left alone, state included.
+        used = {n: g.unsqueeze(0) for n, g in zip(names, grads) if g is not None}
+        window = slice(slot, slot + 1)
+        optimizer_step(
+            self.spec.optimizer,
+            {n: self.params[n][window] for n in used},
+            used,
+            {n: t[window] for n, t in self.state.items()},
+            {k: v[window] for k, v in self.hparams.items()},
+        )
+        return loss.detach()
+
+    def ensemble(self, slots: list[int], inputs: Any) -> Any:
+        return stack_outputs([self.infer(s, inputs) for s in slots])
+
+    def train_round(self, slots: list[int], inputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        """One step for each model in ``slots``; row ``j`` of inputs and targets goes to ``slots[j]``."""
+        losses = [self.train_step(s, index_rows(inputs, j), targets[j]) for j, s in enumerate(slots)]
+        return torch.stack(losses)
+
+    def check_inputs(self, inputs: Any, stacked: int | None = None) -> None:
+        """Check inputs against the spec on the worker too (a direct caller has no coordinator)."""
+        specs = self.spec.inputs
+        given = {"x": inputs} if self.spec.single_input else inputs
+        if not isinstance(given, dict) or set(given) != {s.name for s in specs}:
+            raise BadInput(f"group {self.spec.name!r} expects inputs {[s.name for s in specs]}")
+        for spec in specs:
+            t = given[spec.name]
+            shape = list(t.shape[1:]) if stacked is not None else list(t.shape)
+            if t.dtype != DTYPES[spec.dtype] or len(shape) != len(spec.shape) or any(
+                d != -1 and d != s for d, s in zip(spec.shape, shape)
+            ):
+                raise BadInput(f"input {spec.name!r} must be {spec.dtype} {list(spec.shape)}, got {t.dtype} {list(t.shape)}")
+
+
+def index_rows(inputs: Any, j: int) -> Any:
+    if isinstance(inputs, dict):
+        return {k: v[j] for k, v in inputs.items()}
+    return inputs[j]
+
+
+def stack_outputs(outputs: list[Any]) -> Any:
+    """Stack per-model outputs along a new dim 0, leaf by leaf."""
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(outputs)
+    if isinstance(first, dict):
+        return {k: torch.stack([o[k] for o in outputs]) for k in first}
+    return tuple(torch.stack([o[i] for o in outputs]) for i in range(len(first)))
