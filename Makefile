@@ -1,0 +1,45 @@
+# cohort: `make run` starts the demo coordinator, `make test` runs the tests.
+# Both set up .venv on first use.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= examples/demo.toml
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup run test demo bench bench-quick monitor soak clean
+
+setup: $(VENV)/.installed
+
+# torch is installed pinned and first: an unpinned `torch` from the index pulls
+# a multi-GB CUDA build. A torch already importable by the venv is kept.
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
+	@$(PY) -m pip install -q -e ".[test]"
+	@touch $@
+
+run: setup
+	$(PY) -m scheduler run --config $(CONFIG)
+
+demo: setup
+	$(PY) examples/demo_client.py
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) tools/bench.py --out docs/bench/latest.json
+
+bench-quick: setup
+	$(PY) tools/bench.py --quick --out /tmp/cohort-bench-quick.json
+
+monitor: setup
+	$(PY) tools/gpumon.py
+
+soak: setup
+	$(PY) tools/soak.py --minutes 5
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
