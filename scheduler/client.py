@@ -1,8 +1,12 @@
 """The client library: ``Client`` (threads and futures) and ``AsyncClient`` (asyncio).
 
-A ``Client`` owns one ZeroMQ DEALER socket, used only by a background I/O thread;
-callers hand it requests through a queue and a wake-up pipe and wait on
-``concurrent.futures.Future`` objects, so any number of threads can share a client.
+A ``Client`` serves two kinds of call. ``submit`` returns a ``concurrent.futures.Future``:
+the request goes through a queue and a wake-up pipe to a background I/O thread that
+owns one ZeroMQ DEALER socket and resolves futures as replies arrive. Blocking calls
+(``infer``, ``models``, ...) take a shorter road when they can: each calling thread has
+its own socket and waits on it itself, which saves two thread hand-offs per call. A
+thread whose submitted futures are not all answered yet takes the queue instead, so a
+thread's requests always reach the coordinator in the order it made them.
 Every call takes ``timeout=``; none can hang forever.
 """
 
@@ -14,6 +18,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable
@@ -120,6 +125,9 @@ class Client:
         self._pending: dict[int, _Pending] = {}
         self._closed = False
         self._context = zmq.Context()
+        self._local = threading.local()
+        self._direct_sockets: list[zmq.Socket[Any]] = []
+        self._direct_lock = threading.Lock()
         self._thread = threading.Thread(target=self._io_loop, name="cohort-client-io", daemon=True)
         self._thread.start()
 
@@ -130,23 +138,31 @@ class Client:
         t = self.timeout if timeout is None else timeout
         req_id = next(self._ids)
         message, buffers = _job_request(req_id, op, target, inputs, targets, t, self.max_message_bytes)
-        return self._send(req_id, message, buffers, op, t)
+        future = self._send(req_id, message, buffers, op, t)
+        self._unanswered().append(future)
+        return future
+
+    def _job(self, op: str, target: str, inputs: Any, targets: Any, timeout: float | None) -> Any:
+        t = self.timeout if timeout is None else timeout
+        req_id = next(self._ids)
+        message, buffers = _job_request(req_id, op, target, inputs, targets, t, self.max_message_bytes)
+        return self._request(req_id, message, buffers, op, t)
 
     def infer(self, model: str, inputs: Any, *, timeout: float | None = None) -> Any:
         """Run model ``"group/index"`` on ``inputs``; its output, on the CPU."""
-        return self._wait(self.submit("infer", model, inputs, timeout=timeout), timeout)
+        return self._job("infer", model, inputs, None, timeout)
 
     def train_step(self, model: str, inputs: Any, targets: torch.Tensor, *, timeout: float | None = None) -> float:
         """One optimizer step of one model; returns the loss."""
-        return self._wait(self.submit("train_step", model, inputs, targets, timeout=timeout), timeout)
+        return self._job("train_step", model, inputs, targets, timeout)
 
     def ensemble(self, group: str, inputs: Any, *, timeout: float | None = None) -> Any:
         """The same inputs through every model of ``group``: outputs stacked ``[K, ...]``."""
-        return self._wait(self.submit("ensemble", group, inputs, timeout=timeout), timeout)
+        return self._job("ensemble", group, inputs, None, timeout)
 
     def train_round(self, group: str, inputs: Any, targets: torch.Tensor, *, timeout: float | None = None) -> list[float]:
         """One step for every model of ``group``; inputs and targets stacked ``[K, B, ...]``; K losses."""
-        return self._wait(self.submit("train_round", group, inputs, targets, timeout=timeout), timeout)
+        return self._job("train_round", group, inputs, targets, timeout)
 
     def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """Every model: id, group, index, worker, version, device."""
@@ -187,6 +203,10 @@ class Client:
         self._outbox.put(None)
         os.write(self._wake_w, b"x")
         self._thread.join(timeout=5)
+        with self._direct_lock:
+            for socket in self._direct_sockets:
+                socket.close(linger=0)
+            self._direct_sockets.clear()
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._context.term()
@@ -202,7 +222,56 @@ class Client:
     def _call(self, build: Callable[[int, float], Any], op: str, timeout: float | None, buffers: list[Any] | None = None) -> Any:
         t = self.timeout if timeout is None else timeout
         req_id = next(self._ids)
-        return self._wait(self._send(req_id, build(req_id, t), buffers or [], op, t), timeout)
+        return self._request(req_id, build(req_id, t), buffers or [], op, t)
+
+    def _request(self, req_id: int, message: msgspec.Struct, buffers: list[Any], op: str, timeout: float) -> Any:
+        """A blocking call: on this thread's own socket when that keeps order, else through the queue."""
+        if self._closed:
+            raise ProtocolError("the client is closed")
+        unanswered = self._unanswered()
+        while unanswered and unanswered[0].done():
+            unanswered.popleft()
+        if unanswered:
+            return self._wait(self._send(req_id, message, buffers, op, timeout), timeout)
+        local = self._local
+        socket = self._direct_socket()
+        socket.send_multipart(local.codec.encode(message, buffers), copy=False)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not socket.poll(int(remaining * 1000) + 1):
+                raise JobTimeout(f"{op}: no answer from {self.address} within {timeout} s")
+            frames = socket.recv_multipart(copy=False)
+            try:
+                reply, reply_buffers = local.codec.decode([f.buffer for f in frames])
+            except ProtocolError:
+                continue
+            if reply.req_id == req_id:  # anything else is a late answer to a call that timed out
+                return _result(op, reply, reply_buffers)
+
+    def _unanswered(self) -> deque[Future[Any]]:
+        """Futures this thread submitted that may not be answered yet, oldest first."""
+        try:
+            return self._local.unanswered
+        except AttributeError:
+            self._local.unanswered = deque()
+            return self._local.unanswered
+
+    def _direct_socket(self) -> zmq.Socket[Any]:
+        local = self._local
+        socket = getattr(local, "socket", None)
+        if socket is None:
+            socket = self._context.socket(zmq.DEALER)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.connect(self.address)
+            with self._direct_lock:
+                if self._closed:
+                    socket.close(linger=0)
+                    raise ProtocolError("the client is closed")
+                self._direct_sockets.append(socket)
+            local.socket = socket
+            local.codec = client_codec()
+        return socket
 
     def _send(self, req_id: int, message: msgspec.Struct, buffers: list[Any], op: str, timeout: float) -> Future[Any]:
         if self._closed:

@@ -110,6 +110,8 @@ class Coordinator:
         self.started = time.monotonic()
         self.stopping = False
         self._last_health = 0.0
+        self._polled: tuple[Any, ...] = ()
+        self._poll = zmq.Poller()
         self.context: zmq.Context[Any] = zmq.Context()
         self.frontend = self.context.socket(zmq.ROUTER)
         self.client_codec = coordinator_client_codec()
@@ -178,19 +180,25 @@ class Coordinator:
             self.step()
 
     def step(self, timeout_ms: int = IDLE_POLL_MS) -> None:
-        poller = zmq.Poller()
-        poller.register(self.frontend, zmq.POLLIN)
-        for w in self.workers:
-            if w.socket is not None:
-                poller.register(w.socket, zmq.POLLIN)
         busy = any(w.pending and w.state == "ready" for w in self.workers)
-        events = dict(poller.poll(0 if busy else timeout_ms))
+        events = dict(self._poller().poll(0 if busy else timeout_ms))
         if self.frontend in events:
             self._receive_clients()
         self._receive_workers(timeout_ms=0, ready=events)
         self._check_health()
         self._expire_deadlines()
         self._dispatch()
+
+    def _poller(self) -> zmq.Poller:
+        """The poller over the client socket and every live worker socket, rebuilt when they change."""
+        sockets = tuple(w.socket for w in self.workers if w.socket is not None)
+        if sockets != self._polled:
+            self._polled = sockets
+            self._poll = zmq.Poller()
+            self._poll.register(self.frontend, zmq.POLLIN)
+            for socket in sockets:
+                self._poll.register(socket, zmq.POLLIN)
+        return self._poll
 
     def shutdown(self) -> None:
         """Stop every worker, remove every shared-memory segment, socket and directory."""
@@ -417,6 +425,8 @@ class Coordinator:
         ]
         return {
             "cohort_version": __version__,
+            "pid": os.getpid(),
+            "run_id": self.run_id,
             "uptime_s": round(uptime, 3),
             "address": self.cc.address,
             "device": self.device,

@@ -2,11 +2,13 @@
 
     python tools/gpumon.py [--address ADDR] [--interval S] [--once] [--json]
                            [--prometheus PORT [--prometheus-bind HOST]]
+                           [--export-svg FILE] [--export-text FILE] [--width COLS]
 
-Live terminal view by default; `--once` prints one view and exits; `--json` prints
-samples as JSON lines (with `--once`, one line); `--prometheus PORT` serves the same
-figures on http://HOST:PORT/metrics until Ctrl-C. No GPU, no NVML or no coordinator
-is reported in the view and never ends the monitor.
+Live terminal view by default; `--once` prints one view and exits (`--export-svg` and
+`--export-text` also save that view, for screenshots); `--json` prints samples as JSON
+lines (with `--once`, one line); `--prometheus PORT` serves the same figures on
+http://HOST:PORT/metrics until Ctrl-C. No GPU, no NVML or no coordinator is reported
+in the view and never ends the monitor.
 """
 
 from __future__ import annotations
@@ -29,12 +31,16 @@ from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.text import Text
 
+ADDRESS_SCHEMES = ("tcp://", "ipc://")
+# A stats() call is answered in milliseconds; anything much slower means the
+# coordinator is down or stuck, and the view should say so within a refresh or two.
+MIN_COORDINATOR_TIMEOUT_S = 0.25
+MAX_COORDINATOR_TIMEOUT_S = 2.0
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; the address defaults as cohort's Client does."""
-    parser = argparse.ArgumentParser(
-        description="Live view of cohort's GPU and coordinator."
-    )
+    parser = argparse.ArgumentParser(description="Live view of cohort's GPU and coordinator.")
     parser.add_argument(
         "--address",
         default=default_address(),
@@ -44,12 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--interval",
         type=float,
         default=1.0,
-        help="seconds between samples; also the coordinator timeout",
+        help="seconds between samples (default: %(default)s); the coordinator "
+        f"timeout is the same, at most {MAX_COORDINATOR_TIMEOUT_S:g} s",
     )
     parser.add_argument("--once", action="store_true", help="print one sample and exit")
-    parser.add_argument(
-        "--json", action="store_true", help="print samples as JSON lines"
-    )
+    parser.add_argument("--json", action="store_true", help="print samples as JSON lines")
     parser.add_argument(
         "--prometheus",
         type=int,
@@ -62,19 +67,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="HOST",
         help="interface for --prometheus (default: loopback only)",
     )
+    parser.add_argument(
+        "--export-svg",
+        metavar="FILE",
+        help="with --once: also save the view as an SVG image",
+    )
+    parser.add_argument(
+        "--export-text",
+        metavar="FILE",
+        help="with --once: also save the view as plain text",
+    )
+    parser.add_argument(
+        "--width",
+        type=int,
+        metavar="COLS",
+        help="draw the view this many columns wide (default: the terminal's)",
+    )
     args = parser.parse_args(argv)
     if args.interval <= 0:
         parser.error("--interval must be positive")
+    if args.width is not None and args.width < 40:
+        parser.error("--width must be at least 40")
+    if not args.address.startswith(ADDRESS_SCHEMES):
+        # The client connects in its I/O thread, where a malformed address only
+        # shows as a timeout; say what is wrong here instead.
+        parser.error(f"--address {args.address!r}: expected {' or '.join(ADDRESS_SCHEMES)}...")
     if args.prometheus is not None and (args.once or args.json):
-        parser.error(
-            "--prometheus serves until Ctrl-C; use it without --once and --json"
-        )
+        parser.error("--prometheus serves until Ctrl-C; use it without --once and --json")
+    if (args.export_svg or args.export_text) and not (args.once and not args.json):
+        parser.error("--export-svg and --export-text save the view of --once (no --json)")
     return args
 
 
 def make_sampler(address: str, interval: float) -> Sampler:
-    """Real sources; the coordinator timeout is the interval so a sample never lags."""
-    return Sampler(NvmlSource(), CoordinatorSource(address, timeout=interval))
+    """Real sources; a short coordinator timeout, so a dead one never stalls the view."""
+    timeout = min(max(interval, MIN_COORDINATOR_TIMEOUT_S), MAX_COORDINATOR_TIMEOUT_S)
+    return Sampler(NvmlSource(), CoordinatorSource(address, timeout=timeout))
 
 
 def print_json(sample: dict[str, Any]) -> None:
@@ -87,12 +115,18 @@ def print_json(sample: dict[str, Any]) -> None:
     print(line, flush=True)
 
 
-def run_once(sampler: Sampler, as_json: bool, console: Console) -> None:
-    """One sample, as JSON or as one rendered view."""
-    if as_json:
+def run_once(sampler: Sampler, args: argparse.Namespace, console: Console) -> None:
+    """One sample, as JSON or as one rendered view (saved too, if asked)."""
+    if args.json:
         print_json(sampler.sample())
-    else:
-        console.print(frame(sampler, History()))
+        return
+    console.print(frame(sampler, History()))
+    if args.export_svg:
+        Path(args.export_svg).write_text(
+            console.export_svg(title="cohort gpumon", clear=False), encoding="utf-8"
+        )
+    if args.export_text:
+        Path(args.export_text).write_text(console.export_text(clear=False), encoding="utf-8")
 
 
 def run_json_lines(sampler: Sampler, interval: float) -> None:
@@ -120,8 +154,7 @@ def run_prometheus(sampler: Sampler, port: int, bind: str) -> None:
     server, thread = serve(sampler.sample, port, bind)
     try:
         print(
-            f"serving cohort metrics at http://{bind}:{server.server_port}/metrics "
-            "(Ctrl-C stops)",
+            f"serving cohort metrics at http://{bind}:{server.server_port}/metrics (Ctrl-C stops)",
             flush=True,
         )
         while thread.is_alive():
@@ -156,10 +189,10 @@ def pause(started: float, interval: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sampler = make_sampler(args.address, args.interval)
-    console = Console()
+    console = Console(width=args.width, record=bool(args.export_svg or args.export_text))
     try:
         if args.once:
-            run_once(sampler, args.json, console)
+            run_once(sampler, args, console)
         elif args.prometheus is not None:
             run_prometheus(sampler, args.prometheus, args.prometheus_bind)
         elif args.json:

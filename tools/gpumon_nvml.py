@@ -2,10 +2,14 @@
 
 The monitor reads the GPU through NVML directly rather than through the coordinator so
 that it still reports the GPU when the coordinator is down, and so that it sees every
-process on the GPU, not only cohort's. Under CUDA MPS every client's kernels run inside
-`nvidia-cuda-mps-server`: NVML's per-process utilization is not meaningful there, but
-per-process memory is, so memory is what we report per process and the MPS server is
-marked so users know why its figures look large.
+process on the GPU, not only cohort's.
+
+Under CUDA MPS every client's kernels run inside `nvidia-cuda-mps-server`, so NVML
+credits the GPU's activity to the server: per-process utilization means nothing there
+and we do not report it. Memory is still attributed per client, but NVML lists MPS
+clients apart from ordinary processes (`nvmlDeviceGetMPSComputeRunningProcesses`), so
+both lists are read and each process is marked as the MPS server, an MPS client or an
+ordinary process.
 """
 
 from __future__ import annotations
@@ -100,13 +104,14 @@ class NvmlSource:
 
     def _gpu(self, nvml: Any, index: int) -> dict[str, Any]:
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        field_errors = _field_errors(nvml)
 
         def read(fn: Callable[[], Any]) -> Any:
             # One unsupported field (power on some boards, clocks under MIG) must not
             # hide the others.
             try:
                 return fn()
-            except nvml.NVMLError:
+            except field_errors:
                 return None
 
         util = read(lambda: nvml.nvmlDeviceGetUtilizationRates(handle))
@@ -124,34 +129,66 @@ class NvmlSource:
             "power_w": None if power_mw is None else power_mw / 1000.0,
             "power_limit_w": None if limit_mw is None else limit_mw / 1000.0,
             "temperature_c": read(lambda: _temperature(nvml, handle)),
-            "clock_sm_mhz": read(
-                lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)
-            ),
-            "clock_mem_mhz": read(
-                lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM)
-            ),
+            "clock_sm_mhz": read(lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)),
+            "clock_mem_mhz": read(lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM)),
             "processes": self._processes(nvml, handle),
         }
 
     def _processes(self, nvml: Any, handle: Any) -> list[dict[str, Any]]:
-        try:
-            running = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
-        except nvml.NVMLError:
-            return []
+        """Compute processes on one GPU, MPS clients included, one entry per pid."""
+        listed: dict[int, tuple[Any, bool]] = {}
+        # MPS clients first: a pid in both lists is an MPS client.
+        for function, mps_client in (
+            ("nvmlDeviceGetMPSComputeRunningProcesses", True),
+            ("nvmlDeviceGetComputeRunningProcesses", False),
+        ):
+            for proc in _versioned(nvml, function, handle):
+                listed.setdefault(int(proc.pid), (proc, mps_client))
         processes = []
-        for proc in running:
-            name, command = self._describe_process(int(proc.pid))
+        for pid, (proc, mps_client) in sorted(listed.items()):
+            name, command = self._describe_process(pid)
             processes.append(
                 {
-                    "pid": int(proc.pid),
+                    "pid": pid,
                     "name": name,
                     "command": command,
                     # None where the driver cannot attribute memory to the process.
                     "memory_used": getattr(proc, "usedGpuMemory", None),
                     "mps_server": name == MPS_SERVER_NAME,
+                    "mps_client": mps_client,
                 }
             )
         return processes
+
+
+def _field_errors(nvml: Any) -> tuple[type[BaseException], ...]:
+    """What a single NVML query may raise without the GPU being gone.
+
+    pynvml raises NVMLLibraryMismatchError, which is no NVMLError, when the driver
+    lacks the versioned function its unversioned name calls.
+    """
+    errors: list[type[BaseException]] = [nvml.NVMLError]
+    mismatch = getattr(nvml, "NVMLLibraryMismatchError", None)
+    if isinstance(mismatch, type) and issubclass(mismatch, BaseException):
+        errors.append(mismatch)
+    return tuple(errors)
+
+
+def _versioned(nvml: Any, name: str, handle: Any) -> list[Any]:
+    """A process list from the newest function the driver has; [] if none answers.
+
+    The unversioned name calls `_v3`, which drivers before R510 lack; `_v2` is
+    their equivalent.
+    """
+    for candidate in (name, f"{name}_v2"):
+        function = getattr(nvml, candidate, None)
+        if function is None:
+            continue
+        try:
+            return list(function(handle) or [])
+        except _field_errors(nvml):
+            continue
+    return []
 
 
 def _temperature(nvml: Any, handle: Any) -> Any:

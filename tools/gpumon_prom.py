@@ -36,8 +36,13 @@ _GPU_GAUGES = (
 
 # (worker key, metric name, help, kind): per-worker figures labelled by worker id.
 _WORKER_METRICS = (
-    ("queued", "cohort_queue_depth", "Jobs queued for the worker", "gauge"),
-    ("in_flight", "cohort_jobs_in_flight", "Jobs running on the worker", "gauge"),
+    ("queued", "cohort_worker_queue_depth", "Jobs queued for the worker", "gauge"),
+    (
+        "in_flight",
+        "cohort_worker_jobs_in_flight",
+        "Jobs sent to the worker and not yet answered",
+        "gauge",
+    ),
     (
         "jobs_done",
         "cohort_worker_jobs_done_total",
@@ -86,8 +91,11 @@ def _gauge(name: str, doc: str, value: Any) -> Iterator[Metric]:
 
 
 def _host_metrics(host: Mapping[str, Any]) -> Iterator[Metric]:
+    cpu = host.get("cpu_percent")
     yield from _gauge(
-        "cohort_host_cpu_percent", "Host CPU use in percent", host.get("cpu_percent")
+        "cohort_host_cpu_utilization_ratio",
+        "Host CPU busy fraction, all cores",
+        cpu / 100.0 if _is_number(cpu) else None,
     )
     yield from _gauge(
         "cohort_host_memory_used_bytes",
@@ -101,16 +109,10 @@ def _host_metrics(host: Mapping[str, Any]) -> Iterator[Metric]:
 
 def _gpu_metrics(sample: Mapping[str, Any]) -> Iterator[Metric]:
     gpus = sample.get("gpus") or []
-    yield GaugeMetricFamily(
-        "cohort_gpu_up", "1 when NVML answered", value=1.0 if gpus else 0.0
-    )
-    info = GaugeMetricFamily(
-        "cohort_gpu_info", "GPU name and UUID", labels=["gpu", "name", "uuid"]
-    )
+    yield GaugeMetricFamily("cohort_gpu_up", "1 when NVML answered", value=1.0 if gpus else 0.0)
+    info = GaugeMetricFamily("cohort_gpu_info", "GPU name and UUID", labels=["gpu", "name", "uuid"])
     for gpu in gpus:
-        info.add_metric(
-            [str(gpu.get("index")), str(gpu.get("name")), str(gpu.get("uuid"))], 1
-        )
+        info.add_metric([str(gpu.get("index")), str(gpu.get("name")), str(gpu.get("uuid"))], 1)
     yield info
     for key, name, doc, scale in _GPU_GAUGES:
         family = GaugeMetricFamily(name, doc, labels=["gpu"])
@@ -120,20 +122,28 @@ def _gpu_metrics(sample: Mapping[str, Any]) -> Iterator[Metric]:
         yield family
     processes = GaugeMetricFamily(
         "cohort_gpu_process_memory_used_bytes",
-        "GPU memory per process; under MPS client work shows on nvidia-cuda-mps-server",
-        labels=["gpu", "pid", "name", "mps_server"],
+        "GPU memory per process (MPS clients included); role is mps_server, mps_client or process",
+        labels=["gpu", "pid", "name", "role", "worker"],
     )
     for gpu in gpus:
         for proc in gpu.get("processes") or []:
             if _is_number(proc.get("memory_used")):
+                worker = proc.get("cohort_worker")
                 labels = [
                     str(gpu.get("index")),
                     str(proc.get("pid")),
                     str(proc.get("name")),
-                    "true" if proc.get("mps_server") else "false",
+                    _process_role(proc),
+                    "" if worker is None else str(worker),
                 ]
                 processes.add_metric(labels, proc["memory_used"])
     yield processes
+
+
+def _process_role(proc: Mapping[str, Any]) -> str:
+    if proc.get("mps_server"):
+        return "mps_server"
+    return "mps_client" if proc.get("mps_client") else "process"
 
 
 def _coordinator_metrics(stats: Mapping[str, Any] | None) -> Iterator[Metric]:
@@ -153,23 +163,32 @@ def _coordinator_metrics(stats: Mapping[str, Any] | None) -> Iterator[Metric]:
     )
     info.add_metric([str(mps.get("mode", "")), str(mps.get("requested", ""))], 1)
     yield info
+    yield from _gauge("cohort_queue_depth", "Jobs queued, all workers", stats.get("queued"))
     yield from _gauge(
-        "cohort_coordinator_queue_depth", "Jobs queued in all", stats.get("queued")
-    )
-    yield from _gauge(
-        "cohort_coordinator_jobs_in_flight",
-        "Jobs running in all",
+        "cohort_jobs_in_flight",
+        "Jobs sent to workers and not yet answered, all workers",
         stats.get("in_flight"),
     )
     yield from _gauge(
-        "cohort_jobs_per_second", "Jobs completed per second", stats.get("jobs_per_s")
+        "cohort_jobs_per_second",
+        "Jobs finished per second over the coordinator's recent window",
+        stats.get("jobs_per_s"),
     )
     jobs = stats.get("jobs") or {}
     for key in ("submitted", "completed", "failed"):
         if _is_number(jobs.get(key)):
             yield CounterMetricFamily(
-                f"cohort_jobs_{key}_total", f"Jobs {key}", value=jobs[key]
+                f"cohort_jobs_{key}_total",
+                f"Jobs {key} since the coordinator started",
+                value=jobs[key],
             )
+    errors = CounterMetricFamily(
+        "cohort_job_errors_total", "Failed jobs by error type", labels=["error"]
+    )
+    for error, count in (jobs.get("errors") or {}).items():
+        if _is_number(count):
+            errors.add_metric([str(error)], count)
+    yield errors
     yield _latency(stats.get("latency_ms") or {})
     yield from _worker_metrics(stats.get("workers") or [])
     yield from _model_metrics(stats.get("models") or {})
@@ -179,7 +198,9 @@ def _latency(latency_ms: Mapping[str, Any]) -> Metric:
     # Exported as a gauge per quantile: the coordinator sends percentiles, not the
     # count and sum a Prometheus summary needs.
     family = GaugeMetricFamily(
-        "cohort_job_latency_seconds", "Job latency percentiles", labels=["quantile"]
+        "cohort_job_latency_seconds",
+        "Job latency percentiles over the coordinator's recent jobs",
+        labels=["quantile"],
     )
     for key, value in latency_ms.items():
         if str(key).startswith("p") and _is_number(value):
@@ -195,9 +216,7 @@ def _quantile(key: str) -> str:
 
 def _worker_metrics(workers: list[Mapping[str, Any]]) -> Iterator[Metric]:
     # State as a label on a constant 1: the usual way to export an enum.
-    state = GaugeMetricFamily(
-        "cohort_worker_state", "Worker state", labels=["worker", "state"]
-    )
+    state = GaugeMetricFamily("cohort_worker_state", "Worker state", labels=["worker", "state"])
     for worker in workers:
         state.add_metric([str(worker.get("id")), str(worker.get("state"))], 1)
     yield state
@@ -211,9 +230,7 @@ def _worker_metrics(workers: list[Mapping[str, Any]]) -> Iterator[Metric]:
 
 
 def _model_metrics(models: Mapping[str, Any]) -> Iterator[Metric]:
-    jobs = CounterMetricFamily(
-        "cohort_model_jobs_total", "Jobs run per model", labels=["model"]
-    )
+    jobs = CounterMetricFamily("cohort_model_jobs_total", "Jobs run per model", labels=["model"])
     queued = GaugeMetricFamily(
         "cohort_model_queue_depth", "Jobs queued per model", labels=["model"]
     )

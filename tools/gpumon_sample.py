@@ -4,16 +4,20 @@ Every output of the monitor (live view, JSON, Prometheus) is drawn from the same
 sample dict, so the three never disagree. Its shape:
 
     {"time": epoch seconds, "address": coordinator address,
-     "host": {"cpu_percent", "memory_used", "memory_total"},
+     "host": {"cpu_percent", "memory_used", "memory_total"} or None,
+     "host_error": None or one line,
      "gpus": [{"index", "name", "uuid", "utilization", "memory_utilization",
                "memory_used", "memory_total", "power_w", "power_limit_w",
                "temperature_c", "clock_sm_mhz", "clock_mem_mhz",
-               "processes": [{"pid", "name", "command", "memory_used", "mps_server"}]}],
+               "processes": [{"pid", "name", "command", "memory_used",
+                              "mps_server", "mps_client", "cohort_worker"}]}],
      "gpu_error": None or one line,
      "coordinator": Client.stats() dict or None,
-     "coordinator_error": None or one line}
+     "coordinator_error": None or one line,
+     "coordinator_down_since": None, or epoch seconds of the first failed sample}
 
-Utilization is in percent, memory in bytes, power in watts, clocks in MHz.
+Utilization is in percent, memory in bytes, power in watts, clocks in MHz. A GPU
+process's `cohort_worker` is the id of the cohort worker with that pid, else None.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class Sampler:
         self.coordinator = coordinator
         self.host = host or HostSource()
         self._lock = threading.Lock()
+        self._down_since: float | None = None
 
     def sample(self) -> dict[str, Any]:
         """One sample dict (shape in the module docstring); never raises."""
@@ -85,8 +90,15 @@ class Sampler:
             gpus, gpu_error = _guard(self.gpu.sample, [])
             stats, coordinator_error = _guard(self.coordinator.sample, None)
             host, host_error = _guard(self.host.sample, None)
+            now = time.time()
+            if stats:
+                self._down_since = None
+            elif self._down_since is None:
+                self._down_since = now
+            down_since = self._down_since
+        mark_workers(gpus, stats)
         return {
-            "time": time.time(),
+            "time": now,
             "address": self.coordinator.address,
             "host": host,
             "host_error": host_error,
@@ -94,6 +106,7 @@ class Sampler:
             "gpu_error": gpu_error,
             "coordinator": stats,
             "coordinator_error": coordinator_error,
+            "coordinator_down_since": down_since,
         }
 
     def close(self) -> None:
@@ -102,6 +115,25 @@ class Sampler:
             # A fake without close(), or a source already broken: nothing to release.
             with contextlib.suppress(Exception):
                 source.close()  # type: ignore[attr-defined]
+
+
+def mark_workers(gpus: list[dict[str, Any]], stats: dict[str, Any] | None) -> None:
+    """Set each GPU process's `cohort_worker` to the id of the worker with its pid.
+
+    Done once here so the view, the JSON and Prometheus name the same workers. Under
+    a container's PID namespace NVML's pids may match nothing: then all are None.
+    """
+    workers = stats.get("workers") if isinstance(stats, dict) else None
+    by_pid = {
+        w.get("pid"): w.get("id")
+        for w in (workers if isinstance(workers, list) else [])
+        if isinstance(w, dict) and isinstance(w.get("pid"), int)
+    }
+    for gpu in gpus if isinstance(gpus, list) else []:
+        processes = gpu.get("processes") if isinstance(gpu, dict) else None
+        for proc in processes if isinstance(processes, list) else []:
+            if isinstance(proc, dict):
+                proc["cohort_worker"] = by_pid.get(proc.get("pid"))
 
 
 def _guard(sample: Any, empty: Any) -> tuple[Any, str | None]:

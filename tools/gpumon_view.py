@@ -18,15 +18,18 @@ from rich.table import Table
 from rich.text import Text
 
 TOP_MODELS = 20
+# The coordinator's worker states (scheduler/workerpool.py WorkerHandle.state).
 _STATE_STYLES = {
-    "ready": "green",
-    "busy": "green",
+    "new": "dim",
     "starting": "yellow",
-    "restarting": "yellow",
+    "ready": "green",
     "stopping": "yellow",
     "dead": "red",
-    "failed": "red",
 }
+MPS_NOTE = (
+    "under MPS, NVML credits all GPU activity to nvidia-cuda-mps-server: utilization "
+    "is per GPU only; memory per process is reliable"
+)
 
 
 def render(sample: Mapping[str, Any], history: History) -> RenderableType:
@@ -40,15 +43,21 @@ def render(sample: Mapping[str, Any], history: History) -> RenderableType:
         parts.append(_workers_table(stats))
         parts.append(_models_table(stats))
     else:
-        address = sample.get("address") or "?"
-        line = Text(
-            f"coordinator: unreachable at {address} (retrying)", style="bold red"
-        )
-        if sample.get("coordinator_error"):
-            line.append(f"  {sample['coordinator_error']}", style="dim")
-        parts.append(line)
+        parts.append(_coordinator_down_line(sample))
     parts.append(_sparklines(sample, history))
     return Group(*parts)
+
+
+def _coordinator_down_line(sample: Mapping[str, Any]) -> Text:
+    address = sample.get("address") or "?"
+    down_since, now = sample.get("coordinator_down_since"), sample.get("time")
+    since = ""
+    if _is_number(down_since) and _is_number(now) and now - down_since >= 1:
+        since = f" for {_duration(now - down_since)}"
+    line = Text(f"coordinator: unreachable at {address}{since} (retrying)", style="bold red")
+    if sample.get("coordinator_error"):
+        line.append(f"  {sample['coordinator_error']}", style="dim")
+    return line
 
 
 def _header(sample: Mapping[str, Any]) -> Text:
@@ -77,9 +86,7 @@ def _mps_text(mps: Mapping[str, Any]) -> str:
 def _gpu_section(sample: Mapping[str, Any]) -> list[RenderableType]:
     gpus = sample.get("gpus") or []
     if not gpus:
-        return [
-            Text(f"no GPU: {sample.get('gpu_error') or 'none found'}", style="yellow")
-        ]
+        return [Text(f"no GPU: {sample.get('gpu_error') or 'none found'}", style="yellow")]
     table = Table(title="GPUs", title_justify="left", expand=False)
     for column in (
         "GPU",
@@ -108,36 +115,44 @@ def _gpu_section(sample: Mapping[str, Any]) -> list[RenderableType]:
     return [table, _process_table(gpus, sample.get("coordinator") or {})]
 
 
-def _process_table(gpus: list[Mapping[str, Any]], stats: Mapping[str, Any]) -> Table:
-    workers = {w.get("pid"): w.get("id") for w in stats.get("workers") or []}
+def _process_table(gpus: list[Mapping[str, Any]], stats: Mapping[str, Any]) -> RenderableType:
+    rows = [(gpu, proc) for gpu in gpus for proc in gpu.get("processes") or []]
+    mps = stats.get("mps") or {}
+    under_mps = mps.get("mode") == "on" or any(
+        proc.get("mps_server") or proc.get("mps_client") for _, proc in rows
+    )
+    if not rows:
+        line = Text("GPU processes: none", style="dim")
+        if under_mps:
+            line.append(f"  ({MPS_NOTE})", style="dim")
+        return line
     table = Table(title="GPU processes", title_justify="left", expand=False)
     for column in ("GPU", "PID", "Name", "Memory", "Role", "Command"):
-        table.add_column(
-            column, justify="right" if column in ("GPU", "PID", "Memory") else "left"
+        table.add_column(column, justify="right" if column in ("GPU", "PID", "Memory") else "left")
+    for gpu, proc in rows:
+        role = _process_role(proc)
+        table.add_row(
+            str(gpu.get("index", "?")),
+            str(proc.get("pid", "?")),
+            Text(str(proc.get("name") or "?")),
+            _bytes(proc.get("memory_used")),
+            Text(role, style="magenta" if proc.get("mps_server") else "cyan"),
+            Text(_shorten(str(proc.get("command") or ""), 50), style="dim"),
         )
-    under_mps = False
-    for gpu in gpus:
-        for proc in gpu.get("processes") or []:
-            role = ""
-            if proc.get("mps_server"):
-                role, under_mps = "MPS server", True
-            elif proc.get("pid") in workers:
-                role = f"cohort worker {workers[proc.get('pid')]}"
-            table.add_row(
-                str(gpu.get("index", "?")),
-                str(proc.get("pid", "?")),
-                Text(str(proc.get("name") or "?")),
-                _bytes(proc.get("memory_used")),
-                Text(role, style="magenta" if role == "MPS server" else "cyan"),
-                Text(_shorten(str(proc.get("command") or ""), 50), style="dim"),
-            )
     if under_mps:
         # Users otherwise read the MPS server's row as one process hogging the GPU.
-        table.caption = (
-            "under MPS, clients' kernels run in the MPS server: utilization is "
-            "per GPU only, memory per process is exact"
-        )
+        table.caption = MPS_NOTE
     return table
+
+
+def _process_role(proc: Mapping[str, Any]) -> str:
+    if proc.get("mps_server"):
+        return "MPS server"
+    worker = proc.get("cohort_worker")
+    role = "" if worker is None else f"cohort worker {worker}"
+    if proc.get("mps_client"):
+        role = f"{role} (MPS client)" if role else "MPS client"
+    return role
 
 
 def _host_line(sample: Mapping[str, Any]) -> Text:
@@ -146,9 +161,7 @@ def _host_line(sample: Mapping[str, Any]) -> Text:
         return Text(f"host: {sample.get('host_error') or 'no figures'}", style="yellow")
     line = Text("host", style="bold")
     line.append(f"  CPU {_percent(host.get('cpu_percent'))}")
-    line.append(
-        f"  memory {_used_of(host.get('memory_used'), host.get('memory_total'))}"
-    )
+    line.append(f"  memory {_used_of(host.get('memory_used'), host.get('memory_total'))}")
     return line
 
 
@@ -158,23 +171,26 @@ def _jobs_line(stats: Mapping[str, Any]) -> Text:
     line = Text("jobs", style="bold")
     line.append(f"  {_number(stats.get('jobs_per_s'), '.1f')} jobs/s")
     line.append(
-        f"  queued {_number(stats.get('queued'))}"
-        f"  in flight {_number(stats.get('in_flight'))}"
+        f"  queued {_number(stats.get('queued'))}  in flight {_number(stats.get('in_flight'))}"
     )
     line.append(
-        f"  submitted {_number(jobs.get('submitted'))}"
-        f"  completed {_number(jobs.get('completed'))}"
+        f"  submitted {_number(jobs.get('submitted'))}  completed {_number(jobs.get('completed'))}"
     )
     line.append(
         f"  failed {_number(jobs.get('failed'))}",
         style="red" if _is_positive(jobs.get("failed")) else "",
     )
+    errors = jobs.get("errors")
+    if isinstance(errors, Mapping) and errors:
+        ranked = sorted(errors.items(), key=lambda item: -_as_float(item[1]))
+        line.append(
+            " (" + ", ".join(f"{name} {_number(n)}" for name, n in ranked) + ")",
+            style="red",
+        )
     # p50 and p99 are the figures users watch; p90 only when the coordinator sends it.
     quantiles = ("p50", "p90", "p99") if "p90" in latency else ("p50", "p99")
     line.append("\nlatency", style="bold")
-    line.append(
-        "  " + "  ".join(f"{q} {_number(latency.get(q), '.1f')} ms" for q in quantiles)
-    )
+    line.append("  " + "  ".join(f"{q} {_number(latency.get(q), '.1f')} ms" for q in quantiles))
     return line
 
 
@@ -191,9 +207,7 @@ def _workers_table(stats: Mapping[str, Any]) -> Table:
         "Done",
         "Restarts",
     ):
-        table.add_column(
-            column, justify="left" if column in ("State", "Device") else "right"
-        )
+        table.add_column(column, justify="left" if column in ("State", "Device") else "right")
     for worker in stats.get("workers") or []:
         state = str(worker.get("state", "?"))
         table.add_row(
@@ -212,12 +226,8 @@ def _workers_table(stats: Mapping[str, Any]) -> Table:
 
 def _models_table(stats: Mapping[str, Any]) -> Table:
     models = stats.get("models") or {}
-    ranked = sorted(
-        models.items(), key=lambda item: -_as_float((item[1] or {}).get("jobs"))
-    )
-    table = Table(
-        title=f"Models (top {TOP_MODELS} by jobs)", title_justify="left", expand=False
-    )
+    ranked = sorted(models.items(), key=lambda item: -_as_float((item[1] or {}).get("jobs")))
+    table = Table(title=f"Models (top {TOP_MODELS} by jobs)", title_justify="left", expand=False)
     for column in ("Model", "Worker", "Version", "Queued", "Jobs"):
         table.add_column(column, justify="left" if column == "Model" else "right")
     for model_id, entry in ranked[:TOP_MODELS]:
@@ -244,9 +254,7 @@ def _sparklines(sample: Mapping[str, Any], history: History) -> Table:
         current = gpus.get(index, {}).get("utilization")
         table.add_row(f"GPU {index} util", sparkline(series, 0, 100), _percent(current))
     stats = sample.get("coordinator") or {}
-    table.add_row(
-        "jobs/s", sparkline(history.jobs_per_s), _number(stats.get("jobs_per_s"), ".1f")
-    )
+    table.add_row("jobs/s", sparkline(history.jobs_per_s), _number(stats.get("jobs_per_s"), ".1f"))
     return table
 
 

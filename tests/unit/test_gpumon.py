@@ -419,17 +419,13 @@ def test_prometheus_scrape_shows_figures() -> None:
         "name": "nvidia-cuda-mps-server",
         "mps_server": "true",
     }
-    assert metrics[
-        ("cohort_gpu_process_memory_used_bytes", frozenset(mps_server.items()))
-    ]
+    assert metrics[("cohort_gpu_process_memory_used_bytes", frozenset(mps_server.items()))]
     assert metrics[("cohort_host_memory_used_bytes", frozenset())] > 0
     assert ("cohort_host_cpu_percent", frozenset()) in metrics
 
 
 def test_prometheus_reports_coordinator_and_gpu_down() -> None:
-    sampler = Sampler(
-        FakeGpu([], "NVML library not found"), FakeCoordinator(None, "down")
-    )
+    sampler = Sampler(FakeGpu([], "NVML library not found"), FakeCoordinator(None, "down"))
     metrics = scrape(sampler)
     assert metrics[("cohort_coordinator_up", frozenset())] == 0
     assert metrics[("cohort_gpu_up", frozenset())] == 0
