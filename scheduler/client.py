@@ -28,6 +28,7 @@ import torch
 import zmq
 import zmq.asyncio
 
+from scheduler import __version__
 from scheduler.config import ADDRESS_ENV, DEFAULT_ADDRESS
 from scheduler.errors import BadInput, CohortError, JobTimeout, ProtocolError, error_from_wire
 from scheduler.protocol import (
@@ -37,6 +38,8 @@ from scheduler.protocol import (
     CopyWeights,
     ErrorReply,
     GetWeights,
+    Hello,
+    HelloReply,
     JobDone,
     ListModels,
     ModelInfo,
@@ -53,6 +56,9 @@ from scheduler.protocol import (
 )
 
 DEFAULT_TIMEOUT_S = 60.0
+# Messages up to this size are always answered by the coordinator (its socket limit is its
+# bound plus 1 MiB); a larger one is checked against the coordinator's bound first.
+ALWAYS_ANSWERED_BYTES = 1 << 20
 JOB_OPS = ("infer", "train_step", "ensemble", "train_round")
 
 
@@ -61,18 +67,21 @@ def default_address() -> str:
     return os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
 
 
-def _job_request(req_id: int, op: str, target: str, inputs: Any, targets: Any, timeout: float | None,
-                 max_bytes: int) -> tuple[SubmitJob, list[Any]]:
+def _job_request(req_id: int, op: str, target: str, inputs: Any, targets: Any,
+                 timeout: float | None) -> tuple[SubmitJob, list[Any]]:
     if op not in JOB_OPS:
         raise BadInput(f"unknown op {op!r}; ops: {', '.join(JOB_OPS)}")
     if op in ("train_step", "train_round") and targets is None:
         raise BadInput(f"{op} needs targets")
     tree_in, buf_in = encode_tensors(inputs)
     tree_t, buf_t = encode_tensors(targets)
-    size = sum(b.nbytes for b in buf_in) + sum(b.nbytes for b in buf_t)
-    if size > max_bytes:
-        raise BadInput(f"tensors of {size} bytes exceed the message bound of {max_bytes} bytes")
     return SubmitJob(req_id, op, target, tree_in, tree_t, timeout), [*buf_in, *buf_t]
+
+
+def _check_size(buffers: list[Any], bound: int) -> None:
+    size = sum(memoryview(b).nbytes for b in buffers)
+    if size > bound:
+        raise BadInput(f"tensors of {size} bytes exceed the message bound of {bound} bytes")
 
 
 def _result(op: str, reply: Any, buffers: list[Any]) -> Any:
@@ -93,6 +102,8 @@ def _result(op: str, reply: Any, buffers: list[Any]) -> Any:
         return reply.stats
     if isinstance(reply, Ack):
         return reply.detail
+    if isinstance(reply, HelloReply):
+        return reply
     raise ProtocolError(f"unexpected reply {type(reply).__name__}")
 
 
@@ -124,6 +135,7 @@ class Client:
         os.set_blocking(self._wake_r, False)
         self._pending: dict[int, _Pending] = {}
         self._closed = False
+        self._server_bound: int | None = None
         self._context = zmq.Context()
         self._local = threading.local()
         self._direct_sockets: list[zmq.Socket[Any]] = []
@@ -137,7 +149,8 @@ class Client:
         """Queue a job (``infer``, ``train_step``, ``ensemble``, ``train_round``); a Future of its result."""
         t = self.timeout if timeout is None else timeout
         req_id = next(self._ids)
-        message, buffers = _job_request(req_id, op, target, inputs, targets, t, self.max_message_bytes)
+        message, buffers = _job_request(req_id, op, target, inputs, targets, t)
+        self._check_size(buffers, t)
         future = self._send(req_id, message, buffers, op, t)
         self._unanswered().append(future)
         return future
@@ -145,8 +158,20 @@ class Client:
     def _job(self, op: str, target: str, inputs: Any, targets: Any, timeout: float | None) -> Any:
         t = self.timeout if timeout is None else timeout
         req_id = next(self._ids)
-        message, buffers = _job_request(req_id, op, target, inputs, targets, t, self.max_message_bytes)
+        message, buffers = _job_request(req_id, op, target, inputs, targets, t)
+        self._check_size(buffers, t)
         return self._request(req_id, message, buffers, op, t)
+
+    def _check_size(self, buffers: list[Any], timeout: float) -> None:
+        """Refuse a message over the bound here, rather than have the coordinator's socket drop it."""
+        size = sum(memoryview(b).nbytes for b in buffers)
+        if size <= ALWAYS_ANSWERED_BYTES:
+            return
+        if self._server_bound is None:
+            req_id = next(self._ids)
+            hello = self._request(req_id, Hello(req_id, __version__), [], "hello", timeout)
+            self._server_bound = hello.max_message_bytes
+        _check_size(buffers, min(self.max_message_bytes, self._server_bound))
 
     def infer(self, model: str, inputs: Any, *, timeout: float | None = None) -> Any:
         """Run model ``"group/index"`` on ``inputs``; its output, on the CPU."""
@@ -180,6 +205,7 @@ class Client:
     def set_weights(self, model: str, weights: dict[str, torch.Tensor], *, timeout: float | None = None) -> None:
         """Replace one model's parameters and buffers, and reset its optimizer state."""
         tree, buffers = encode_tensors(dict(weights))
+        self._check_size(buffers, self.timeout if timeout is None else timeout)
         self._call(lambda r, t: SetWeights(r, model, tree, t), "set_weights", timeout, buffers)
 
     def copy_weights(self, src: str, dst: str, *, timeout: float | None = None) -> None:
@@ -385,13 +411,25 @@ class AsyncClient:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(self.address)
         self._pending: dict[int, tuple[asyncio.Future[Any], str]] = {}
+        self._server_bound: int | None = None
         self._reader: asyncio.Task[None] | None = None
 
     async def submit(self, op: str, target: str, inputs: Any, targets: Any = None, *, timeout: float | None = None) -> Any:
         t = self.timeout if timeout is None else timeout
         req_id = next(self._ids)
-        message, buffers = _job_request(req_id, op, target, inputs, targets, t, self.max_message_bytes)
+        message, buffers = _job_request(req_id, op, target, inputs, targets, t)
+        await self._check_size(buffers, t)
         return await self._request(req_id, message, buffers, op, t)
+
+    async def _check_size(self, buffers: list[Any], timeout: float) -> None:
+        size = sum(memoryview(b).nbytes for b in buffers)
+        if size <= ALWAYS_ANSWERED_BYTES:
+            return
+        if self._server_bound is None:
+            req_id = next(self._ids)
+            hello = await self._request(req_id, Hello(req_id, __version__), [], "hello", timeout)
+            self._server_bound = hello.max_message_bytes
+        _check_size(buffers, min(self.max_message_bytes, self._server_bound))
 
     async def infer(self, model: str, inputs: Any, *, timeout: float | None = None) -> Any:
         return await self.submit("infer", model, inputs, timeout=timeout)
@@ -417,6 +455,7 @@ class AsyncClient:
 
     async def set_weights(self, model: str, weights: dict[str, torch.Tensor], *, timeout: float | None = None) -> None:
         tree, buffers = encode_tensors(dict(weights))
+        await self._check_size(buffers, self.timeout if timeout is None else timeout)
         await self._call(lambda r, t: SetWeights(r, model, tree, t), "set_weights", timeout, buffers)
 
     async def copy_weights(self, src: str, dst: str, *, timeout: float | None = None) -> None:

@@ -147,18 +147,27 @@ def run_live(sampler: Sampler, interval: float, console: Console) -> None:
             pause(started, interval)
 
 
-def run_prometheus(sampler: Sampler, port: int, bind: str) -> None:
-    """Serve /metrics (sampled on each scrape) until Ctrl-C."""
+def run_prometheus(sampler: Sampler, port: int, bind: str, interval: float) -> None:
+    """Sample every interval on this thread and serve the latest sample until Ctrl-C.
+
+    Scrapes read the latest sample instead of taking one: a scrape then never waits
+    on a dead coordinator, and the coordinator client is only ever used from this
+    thread (Client keeps a socket for each thread that calls it, and the HTTP server
+    answers each scrape on a new thread).
+    """
     from gpumon_prom import serve  # only this mode needs prometheus_client
 
-    server, thread = serve(sampler.sample, port, bind)
+    latest = sampler.sample()
+    server, thread = serve(lambda: latest, port, bind)
     try:
         print(
             f"serving cohort metrics at http://{bind}:{server.server_port}/metrics (Ctrl-C stops)",
             flush=True,
         )
         while thread.is_alive():
-            time.sleep(1.0)
+            started = time.monotonic()
+            pause(started, interval)
+            latest = sampler.sample()  # one reference swap: scrapes see old or new
     finally:
         server.shutdown()
         server.server_close()
@@ -194,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.once:
             run_once(sampler, args, console)
         elif args.prometheus is not None:
-            run_prometheus(sampler, args.prometheus, args.prometheus_bind)
+            run_prometheus(sampler, args.prometheus, args.prometheus_bind, args.interval)
         elif args.json:
             run_json_lines(sampler, args.interval)
         else:

@@ -15,12 +15,14 @@ from typing import Any
 
 # Same default as cohort's Client, so `gpumon.py` with no flags watches the
 # coordinator a plain `Client()` would talk to.
+# (tests/unit/test_gpumon.py checks both against scheduler/config.py.)
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+ADDRESS_ENV = "COHORT_ADDRESS"
 
 
 def default_address() -> str:
     """$COHORT_ADDRESS, else the client's default address."""
-    return os.environ.get("COHORT_ADDRESS") or DEFAULT_ADDRESS
+    return os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
 
 
 class CoordinatorSource:

@@ -1,9 +1,10 @@
 """The monitor's figures for Prometheus.
 
-A custom collector takes a fresh sample on every scrape, so Prometheus sees figures
-as of the scrape and the monitor keeps no second copy of them. Metrics live in their
-own CollectorRegistry: the global one would also export this process's Python
-internals and would make two monitors in one process collide.
+A custom collector turns the sample its callable returns into metric families on
+every scrape; the monitor hands it the latest sample of its own loop (see
+gpumon.run_prometheus). Metrics live in their own CollectorRegistry: the global one
+would also export this process's Python internals and would make two monitors in one
+process collide.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ class CohortCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         sample = self._sample()
+        yield from _gauge(
+            "cohort_monitor_sample_timestamp_seconds",
+            "When the monitor took the figures served here (Unix time)",
+            sample.get("time"),
+        )
         yield from _host_metrics(sample.get("host") or {})
         yield from _gpu_metrics(sample)
         yield from _coordinator_metrics(sample.get("coordinator"))

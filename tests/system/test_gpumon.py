@@ -256,6 +256,7 @@ def test_prometheus_endpoint_serves_figures(coordinator: Coordinator) -> None:
     assert value("cohort_host_memory_total_bytes") > 0
     assert 0 <= value("cohort_host_cpu_utilization_ratio") <= 1
     assert value("cohort_gpu_up") in (0, 1)
+    assert abs(value("cohort_monitor_sample_timestamp_seconds") - time.time()) < 30
 
 
 def test_no_gpu_path_says_why_in_one_line(coordinator: Coordinator) -> None:
@@ -340,7 +341,15 @@ def wait_for(lines: queue.Queue[str], up: bool, within: float) -> dict[str, Any]
 def test_monitor_survives_coordinator_restart(own_coordinator: Coordinator) -> None:
     own_coordinator.start()
     monitor = subprocess.Popen(
-        [sys.executable, GPUMON, "--json", "--interval", "0.5", "--address", own_coordinator.address],
+        [
+            sys.executable,
+            GPUMON,
+            "--json",
+            "--interval",
+            "0.5",
+            "--address",
+            own_coordinator.address,
+        ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -353,6 +362,11 @@ def test_monitor_survives_coordinator_restart(own_coordinator: Coordinator) -> N
         own_coordinator.stop(signal.SIGKILL)  # a crash, not a clean stop
         down = wait_for(lines, up=False, within=10)
         assert down["coordinator_error"]
+        # While it is down the monitor keeps its pace: each stats() call gives up fast.
+        later = [next_sample(lines, time.monotonic() + 5) for _ in range(3)]
+        assert all(s["coordinator"] is None for s in later)
+        gaps = [b["time"] - a["time"] for a, b in zip([down, *later], later)]
+        assert max(gaps) < 2.0, gaps
         own_coordinator.start()
         back = wait_for(lines, up=True, within=30)
         assert back["coordinator"]["uptime_s"] < first["coordinator"]["uptime_s"] + 30

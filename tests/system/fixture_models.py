@@ -1,0 +1,57 @@
+"""Models that misbehave on purpose, for the system tests."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+
+class Sleepy(nn.Module):
+    """A linear layer that first sleeps ``x[0, 0]`` seconds: a job that stays in flight."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "meta":
+            delay = float(x[0, 0])
+            if delay > 0:
+                time.sleep(min(delay, 30.0))
+        return self.linear(x)
+
+
+class Faulty(nn.Module):
+    """A linear layer that raises when its input holds a value above 1000."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "meta" and bool((x > 1000).any()):
+            raise RuntimeError("input too hot for this model")
+        return self.linear(x)
+
+
+def sleepy(d: int = 4) -> nn.Module:
+    return Sleepy(d)
+
+
+def faulty(d: int = 4) -> nn.Module:
+    return Faulty(d)
+
+
+def group(name: str, factory: str, count: int = 2, d: int = 4) -> dict:
+    return {
+        "name": name,
+        "factory": f"fixture_models:{factory}",
+        "kwargs": {"d": d},
+        "count": count,
+        "input": {"shape": [-1, d], "dtype": "float32"},
+        "loss": "mse",
+        "optimizer": {"name": "sgd", "lr": 0.01},
+        "init": {"seed": 0},
+    }
