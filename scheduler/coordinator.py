@@ -110,6 +110,8 @@ class Coordinator:
         self.started = time.monotonic()
         self.stopping = False
         self._last_health = 0.0
+        self._last_snapshot = time.monotonic()
+        self._snapshot_pending = False
         self._polled: tuple[Any, ...] = ()
         self._poll = zmq.Poller()
         self.context: zmq.Context[Any] = zmq.Context()
@@ -187,6 +189,7 @@ class Coordinator:
         self._receive_workers(timeout_ms=0, ready=events)
         self._check_health()
         self._expire_deadlines()
+        self._periodic_snapshot()
         self._dispatch()
 
     def _poller(self) -> zmq.Poller:
@@ -359,12 +362,49 @@ class Coordinator:
                 else:
                     spec = parse_group(item, self.specs)
                     models += [(spec.name, i) for i in spec.indices]
-        self._barrier(models, lambda: self._reply(client, Ack(msg.req_id)))
+        scope = models if models is not None else sorted(self.versions)
+
+        def done() -> None:
+            self._refresh_host_copies(scope)
+            self._reply(client, Ack(msg.req_id))
+
+        self._barrier(models, done)
+
+    def _refresh_host_copies(self, models: list[ModelKey]) -> None:
+        """Keep the host copy a replacement worker is restored from: taken at every barrier."""
+        for m in models:
+            held = self.weights.host.get(m)
+            if self.weights.is_mapped(m) and (held is None or held.version != self.versions[m]):
+                self.weights.keep_host_copy(m, self.versions[m])
+
+    def _periodic_snapshot(self) -> None:
+        """Every ``snapshot_interval_s``: host copies of all models at a barrier, and files if asked."""
+        interval = self.cc.snapshot_interval_s
+        now = time.monotonic()
+        if interval <= 0 or now - self._last_snapshot < interval or self._snapshot_pending:
+            return
+        self._last_snapshot = now
+        self._snapshot_pending = True
+        models = sorted(self.versions)
+
+        def take() -> None:
+            self._snapshot_pending = False
+            self._refresh_host_copies(models)
+            if self.cc.snapshot_dir:
+                try:
+                    for m in models:
+                        if self.weights.is_mapped(m):
+                            self.weights.save(Path(self.cc.snapshot_dir), m)
+                except OSError as exc:
+                    log.error("periodic snapshot to %s failed: %s", self.cc.snapshot_dir, exc)
+
+        self._barrier(None, take)
 
     def _on_get_weights(self, client: bytes, msg: GetWeights, _: list[Any]) -> None:
         model = parse_model(msg.model, self.specs)
 
         def read() -> None:
+            self._refresh_host_copies([model])
             tree, buffers = encode_tensors(self.weights.get(model))
             self._reply(client, WeightsReply(msg.req_id, tree), buffers)
 
@@ -572,8 +612,12 @@ class Coordinator:
             unlink_shm(name)
         in_flight = list(w.in_flight.values())
         w.in_flight.clear()
-        for part in in_flight:
+        started, unstarted = self._maybe_started(w, in_flight)
+        for part in started:
             self._finish_part(part, None, WorkerDied(f"worker {w.id} died while running the job: {reason}"))
+        for part in reversed(unstarted):  # back to the front of the queue, in their order
+            part.sent = False
+            w.pending.appendleft(part)
         w.state = "dead"
         w.restarts += 1
         if w.restarts > MAX_RESTARTS:
@@ -584,6 +628,18 @@ class Coordinator:
             return
         w.restore = True
         self._spawn(w)
+
+    @staticmethod
+    def _maybe_started(w: WorkerHandle, in_flight: list[Part]) -> tuple[list[Part], list[Part]]:
+        """Split a dead worker's parts into those that may have run and those that surely did not.
+
+        A CPU worker runs its parts one at a time in the order sent, so only the oldest
+        unanswered one can have started; the rest were still in its socket. A GPU worker
+        puts every part it receives on a stream at once, so any of them may have run.
+        """
+        if (w.device or "cpu").startswith("cpu"):
+            return in_flight[:1], in_flight[1:]
+        return in_flight, []
 
     # ================================================================== step 4: deadlines
 

@@ -157,7 +157,10 @@ def run_prometheus(sampler: Sampler, port: int, bind: str, interval: float) -> N
     """
     from gpumon_prom import serve  # only this mode needs prometheus_client
 
+    started = time.monotonic()
     latest = sampler.sample()
+    # The lambda reads `latest` when called, so it serves each new sample; rebinding
+    # a name is atomic, so a scrape sees the old sample or the new one, never a mix.
     server, thread = serve(lambda: latest, port, bind)
     try:
         print(
@@ -165,9 +168,9 @@ def run_prometheus(sampler: Sampler, port: int, bind: str, interval: float) -> N
             flush=True,
         )
         while thread.is_alive():
-            started = time.monotonic()
             pause(started, interval)
-            latest = sampler.sample()  # one reference swap: scrapes see old or new
+            started = time.monotonic()
+            latest = sampler.sample()
     finally:
         server.shutdown()
         server.server_close()

@@ -236,9 +236,15 @@ def _worker_metrics(workers: list[Mapping[str, Any]]) -> Iterator[Metric]:
 
 
 def _model_metrics(models: Mapping[str, Any]) -> Iterator[Metric]:
-    jobs = CounterMetricFamily("cohort_model_jobs_total", "Jobs run per model", labels=["model"])
+    jobs = CounterMetricFamily(
+        "cohort_model_jobs_total", "Jobs finished per model, failed ones included", labels=["model"]
+    )
+    # The coordinator's per-model "queued" counts jobs accepted and not yet finished,
+    # those already running on a worker included.
     queued = GaugeMetricFamily(
-        "cohort_model_queue_depth", "Jobs queued per model", labels=["model"]
+        "cohort_model_jobs_unfinished",
+        "Jobs accepted for the model and not yet finished (queued or running)",
+        labels=["model"],
     )
     version = GaugeMetricFamily(
         "cohort_model_version", "Weights version per model", labels=["model"]

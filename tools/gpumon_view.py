@@ -13,11 +13,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from gpumon_history import History, gpu_index, sparkline
+from rich.columns import Columns
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-TOP_MODELS = 20
+TOP_MODELS = 24
+MODELS_PER_BLOCK = 8
 # The coordinator's worker states (scheduler/workerpool.py WorkerHandle.state).
 _STATE_STYLES = {
     "new": "dim",
@@ -33,18 +35,20 @@ MPS_NOTE = (
 
 
 def render(sample: Mapping[str, Any], history: History) -> RenderableType:
-    """The whole view: header, GPUs, GPU processes, host, workers, models, history."""
+    """The whole view: header, GPUs, GPU processes, host, jobs, history, workers, models."""
     stats = sample.get("coordinator")
+    # Most important first: a terminal too short for the whole view loses the bottom.
     parts: list[RenderableType] = [_header(sample)]
     parts.extend(_gpu_section(sample))
     parts.append(_host_line(sample))
     if stats:
         parts.append(_jobs_line(stats))
-        parts.append(_workers_table(stats))
-        parts.append(_models_table(stats))
     else:
         parts.append(_coordinator_down_line(sample))
     parts.append(_sparklines(sample, history))
+    if stats:
+        parts.append(_workers_table(stats))
+        parts.append(_models_table(stats))
     return Group(*parts)
 
 
@@ -62,25 +66,26 @@ def _coordinator_down_line(sample: Mapping[str, Any]) -> Text:
 
 def _header(sample: Mapping[str, Any]) -> Text:
     stats = sample.get("coordinator") or {}
-    mps = stats.get("mps") or {}
     header = Text("cohort gpumon", style="bold")
     header.append(f"  {stats.get('address') or sample.get('address') or '?'}")
-    if stats:
-        header.append(f"  device {stats.get('device', '?')}")
-        header.append(f"  MPS {_mps_text(mps)}")
-        header.append(f"  up {_duration(stats.get('uptime_s'))}")
-        if stats.get("cohort_version"):
-            header.append(f"  v{stats['cohort_version']}", style="dim")
     header.append(f"  {_clock(sample.get('time'))}", style="dim")
+    if stats:
+        header.append("\ncoordinator", style="bold")
+        header.append(f"  up {_duration(stats.get('uptime_s'))}")
+        header.append(f"  device {stats.get('device', '?')}")
+        header.append(f"  MPS {_mps_text(stats.get('mps') or {})}")
+        if stats.get("cohort_version"):
+            header.append(f"  cohort {stats['cohort_version']}", style="dim")
     return header
 
 
 def _mps_text(mps: Mapping[str, Any]) -> str:
-    text = str(mps.get("mode", "?"))
-    details = [f"requested {mps['requested']}"] if mps.get("requested") else []
-    if mps.get("reason"):
-        details.append(str(mps["reason"]))
-    return f"{text} ({', '.join(details)})" if details else text
+    """'on', or 'off (requested auto: device is cpu)' when the mode is not the one asked."""
+    mode, requested = str(mps.get("mode", "?")), mps.get("requested")
+    reason = str(mps.get("reason") or "")
+    if requested and requested != mode:
+        return f"{mode} (requested {requested}{': ' + reason if reason else ''})"
+    return f"{mode} ({reason})" if reason and mode != "on" else mode
 
 
 def _gpu_section(sample: Mapping[str, Any]) -> list[RenderableType]:
@@ -224,24 +229,30 @@ def _workers_table(stats: Mapping[str, Any]) -> Table:
     return table
 
 
-def _models_table(stats: Mapping[str, Any]) -> Table:
+def _models_table(stats: Mapping[str, Any]) -> RenderableType:
+    """Models by jobs run, in side-by-side blocks so that many fit on one screen."""
     models = stats.get("models") or {}
     ranked = sorted(models.items(), key=lambda item: -_as_float((item[1] or {}).get("jobs")))
-    table = Table(title=f"Models (top {TOP_MODELS} by jobs)", title_justify="left", expand=False)
-    for column in ("Model", "Worker", "Version", "Queued", "Jobs"):
-        table.add_column(column, justify="left" if column == "Model" else "right")
-    for model_id, entry in ranked[:TOP_MODELS]:
-        info = entry or {}
-        table.add_row(
-            Text(str(model_id)),
-            str(info.get("worker", "?")),
-            _number(info.get("version")),
-            _number(info.get("queued")),
-            _number(info.get("jobs")),
-        )
-    if len(ranked) > TOP_MODELS:
-        table.caption = f"{len(ranked) - TOP_MODELS} more models not shown"
-    return table
+    shown = ranked[:TOP_MODELS]
+    title = Text("Models", style="italic")
+    title.append(f" by jobs run, {len(shown)} of {len(ranked)}" if ranked else ": none")
+    blocks = []
+    for start in range(0, len(shown), MODELS_PER_BLOCK):
+        table = Table(expand=False)
+        for column in ("Model", "Worker", "Version", "Unfinished", "Jobs"):
+            table.add_column(column, justify="left" if column == "Model" else "right")
+        for model_id, entry in shown[start : start + MODELS_PER_BLOCK]:
+            info = entry if isinstance(entry, Mapping) else {}
+            table.add_row(
+                Text(str(model_id)),
+                _number(info.get("worker")),
+                _number(info.get("version")),
+                # The coordinator's per-model "queued": accepted and not yet finished.
+                _number(info.get("queued")),
+                _number(info.get("jobs")),
+            )
+        blocks.append(table)
+    return Group(title, Columns(blocks)) if blocks else title
 
 
 def _sparklines(sample: Mapping[str, Any], history: History) -> Table:

@@ -251,6 +251,17 @@ def test_request_header_with_a_wrong_field(header: Any) -> None:
         assert "malformed" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "header",
+    [b"\x92\xa5Hel\xddo\x01", b"\x93\xa5Hello\x01\xa50\xdd1.0", b"\x93\xaaGetWeights\x01\xa3\xff\xfe\xfd"],
+    ids=["tag", "client_version", "model"],
+)
+def test_invalid_utf8_in_a_string_is_a_protocol_error(header: bytes) -> None:
+    for frames in ([P.SPLIT_PREFIX + header], [_packed(header, [], b"")]):
+        with pytest.raises(ProtocolError):
+            P.coordinator_client_codec().decode(frames)
+
+
 def test_deeply_nested_header_is_a_protocol_error() -> None:
     """Messages with free-form fields (Ack.detail, StatsReply.stats, GroupSpec.kwargs) nested
     deeper than the decoder's recursion limit must still fail as ProtocolError."""
