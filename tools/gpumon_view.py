@@ -146,7 +146,7 @@ def _process_table(gpus: list[Mapping[str, Any]], stats: Mapping[str, Any]) -> R
         )
     if under_mps:
         # Users otherwise read the MPS server's row as one process hogging the GPU.
-        table.caption = MPS_NOTE
+        return Group(table, Text(MPS_NOTE, style="dim"))
     return table
 
 
