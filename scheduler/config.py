@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.errors import ConfigError
-from scheduler.protocol import DTYPES, InputSpec
+from scheduler.protocol import DTYPES, BatchingSpec, InputSpec
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 ADDRESS_ENV = "COHORT_ADDRESS"
@@ -61,6 +61,7 @@ class GroupConfig:
     hparams: dict[str, list[float]]
     init_seed: int | None
     init_safetensors: str | None
+    batching: BatchingSpec = BatchingSpec()
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,25 @@ def _group(raw: Any, key: str, path: str) -> GroupConfig:
         raise ConfigError(f"{path}: {key}.loss must be cross_entropy, mse or 'package.module:function', got {loss!r}")
     optimizer, hparams = _optimizer(raw.get("optimizer", {"name": "sgd"}), count, f"{key}.optimizer", path)
     seed, safetensors = _init(raw.get("init", {"seed": 0}), f"{key}.init", path)
-    return GroupConfig(name, factory, kwargs, count, inputs, single, loss, optimizer, hparams, seed, safetensors)
+    batching = _batching(raw.get("batching", {}), f"{key}.batching", path)
+    return GroupConfig(name, factory, kwargs, count, inputs, single, loss, optimizer, hparams, seed, safetensors,
+                       batching)
+
+
+def _batching(raw: Any, key: str, path: str) -> BatchingSpec:
+    _expect(raw, dict, key, path)
+    known = {"fuse", "max_jobs", "max_wait_ms"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"{path}: {key}.{sorted(unknown)[0]} unknown; known: {', '.join(sorted(known))}")
+    fuse = _expect(raw.get("fuse", True), bool, f"{key}.fuse", path)
+    max_jobs = _expect(raw.get("max_jobs", 64), int, f"{key}.max_jobs", path)
+    if isinstance(max_jobs, bool) or not 1 <= max_jobs <= 4096:
+        raise ConfigError(f"{path}: {key}.max_jobs must be between 1 and 4096, got {max_jobs}")
+    wait = _expect(raw.get("max_wait_ms", 0.0), (int, float), f"{key}.max_wait_ms", path)
+    if isinstance(wait, bool) or not 0 <= wait <= 1000:
+        raise ConfigError(f"{path}: {key}.max_wait_ms must be between 0 and 1000, got {wait}")
+    return BatchingSpec(fuse, max_jobs, float(wait))
 
 
 def _input_spec(raw: Any, name: str, key: str, path: str) -> InputSpec:

@@ -317,6 +317,14 @@ class InputSpec(msgspec.Struct, array_like=True, frozen=True):
     dtype: str
 
 
+class BatchingSpec(msgspec.Struct, frozen=True):
+    """A group's batching policy (the ``batching`` table of its config)."""
+
+    fuse: bool = True  # ensemble, train_round and coalesced jobs as one vmap'd call over the bank
+    max_jobs: int = 64  # at most this many waiting jobs joined into one call; 1 turns coalescing off
+    max_wait_ms: float = 0.0  # how long a worker may hold a lone job for others to join it
+
+
 class GroupSpec(msgspec.Struct, frozen=True):
     """A group's compiled definition as a worker receives it, for the models placed there."""
 
@@ -332,6 +340,7 @@ class GroupSpec(msgspec.Struct, frozen=True):
     indices: list[int]
     init_seed: int | None = None
     init_safetensors: str | None = None
+    batching: BatchingSpec = BatchingSpec()
 
 
 class CudaIpcHandle(msgspec.Struct, array_like=True, frozen=True):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -147,7 +148,7 @@ def run_live(sampler: Sampler, interval: float, console: Console) -> None:
             pause(started, interval)
 
 
-def run_prometheus(sampler: Sampler, port: int, bind: str, interval: float) -> None:
+def run_prometheus(sampler: Sampler, port: int, bind: str, interval: float) -> int:
     """Sample every interval on this thread and serve the latest sample until Ctrl-C.
 
     Scrapes read the latest sample instead of taking one: a scrape then never waits
@@ -161,7 +162,11 @@ def run_prometheus(sampler: Sampler, port: int, bind: str, interval: float) -> N
     latest = sampler.sample()
     # The lambda reads `latest` when called, so it serves each new sample; rebinding
     # a name is atomic, so a scrape sees the old sample or the new one, never a mix.
-    server, thread = serve(lambda: latest, port, bind)
+    try:
+        server, thread = serve(lambda: latest, port, bind)
+    except OSError as exc:  # port taken, or no such interface: the user must choose
+        print(f"gpumon: cannot serve on {bind}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     try:
         print(
             f"serving cohort metrics at http://{bind}:{server.server_port}/metrics (Ctrl-C stops)",
@@ -174,6 +179,7 @@ def run_prometheus(sampler: Sampler, port: int, bind: str, interval: float) -> N
     finally:
         server.shutdown()
         server.server_close()
+    return 0
 
 
 def frame(sampler: Sampler, history: History) -> RenderableType:
@@ -206,13 +212,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.once:
             run_once(sampler, args, console)
         elif args.prometheus is not None:
-            run_prometheus(sampler, args.prometheus, args.prometheus_bind, args.interval)
+            return run_prometheus(sampler, args.prometheus, args.prometheus_bind, args.interval)
         elif args.json:
             run_json_lines(sampler, args.interval)
         else:
             run_live(sampler, args.interval, console)
     except KeyboardInterrupt:
         pass  # Ctrl-C is how users leave the monitor: not an error
+    except BrokenPipeError:
+        # `gpumon.py --json | head`: the reader has gone, so has our reason to run.
+        # stdout goes to /dev/null so the interpreter's final flush cannot fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
         sampler.close()
     return 0

@@ -30,7 +30,9 @@ class CoordinatorSource:
 
     `connect(address, timeout)` makes the client; the default imports cohort's
     `scheduler.Client` on first use rather than at module import, so the monitor still
-    shows the GPU and host where the cohort package cannot be imported.
+    shows the GPU and host where the cohort package cannot be imported. One client is
+    kept while the coordinator answers (call from one thread: Client keeps a socket per
+    calling thread) and replaced after any failure.
     """
 
     def __init__(

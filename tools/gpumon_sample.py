@@ -66,10 +66,10 @@ class HostSource:
 
 
 class Sampler:
-    """Takes samples from its sources; safe to call from several threads.
+    """Takes samples from its sources.
 
-    Prometheus scrapes arrive on server threads; the lock keeps two scrapes from
-    sharing the coordinator client's socket at once.
+    Call it from one thread (the monitor's loop does): cohort's Client keeps a socket
+    for every thread that calls it. The lock only makes a second caller wait its turn.
     """
 
     def __init__(

@@ -99,6 +99,7 @@ def build_definition(group: GroupConfig) -> GroupSpec:
         indices=list(range(group.count)),
         init_seed=group.init_seed,
         init_safetensors=group.init_safetensors,
+        batching=group.batching,
     )
 
 

@@ -7,17 +7,21 @@ bank. Every call binds model ``slot``'s views of the bank into the module with
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from scheduler.errors import BadInput, ConfigError
+from scheduler.errors import BadInput, CohortError, ConfigError
 from scheduler.protocol import DTYPES, GroupSpec
 from workers.bank import Bank
 from workers.definition import build_module, call_module
+from workers.fused import FusedGroup
 from workers.losses import check_target, resolve_loss
 from workers.optim import optimizer_step
+
+log = logging.getLogger("cohort.worker")
 
 
 class GroupRuntime:
@@ -35,6 +39,10 @@ class GroupRuntime:
         self.params = bank.role("param")
         self.buffers = bank.role("buffer")
         self.state = bank.role("state")
+        self.fused = FusedGroup(self)
+        self.fused.enabled = spec.batching.fuse
+        self._meta_module: nn.Module | None = None
+        self._meta_outputs: dict[tuple[Any, ...], Any] = {}
 
     # ------------------------------------------------------------------ weights
 
@@ -117,12 +125,53 @@ class GroupRuntime:
         return loss.detach()
 
     def ensemble(self, slots: list[int], inputs: Any) -> Any:
-        return stack_outputs([self.infer(s, inputs) for s in slots])
+        """The same inputs through models ``slots``: outputs stacked ``[n, ...]``, fused when it can."""
+        return self._fused_or_loop(
+            lambda: self.fused.forward(slots, inputs, shared=True),
+            lambda: stack_outputs([self.infer(s, inputs) for s in slots]),
+        )
+
+    def infer_stacked(self, slots: list[int], inputs: Any) -> Any:
+        """Row ``j`` of the stacked inputs through model ``slots[j]``: outputs stacked ``[n, ...]``."""
+        return self._fused_or_loop(
+            lambda: self.fused.forward(slots, inputs, shared=False),
+            lambda: stack_outputs([self.infer(s, index_rows(inputs, j)) for j, s in enumerate(slots)]),
+        )
 
     def train_round(self, slots: list[int], inputs: Any, targets: torch.Tensor) -> torch.Tensor:
         """One step for each model in ``slots``; row ``j`` of inputs and targets goes to ``slots[j]``."""
-        losses = [self.train_step(s, index_rows(inputs, j), targets[j]) for j, s in enumerate(slots)]
-        return torch.stack(losses)
+        return self._fused_or_loop(
+            lambda: self.fused.train(slots, inputs, targets),
+            lambda: torch.stack([self.train_step(s, index_rows(inputs, j), targets[j]) for j, s in enumerate(slots)]),
+        )
+
+    def _fused_or_loop(self, fused: Callable[[], Any], loop: Callable[[], Any]) -> Any:
+        """Run fused; if vmap cannot run this model but the loop can, keep to the loop from now on."""
+        if not self.fused.enabled:
+            return loop()
+        try:
+            return fused()
+        except CohortError:
+            raise
+        except Exception as fused_error:
+            result = loop()  # the model's own error (bad data) raises here, and fusion stays on
+            self.fused.enabled = False
+            log.warning("group %s: fused execution unavailable, running models one by one: %s: %s",
+                        self.spec.name, type(fused_error).__name__, fused_error)
+            return result
+
+    def output_meta(self, inputs: Any) -> Any:
+        """The output of one model for ``inputs``, on the meta device: shapes without compute."""
+        key = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()) if isinstance(inputs, dict) \
+            else (tuple(inputs.shape), inputs.dtype)
+        if key not in self._meta_outputs:
+            if self._meta_module is None:
+                self._meta_module = build_module(self.spec.factory, self.spec.kwargs, "meta")
+            meta = {k: torch.empty_like(v, device="meta") for k, v in inputs.items()} if isinstance(inputs, dict) \
+                else torch.empty_like(inputs, device="meta")
+            with torch.no_grad():
+                self._meta_outputs[key] = call_module(self._meta_module, {}, meta)
+        return self._meta_outputs[key]
 
     def check_inputs(self, inputs: Any, stacked: int | None = None) -> None:
         """Check inputs against the spec on the worker too (a direct caller has no coordinator)."""

@@ -526,6 +526,19 @@ def test_once_exports_svg_and_text(tmp_path: Path, capsys: pytest.CaptureFixture
     assert gpumon.main([*argv, "--export-svg", str(svg), "--export-text", str(txt)]) == 0
     printed = capsys.readouterr().out
     text = txt.read_text()
-    assert "coordinator: unreachable at" in text and "no GPU" in text or "GPUs" in text
+    assert "coordinator: unreachable at" in text
+    assert "no GPU: " in text or "GPUs" in text
     assert text.strip() == printed.strip()
     assert svg.read_text().startswith("<svg") and "unreachable" in svg.read_text()
+
+
+def test_prometheus_port_taken_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    sampler = Sampler(FakeGpu([]), FakeCoordinator(None, "down"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert gpumon.run_prometheus(sampler, port, "127.0.0.1", 0.1) == 1
+    assert capsys.readouterr().err.startswith(f"gpumon: cannot serve on 127.0.0.1:{port}")

@@ -1,0 +1,95 @@
+"""Fused execution: many models of one group as one ``torch.func.vmap`` call over the bank.
+
+The bank already holds every parameter as ``[K, *shape]``, so a window of models is a
+view (contiguous slots) or a gather (scattered slots), and ``vmap`` over dim 0 runs
+them all in one batched call: one kernel over K weight sets instead of K small ones.
+Training computes every model's gradient with ``vmap(grad_and_value(...))`` and takes
+one optimizer step over the window, each model with its own hyperparameters.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.func import functional_call, grad_and_value, vmap
+
+from workers.losses import check_target
+from workers.optim import optimizer_step
+
+if TYPE_CHECKING:
+    from workers.execute import GroupRuntime
+
+log = logging.getLogger("cohort.worker")
+
+
+def _window(slots: list[int]) -> slice | None:
+    """The slice covering ``slots`` when they are contiguous and ascending, else None."""
+    if slots == list(range(slots[0], slots[0] + len(slots))):
+        return slice(slots[0], slots[0] + len(slots))
+    return None
+
+
+class FusedGroup:
+    """vmap'd forward and training step over any set of one group's models on this worker."""
+
+    def __init__(self, runtime: GroupRuntime) -> None:
+        self.rt = runtime
+        self.single = runtime.spec.single_input
+        self.enabled = True
+
+    def _take(self, table: dict[str, torch.Tensor], slots: list[int]) -> dict[str, torch.Tensor]:
+        window = _window(slots)
+        if window is not None:
+            return {n: t[window] for n, t in table.items()}
+        index = torch.tensor(slots, device=self.rt.device)
+        return {n: t.index_select(0, index) for n, t in table.items()}
+
+    def _call(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: Any) -> Any:
+        tensors = {**params, **buffers}
+        if isinstance(x, dict):
+            return functional_call(self.rt.module, tensors, (), x, strict=False)
+        return functional_call(self.rt.module, tensors, (x,), strict=False)
+
+    def forward(self, slots: list[int], inputs: Any, shared: bool) -> Any:
+        """Outputs ``[n, ...]`` of models ``slots``; ``shared``: one input for all, else stacked ``[n, ...]``."""
+        self.rt.module.eval()
+        params = self._take(self.rt.params, slots)
+        buffers = self._take(self.rt.buffers, slots)
+        in_dims = (0, 0, None if shared else 0)
+        with torch.no_grad():
+            return vmap(self._call, in_dims=in_dims, randomness="different")(params, buffers, inputs)
+
+    def train(self, slots: list[int], inputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        """One optimizer step of every model in ``slots``; inputs and targets stacked ``[n, ...]``; losses ``[n]``."""
+        rt = self.rt
+        rt.module.train()
+        self._check_targets(inputs, targets)
+        window = _window(slots)
+        params = self._take(rt.params, slots)
+        buffers = self._take(rt.buffers, slots)
+        loss_fn = rt.loss_fn
+
+        def loss_of(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: Any, t: torch.Tensor) -> torch.Tensor:
+            return loss_fn(self._call(p, b, x), t)
+
+        detached = {n: p.detach() for n, p in params.items()}
+        grads, losses = vmap(grad_and_value(loss_of), randomness="different")(detached, buffers, inputs, targets)
+        state = self._take(rt.state, slots)
+        hparams = {k: v[window] if window is not None else v[torch.tensor(slots)] for k, v in rt.hparams.items()}
+        optimizer_step(rt.spec.optimizer, params, grads, state, hparams)
+        if window is None:  # a gather copied them: write the stepped weights and state back
+            index = torch.tensor(slots, device=rt.device)
+            with torch.no_grad():
+                for table, taken in ((rt.params, params), (rt.state, state)):
+                    for n, t in taken.items():
+                        table[n].index_copy_(0, index, t)
+        return losses.detach()
+
+    def _check_targets(self, inputs: Any, targets: torch.Tensor) -> None:
+        """Check the targets against the output shape on the host, before any kernel runs."""
+        first = {k: v[0] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[0]
+        out = self.rt.output_meta(first)
+        for j in range(targets.shape[0]):
+            check_target(self.rt.spec.loss, out, targets[j])
