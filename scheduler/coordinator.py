@@ -134,7 +134,7 @@ class Coordinator:
             WorkerReady: self._on_worker_ready,
             JobResult: self._on_job_result,
             JobError: self._on_job_error,
-            Heartbeat: lambda w, m, b: None,
+            Heartbeat: self._on_heartbeat,
             WorkerFailed: self._on_worker_failed,
         }
 
@@ -460,7 +460,8 @@ class Coordinator:
         }
         workers = [
             {"id": w.id, "pid": w.pid, "state": w.state, "device": w.device or self.device, "models": w.model_ids(),
-             "queued": len(w.pending), "in_flight": len(w.in_flight), "jobs_done": w.jobs_done, "restarts": w.restarts}
+             "queued": len(w.pending), "in_flight": len(w.in_flight), "jobs_done": w.jobs_done, "restarts": w.restarts,
+             "calls": w.calls, "joined_jobs": w.joined_jobs}
             for w in self.workers
         ]
         return {
@@ -520,6 +521,9 @@ class Coordinator:
             log.warning("worker %d restarted (pid %d); models restored: %s", w.id, w.pid,
                         ", ".join(f"{b.group}/{i}@v{self.versions[(b.group, i)]}" for b in w.blocks for i in b.indices))
         w.state = "ready"
+
+    def _on_heartbeat(self, w: WorkerHandle, msg: Heartbeat, _: list[Any]) -> None:
+        w.calls, w.joined_jobs = msg.calls, msg.joined_jobs
 
     def _on_worker_failed(self, w: WorkerHandle, msg: WorkerFailed, _: list[Any]) -> None:
         if w.state == "starting" and not w.restore:

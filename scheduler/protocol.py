@@ -432,6 +432,8 @@ class JobError(FromWorker):
 
 class Heartbeat(FromWorker):
     busy: bool = False
+    calls: int = 0  # compute calls made since start
+    joined_jobs: int = 0  # jobs that ran inside a call joined with other jobs
 
 
 class WorkerFailed(FromWorker):

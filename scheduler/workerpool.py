@@ -44,6 +44,8 @@ class WorkerHandle:
     started_at: float = 0.0
     jobs_done: int = 0
     restarts: int = 0
+    calls: int = 0  # compute calls, and jobs that shared one, as of the last heartbeat
+    joined_jobs: int = 0
     restore: bool = False
     shm_prefix: str = ""
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 Result = dict[str, Any]
+MIN_STEPS = 5  # a time budget never cuts a mode below this many timed steps
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -73,26 +74,40 @@ def warm_up(step: Callable[[int], object], count: int, device: str) -> None:
     synchronize(device)
 
 
-def measure_steps(step: Callable[[int], object], count: int, device: str) -> list[float]:
-    """Time each step on its own, synchronized, and return the durations in seconds."""
+def measure_steps(
+    step: Callable[[int], object], count: int, device: str, budget_s: float = math.inf
+) -> list[float]:
+    """Time each step on its own, synchronized; durations in seconds.
+
+    Stops after ``count`` steps, or earlier once ``budget_s`` has passed and at least
+    ``MIN_STEPS`` were timed, so one slow mode cannot stretch the whole run.
+    """
     durations: list[float] = []
+    began = time.perf_counter()
     for index in range(count):
         start = time.perf_counter()
         step(index)
         synchronize(device)
         durations.append(time.perf_counter() - start)
+        if len(durations) >= MIN_STEPS and time.perf_counter() - began >= budget_s:
+            break
     return durations
 
 
 def time_steps(
-    step: Callable[[int], object], warmup: int, steps: int, device: str, samples_per_step: int
+    step: Callable[[int], object],
+    warmup: int,
+    steps: int,
+    device: str,
+    samples_per_step: int,
+    budget_s: float = math.inf,
 ) -> Result:
-    """Warm up, then time ``steps`` steps; throughput counts samples over the measured wall time."""
+    """Warm up, then time up to ``steps`` steps; throughput counts samples over the measured wall time."""
     warm_up(step, warmup, device)
     start = time.perf_counter()
-    durations = measure_steps(step, steps, device)
+    durations = measure_steps(step, steps, device, budget_s)
     wall = time.perf_counter() - start
-    return ok(samples_per_step * steps / wall, "samples/s", durations, wall)
+    return ok(samples_per_step * len(durations) / wall, "samples/s", durations, wall)
 
 
 def nvml_available() -> str | None:

@@ -91,7 +91,9 @@ def _mps_text(mps: Mapping[str, Any]) -> str:
 def _gpu_section(sample: Mapping[str, Any]) -> list[RenderableType]:
     gpus = sample.get("gpus") or []
     if not gpus:
-        return [Text(f"no GPU: {sample.get('gpu_error') or 'none found'}", style="yellow")]
+        return [
+            Text(f"no GPU figures: {sample.get('gpu_error') or 'no GPU found'}", style="yellow")
+        ]
     table = Table(title="GPUs", title_justify="left", expand=False)
     for column in (
         "GPU",

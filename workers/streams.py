@@ -19,6 +19,7 @@ import torch
 
 from scheduler.errors import BadInput, CohortError, JobFailed
 from scheduler.protocol import RunJob, TensorTree, check_buffers
+from workers.batching import Ready, plan, run_joined
 from workers.execute import GroupRuntime, index_rows
 
 FATAL_CUDA_MARKERS = ("device-side assert", "illegal memory access", "unspecified launch failure", "CUDA error: an illegal")
@@ -103,20 +104,53 @@ class SyncExecutor:
 
     def __init__(self, runtimes: dict[str, GroupRuntime]) -> None:
         self.runtimes = runtimes
+        self.policies = {name: rt.spec.batching for name, rt in runtimes.items()}
         self._done: deque[Finished] = deque()
+        self.calls = 0
+        self.joined_jobs = 0
 
     @property
     def busy(self) -> bool:
         return bool(self._done)
 
     def submit(self, job: RunJob, buffers: list[Any]) -> None:
+        self.submit_many([(job, buffers)])
+
+    def submit_many(self, items: list[tuple[RunJob, list[Any]]]) -> None:
+        """Run jobs that arrived together, neighbours joined into one call where they can be."""
+        ready = []
+        for job, buffers in items:
+            try:
+                ready.append(self._prepare(job, buffers))
+            except Exception as exc:
+                self._done.append(failure(job.job_id, exc))
+        for run in plan(ready, self.policies):
+            if len(run.jobs) > 1:
+                try:
+                    results = run_joined(self.runtimes[run.jobs[0].group], run)
+                except Exception:
+                    pass  # one job's bad data must not fail its neighbours: run them one by one
+                else:
+                    self.calls += 1
+                    self.joined_jobs += len(run.jobs)
+                    for job, (outputs, losses) in zip(run.jobs, results):
+                        self._done.append(Finished(job.job_id, outputs, None if losses is None else losses.tolist()))
+                    continue
+            for job in run.jobs:
+                self._run_one(job)
+
+    def _prepare(self, job: RunJob, buffers: list[Any]) -> Ready:
+        runtime = self.runtimes[job.group]
+        n_in = len(job.inputs.metas)
+        inputs = decode_into(job.inputs, buffers[:n_in], False)
+        targets = decode_into(job.targets, buffers[n_in:], False)
+        check_job(runtime, job.op, job.slots, inputs, targets)
+        return Ready(job.job_id, job.op, job.group, list(job.slots), inputs, targets)
+
+    def _run_one(self, job: Ready) -> None:
+        self.calls += 1
         try:
-            runtime = self.runtimes[job.group]
-            n_in = len(job.inputs.metas)
-            inputs = decode_into(job.inputs, buffers[:n_in], False)
-            targets = decode_into(job.targets, buffers[n_in:], False)
-            check_job(runtime, job.op, job.slots, inputs, targets)
-            outputs, losses = run_job(runtime, job.op, job.slots, inputs, targets)
+            outputs, losses = run_job(self.runtimes[job.group], job.op, job.slots, job.inputs, job.targets)
             self._done.append(Finished(job.job_id, outputs, None if losses is None else losses.tolist()))
         except Exception as exc:
             self._done.append(failure(job.job_id, exc))
@@ -155,6 +189,11 @@ class StreamExecutor:
 
     def stream_for(self, group: str, slot: int) -> torch.cuda.Stream:
         return self.compute[hash((group, slot)) % len(self.compute)]
+
+    def submit_many(self, items: list[tuple[RunJob, list[Any]]]) -> None:
+        # Each job goes to its model's stream; streams already overlap jobs of different models.
+        for job, buffers in items:
+            self.submit(job, buffers)
 
     def submit(self, job: RunJob, buffers: list[Any]) -> None:
         try:

@@ -91,6 +91,8 @@ class Worker:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.executor = make_executor(self.runtimes, device, init.streams)
+        self.max_wait_s = max((g.batching.max_wait_ms for g in init.groups), default=0.0) / 1000
+        self.max_jobs = max((g.batching.max_jobs for g in init.groups), default=1)
         self._send(WorkerReady(self.worker_id, str(device), [b.handle for b in self.banks]))
 
     # ------------------------------------------------------------------ loop
@@ -109,7 +111,17 @@ class Worker:
                 break
 
     def _receive(self) -> None:
+        """Take every command waiting, then hand the jobs to the executor together, so it can join them."""
         assert self.executor is not None
+        jobs: list[tuple[RunJob, list[Any]]] = []
+        self._drain(jobs)
+        if jobs and self.max_wait_s > 0 and len(jobs) < self.max_jobs and self.running:
+            if self.socket.poll(int(self.max_wait_s * 1000)):  # the group's policy: wait for company
+                self._drain(jobs)
+        if jobs:
+            self.executor.submit_many(jobs)
+
+    def _drain(self, jobs: list[tuple[RunJob, list[Any]]]) -> None:
         while self.running:
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -117,7 +129,7 @@ class Worker:
                 return
             message, buffers = self.codec.decode([f.buffer for f in frames])
             if isinstance(message, RunJob):
-                self.executor.submit(message, buffers)
+                jobs.append((message, buffers))
             elif isinstance(message, Shutdown):
                 self.running = False
             elif isinstance(message, RestoreWeights):
@@ -140,7 +152,8 @@ class Worker:
         now = time.monotonic()
         if now - self._last_beat >= HEARTBEAT_S:
             self._last_beat = now
-            self._send(Heartbeat(self.worker_id, bool(self.executor and self.executor.busy)))
+            ex = self.executor
+            self._send(Heartbeat(self.worker_id, bool(ex and ex.busy), getattr(ex, "calls", 0), getattr(ex, "joined_jobs", 0)))
 
     def _send(self, message: Any, buffers: list[Any] | None = None) -> None:
         self.socket.send_multipart(self.codec.encode(message, buffers), copy=False)

@@ -136,16 +136,6 @@ def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinato
         coord.stop()
 
 
-@pytest.fixture
-def own_coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
-    """A coordinator for a test that stops and restarts it."""
-    coord = Coordinator(tmp_path_factory.mktemp("gm"))
-    try:
-        yield coord
-    finally:
-        coord.stop(signal.SIGKILL)
-
-
 def run_gpumon(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [sys.executable, GPUMON, *args],
@@ -292,7 +282,7 @@ def test_no_gpu_path_says_why_in_one_line(coordinator: Coordinator) -> None:
     console.print(tool("gpumon_view").render(sample, history))
     lines = console.export_text().splitlines()
     assert [line for line in lines if "GPU" in line and "util" not in line] == [
-        "no GPU: NVML library not found"
+        "no GPU figures: NVML library not found"
     ]
     text = "\n".join(lines)
     assert "Workers" in text and "mlp/0" in text and "jobs/s" in text
@@ -301,7 +291,7 @@ def test_no_gpu_path_says_why_in_one_line(coordinator: Coordinator) -> None:
     # The real monitor on this machine: a GPU table, or the one line saying why not.
     view = run_gpumon("--once", "--width", "120", "--address", coordinator.address).stdout
     assert "Workers" in view and "ready" in view
-    no_gpu = [line for line in view.splitlines() if line.startswith("no GPU: ")]
+    no_gpu = [line for line in view.splitlines() if line.startswith("no GPU figures: ")]
     assert len(no_gpu) == 1 or "GPUs" in view
 
 
@@ -346,8 +336,9 @@ def wait_for(lines: queue.Queue[str], up: bool, within: float) -> dict[str, Any]
             return sample
 
 
-def test_monitor_survives_coordinator_restart(own_coordinator: Coordinator) -> None:
-    own_coordinator.start()
+def test_monitor_survives_coordinator_restart(coordinator: Coordinator) -> None:
+    # Kills the shared coordinator and starts it again; the other tests count jobs
+    # as differences, so they pass before or after this one.
     monitor = subprocess.Popen(
         [
             sys.executable,
@@ -356,7 +347,7 @@ def test_monitor_survives_coordinator_restart(own_coordinator: Coordinator) -> N
             "--interval",
             "0.5",
             "--address",
-            own_coordinator.address,
+            coordinator.address,
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -367,7 +358,7 @@ def test_monitor_survives_coordinator_restart(own_coordinator: Coordinator) -> N
     threading.Thread(target=read_lines, args=(monitor.stdout, lines), daemon=True).start()
     try:
         first = wait_for(lines, up=True, within=30)
-        own_coordinator.stop(signal.SIGKILL)  # a crash, not a clean stop
+        coordinator.stop(signal.SIGKILL)  # a crash, not a clean stop
         down = wait_for(lines, up=False, within=10)
         assert down["coordinator_error"]
         # While it is down the monitor keeps its pace: each stats() call gives up fast.
@@ -375,7 +366,7 @@ def test_monitor_survives_coordinator_restart(own_coordinator: Coordinator) -> N
         assert all(s["coordinator"] is None for s in later)
         gaps = [b["time"] - a["time"] for a, b in zip([down, *later], later)]
         assert max(gaps) < 2.0, gaps
-        own_coordinator.start()
+        coordinator.start()
         back = wait_for(lines, up=True, within=30)
         assert back["coordinator"]["uptime_s"] < first["coordinator"]["uptime_s"] + 30
         assert back["coordinator"]["workers"][0]["pid"] != first["coordinator"]["workers"][0]["pid"]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, get_args
+from typing import Any, get_args
 
 import msgspec
 import torch
@@ -53,6 +54,7 @@ def group_spec() -> P.GroupSpec:
         indices=[2, 3],
         init_seed=7,
         init_safetensors=None,
+        batching=P.BatchingSpec(False, 8, 2.5),
     )
 
 

@@ -203,7 +203,6 @@ def test_definition_with_buffers_and_named_inputs() -> None:
     [
         {"input": {"shape": [-1, 7], "dtype": "float32"}},  # wrong feature size
         {"input": {"shape": [-1, 8, 2], "dtype": "float32"}},  # wrong rank
-        {"input": {"shape": [-1, 8], "dtype": "int64"}},  # Linear on integers
         {"input": {"a": {"shape": [-1, 8]}, "b": {"shape": [-1, 8]}}},  # named inputs mlp does not take
     ],
 )

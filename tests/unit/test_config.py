@@ -18,7 +18,7 @@ from scheduler.config import (
     parse_config,
 )
 from scheduler.errors import ConfigError
-from scheduler.protocol import DTYPES, InputSpec
+from scheduler.protocol import InputSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo.toml"
@@ -395,10 +395,21 @@ def test_safetensors_template_must_format() -> None:
     expect_error(with_("group.0.init", {"safetensors": "w/{idx}.safetensors"}), "init.safetensors")
 
 
-def test_batching_is_checked() -> None:
-    """``batching`` is an accepted group key, but nothing reads or checks its value."""
-    for batching in ("fast", 3, [1, 2]):
-        expect_error(with_("group.0.batching", batching), "batching")
+def test_batching_table() -> None:
+    default = parse_config(base()).groups[0].batching
+    assert (default.fuse, default.max_jobs, default.max_wait_ms) == (True, 64, 0.0)
+    got = parse_config(with_("group.0.batching", {"fuse": False, "max_jobs": 8, "max_wait_ms": 2})).groups[0].batching
+    assert (got.fuse, got.max_jobs, got.max_wait_ms) == (False, 8, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("batching", "key"),
+    [("fast", "batching"), (3, "batching"), ({"fuse": "yes"}, "batching.fuse"), ({"max_jobs": 0}, "batching.max_jobs"),
+     ({"max_jobs": 1.5}, "batching.max_jobs"), ({"max_wait_ms": -1}, "batching.max_wait_ms"),
+     ({"max_wait_ms": 5000}, "batching.max_wait_ms"), ({"max_jobz": 4}, "batching.max_jobz")],
+)
+def test_bad_batching(batching: Any, key: str) -> None:
+    expect_error(with_("group.0.batching", batching), key)
 
 
 def test_errors_name_the_group() -> None:

@@ -182,7 +182,7 @@ def test_render_with_gpu_shows_every_section() -> None:
     assert "mlp/0" in out and "3.5 jobs/s" in out
     assert "GPU 0 util  ▂▅▇  87%" in out  # 10%, 50%, 87% on the fixed 0..100 scale
     assert "jobs/s      ███  3.5" in out
-    assert "unreachable" not in out and "no GPU" not in out
+    assert "unreachable" not in out and "no GPU figures" not in out
 
 
 def test_render_without_gpu_or_coordinator_says_why_in_one_line() -> None:
@@ -194,7 +194,7 @@ def test_render_without_gpu_or_coordinator_says_why_in_one_line() -> None:
     history = History()
     history.add(sample)
     out = text_of(render(sample, history))
-    assert "no GPU: NVML library not found" in out
+    assert "no GPU figures: NVML library not found" in out
     assert "coordinator: unreachable at tcp://127.0.0.1:5555 (retrying)" in out
     assert "host" in out and "CPU" in out
 
@@ -527,7 +527,7 @@ def test_once_exports_svg_and_text(tmp_path: Path, capsys: pytest.CaptureFixture
     printed = capsys.readouterr().out
     text = txt.read_text()
     assert "coordinator: unreachable at" in text
-    assert "no GPU: " in text or "GPUs" in text
+    assert "no GPU figures: " in text or "GPUs" in text
     assert text.strip() == printed.strip()
     assert svg.read_text().startswith("<svg") and "unreachable" in svg.read_text()
 

@@ -106,10 +106,10 @@ class Setup:
             state = {n: t[idx].clone() for n, t in self.state.items()}
             optimizer_step(self.kind, params, {n: g[idx] for n, g in grads.items()}, state,
                            {h: v[idx] for h, v in self.hparams.items()})
-            for n in params:
-                self.params[n][idx] = params[n]
-            for n in state:
-                self.state[n][idx] = state[n]
+            for n, t in params.items():
+                self.params[n][idx] = t
+            for n, t in state.items():
+                self.state[n][idx] = t
             return
         for k in models:
             w = slice(k, k + 1)
@@ -123,7 +123,8 @@ class Setup:
 
     def check(self, k: int, step: int) -> None:
         for n, p in self.ref_params[k].items():
-            torch.testing.assert_close(self.params[n][k], p.detach(), **TOL, msg=lambda m: f"model {k} {n} step {step}: {m}")
+            where = f"model {k} {n} step {step}"
+            torch.testing.assert_close(self.params[n][k], p.detach(), **TOL, msg=lambda m, w=where: f"{w}: {m}")
             st = self.ref_opts[k].state.get(p, {})
             kinds = ["momentum_buffer"] if self.kind == "sgd" else ["exp_avg", "exp_avg_sq"]
             for kind in kinds:
@@ -131,7 +132,8 @@ class Setup:
                 if ref is None:
                     continue
                 mine = self.state[state_name("momentum" if kind == "momentum_buffer" else kind, n)][k]
-                torch.testing.assert_close(mine, ref, **TOL, msg=lambda m: f"model {k} {n} {kind} step {step}: {m}")
+                label = f"model {k} {n} {kind} step {step}"
+                torch.testing.assert_close(mine, ref, **TOL, msg=lambda m, w=label: f"{w}: {m}")
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "per_model"])

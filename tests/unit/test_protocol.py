@@ -14,6 +14,7 @@ import torch
 
 from scheduler import protocol as P
 from scheduler.errors import BadInput, ProtocolError
+
 from .protocol_samples import CODEC_FACTORIES, DIRECTIONS, messages, union_members
 
 # --------------------------------------------------------------------------- helpers

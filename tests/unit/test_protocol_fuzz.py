@@ -4,13 +4,13 @@ for tensor headers) may come out of decoding, never another exception.
 Case counts (each test asserts its own lower bound, so a change shows up here):
 - test_arbitrary_single_frame:        3000 hypothesis examples, each decoded by all 4 codecs
 - test_arbitrary_frame_lists:         3000 hypothesis examples, each decoded by all 4 codecs
-- test_structured_headers:            3000 hypothesis examples (tagged msgpack with random
+- test_structured_headers:            1000 hypothesis examples (tagged msgpack with random
                                       fields, packed and split), each decoded by all 4 codecs
 - test_mutated_valid_messages:        MUTATIONS_PER_MESSAGE (600) seeded mutations of each of
                                       the valid sample encodings (40 of them: 24,000 cases),
                                       each decoded by its receiver (then its tensors decoded)
                                       and by all 4 codecs
-- test_decode_tensors_fuzzed_trees:   3000 hypothesis examples of TensorTree + buffers
+- test_decode_tensors_fuzzed_trees:   2000 hypothesis examples of TensorTree + buffers
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ FUZZ = settings(
     derandomize=True,  # the same cases every run: a failure here is reproducible, never flaky
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+STRUCTURED_EXAMPLES = 1000  # each costs more to draw; the mutation fuzz below covers the same ground
+TREE_EXAMPLES = 2000
+FUZZ_STRUCTURED = settings(FUZZ, max_examples=STRUCTURED_EXAMPLES)
+FUZZ_TREES = settings(FUZZ, max_examples=TREE_EXAMPLES)
 CODECS = [make() for make in CODEC_FACTORIES]
 PREFIXES = [b"", P.SPLIT_PREFIX, P.PACKED_PREFIX, bytes([P.PROTOCOL_VERSION, 2]), bytes([0, 1]), bytes([2, 0])]
 
@@ -179,7 +183,7 @@ def headers(draw: st.DrawFn) -> bytes:
 def test_structured_headers() -> None:
     ran = 0
 
-    @FUZZ
+    @FUZZ_STRUCTURED
     @given(header=headers(), buffers=st.lists(st.binary(max_size=40), max_size=4), packed=st.booleans())
     def run(header: bytes, buffers: list[bytes], packed: bool) -> None:
         nonlocal ran
@@ -196,7 +200,7 @@ def test_structured_headers() -> None:
                 decode_message_tensors(*got)
 
     run()
-    assert ran >= EXAMPLES
+    assert ran >= STRUCTURED_EXAMPLES
 
 
 # --------------------------------------------------------------------------- mutations of valid messages
@@ -315,7 +319,7 @@ def trees_and_buffers(draw: st.DrawFn) -> tuple[P.TensorTree, list[Any]]:
 def test_decode_tensors_fuzzed_trees() -> None:
     ran = ok = 0
 
-    @FUZZ
+    @FUZZ_TREES
     @given(case=trees_and_buffers(), bound=st.sampled_from([0, 100, 1 << 20, P.DEFAULT_MAX_MESSAGE_BYTES]))
     def run(case: tuple[P.TensorTree, list[Any]], bound: int) -> None:
         nonlocal ran, ok
@@ -329,5 +333,5 @@ def test_decode_tensors_fuzzed_trees() -> None:
         _check_decoded(tree, value)
 
     run()
-    assert ran >= EXAMPLES
+    assert ran >= TREE_EXAMPLES
     assert ok > 0

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from scheduler.errors import BadInput, UnknownModel
-from scheduler.protocol import JOB_OPS, NO_TENSORS, GroupSpec, InputSpec, TensorMeta, TensorTree, encode_tensors
+from scheduler.protocol import (
+    JOB_OPS,
+    NO_TENSORS,
+    GroupSpec,
+    InputSpec,
+    TensorMeta,
+    TensorTree,
+    encode_tensors,
+)
 from scheduler.validate import check_inputs, check_op, check_targets, parse_group, parse_model
 
 
