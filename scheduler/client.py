@@ -18,6 +18,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -107,6 +108,23 @@ def _result(op: str, reply: Any, buffers: list[Any]) -> Any:
     raise ProtocolError(f"unexpected reply {type(reply).__name__}")
 
 
+class _DirectSocket:
+    """A calling thread's own socket; dropped with the thread's locals when the thread ends."""
+
+    __slots__ = ("socket", "codec", "__weakref__")
+
+    def __init__(self, socket: zmq.Socket[Any], codec: Any) -> None:
+        self.socket = socket
+        self.codec = codec
+
+
+def check_address(address: str) -> str:
+    """Refuse an address ZeroMQ cannot connect to, before any socket exists."""
+    if not address.startswith(("tcp://", "ipc://", "inproc://")):
+        raise BadInput(f"address {address!r} must look like tcp://host:port or ipc:///path/to/socket")
+    return address
+
+
 class _Pending:
     __slots__ = ("future", "op", "deadline")
 
@@ -125,7 +143,7 @@ class Client:
 
     def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        self.address = address or default_address()
+        self.address = check_address(address or default_address())
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
         self._codec = client_codec()
@@ -138,7 +156,7 @@ class Client:
         self._server_bound: int | None = None
         self._context = zmq.Context()
         self._local = threading.local()
-        self._direct_sockets: list[zmq.Socket[Any]] = []
+        self._direct_sockets: weakref.WeakSet[_DirectSocket] = weakref.WeakSet()
         self._direct_lock = threading.Lock()
         self._thread = threading.Thread(target=self._io_loop, name="cohort-client-io", daemon=True)
         self._thread.start()
@@ -230,8 +248,8 @@ class Client:
         os.write(self._wake_w, b"x")
         self._thread.join(timeout=5)
         with self._direct_lock:
-            for socket in self._direct_sockets:
-                socket.close(linger=0)
+            for direct in list(self._direct_sockets):
+                direct.socket.close(linger=0)
             self._direct_sockets.clear()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -259,9 +277,9 @@ class Client:
             unanswered.popleft()
         if unanswered:
             return self._wait(self._send(req_id, message, buffers, op, timeout), timeout)
-        local = self._local
-        socket = self._direct_socket()
-        socket.send_multipart(local.codec.encode(message, buffers), copy=False)
+        direct = self._direct()
+        socket, codec = direct.socket, direct.codec
+        socket.send_multipart(codec.encode(message, buffers), copy=False)
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -269,7 +287,7 @@ class Client:
                 raise JobTimeout(f"{op}: no answer from {self.address} within {timeout} s")
             frames = socket.recv_multipart(copy=False)
             try:
-                reply, reply_buffers = local.codec.decode([f.buffer for f in frames])
+                reply, reply_buffers = codec.decode([f.buffer for f in frames])
             except ProtocolError:
                 continue
             if reply.req_id == req_id:  # anything else is a late answer to a call that timed out
@@ -283,21 +301,22 @@ class Client:
             self._local.unanswered = deque()
             return self._local.unanswered
 
-    def _direct_socket(self) -> zmq.Socket[Any]:
-        local = self._local
-        socket = getattr(local, "socket", None)
-        if socket is None:
+    def _direct(self) -> _DirectSocket:
+        """This thread's own socket; closed when the thread ends or the client closes."""
+        direct = getattr(self._local, "direct", None)
+        if direct is None:
             socket = self._context.socket(zmq.DEALER)
             socket.setsockopt(zmq.LINGER, 0)
             socket.connect(self.address)
+            direct = _DirectSocket(socket, client_codec())
+            weakref.finalize(direct, socket.close, 0)
             with self._direct_lock:
                 if self._closed:
                     socket.close(linger=0)
                     raise ProtocolError("the client is closed")
-                self._direct_sockets.append(socket)
-            local.socket = socket
-            local.codec = client_codec()
-        return socket
+                self._direct_sockets.add(direct)
+            self._local.direct = direct
+        return direct
 
     def _send(self, req_id: int, message: msgspec.Struct, buffers: list[Any], op: str, timeout: float) -> Future[Any]:
         if self._closed:
@@ -401,7 +420,7 @@ class AsyncClient:
 
     def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        self.address = address or default_address()
+        self.address = check_address(address or default_address())
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
         self._codec = client_codec()

@@ -36,7 +36,8 @@ class Workload:
     loss: str  # a cohort loss name or "package.module:fn"
     optimizer: dict[str, Any]
     warmup: int
-    steps: int
+    steps: int  # at most this many timed steps per mode ...
+    budget_s: float  # ... and no more once this many seconds of timed steps have passed
     seed: int = 0
 
     @property
@@ -89,8 +90,9 @@ def _mlp_infer(name: str, count: int, quick: bool) -> Workload:
         target_shape=(),
         loss="cross_entropy",
         optimizer={"name": "sgd", "lr": 0.01},
-        warmup=3 if quick else 20,
+        warmup=3 if quick else 10,
         steps=20 if quick else 200,
+        budget_s=0.5 if quick else 8.0,
     )
 
 
@@ -108,8 +110,9 @@ def _cnn_train(quick: bool) -> Workload:
         target_shape=(),
         loss="cross_entropy",
         optimizer={"name": "sgd", "lr": 0.01},
-        warmup=1 if quick else 5,
+        warmup=1 if quick else 3,
         steps=3 if quick else 50,
+        budget_s=1.0 if quick else 15.0,
     )
 
 
@@ -125,10 +128,11 @@ def _transformer_train(quick: bool) -> Workload:
         input_dtype="int64",
         classes=128,
         target_shape=(32,),
-        loss="tools.bench_workloads:token_cross_entropy",
+        loss="cross_entropy",  # cohort's builtin: [B, T, V] logits with [B, T] targets
         optimizer={"name": "adam", "lr": 1e-3},
-        warmup=1 if quick else 5,
+        warmup=1 if quick else 3,
         steps=4 if quick else 50,
+        budget_s=1.0 if quick else 15.0,
     )
 
 

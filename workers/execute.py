@@ -17,7 +17,7 @@ from scheduler.errors import BadInput, CohortError, ConfigError
 from scheduler.protocol import DTYPES, GroupSpec
 from workers.bank import Bank
 from workers.definition import build_module, call_module
-from workers.fused import FusedGroup
+from workers.fused import FUSE_MIN_MODELS, FusedGroup
 from workers.losses import check_target, resolve_loss
 from workers.optim import optimizer_step
 
@@ -127,6 +127,7 @@ class GroupRuntime:
     def ensemble(self, slots: list[int], inputs: Any) -> Any:
         """The same inputs through models ``slots``: outputs stacked ``[n, ...]``, fused when it can."""
         return self._fused_or_loop(
+            len(slots),
             lambda: self.fused.forward(slots, inputs, shared=True),
             lambda: stack_outputs([self.infer(s, inputs) for s in slots]),
         )
@@ -134,6 +135,7 @@ class GroupRuntime:
     def infer_stacked(self, slots: list[int], inputs: Any) -> Any:
         """Row ``j`` of the stacked inputs through model ``slots[j]``: outputs stacked ``[n, ...]``."""
         return self._fused_or_loop(
+            len(slots),
             lambda: self.fused.forward(slots, inputs, shared=False),
             lambda: stack_outputs([self.infer(s, index_rows(inputs, j)) for j, s in enumerate(slots)]),
         )
@@ -141,13 +143,14 @@ class GroupRuntime:
     def train_round(self, slots: list[int], inputs: Any, targets: torch.Tensor) -> torch.Tensor:
         """One step for each model in ``slots``; row ``j`` of inputs and targets goes to ``slots[j]``."""
         return self._fused_or_loop(
+            len(slots),
             lambda: self.fused.train(slots, inputs, targets),
             lambda: torch.stack([self.train_step(s, index_rows(inputs, j), targets[j]) for j, s in enumerate(slots)]),
         )
 
-    def _fused_or_loop(self, fused: Callable[[], Any], loop: Callable[[], Any]) -> Any:
+    def _fused_or_loop(self, n_models: int, fused: Callable[[], Any], loop: Callable[[], Any]) -> Any:
         """Run fused; if vmap cannot run this model but the loop can, keep to the loop from now on."""
-        if not self.fused.enabled:
+        if not self.fused.enabled or n_models < FUSE_MIN_MODELS:
             return loop()
         try:
             return fused()

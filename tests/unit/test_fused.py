@@ -62,8 +62,8 @@ def test_fused_ensemble_and_stacked_infer_equal_per_model(pair) -> None:
     x = make_inputs(inp, (5,), g)
     slots = list(range(K))
     torch.testing.assert_close(fused.ensemble(slots, x), loop.ensemble(slots, x), atol=1e-5, rtol=0)
-    xs = make_inputs(inp, (3, 5), g)
-    for chosen in ([1, 2, 3], [4, 0, 2]):  # contiguous window, and a gather
+    xs = make_inputs(inp, (4, 5), g)
+    for chosen in ([1, 2, 3, 4], [4, 0, 2, 5]):  # contiguous window, and a gather
         torch.testing.assert_close(fused.infer_stacked(chosen, xs), loop.infer_stacked(chosen, xs), atol=1e-5, rtol=0)
     assert fused.fused.enabled, "fused execution fell back to the loop"
 
@@ -71,7 +71,7 @@ def test_fused_ensemble_and_stacked_infer_equal_per_model(pair) -> None:
 def test_fused_train_rounds_end_where_per_model_steps_end(pair) -> None:
     fused, loop, inp = pair
     g = torch.Generator().manual_seed(1)
-    for step, slots in enumerate([list(range(K)), list(range(K)), [5, 1, 3], [2, 3]]):
+    for step, slots in enumerate([list(range(K)), list(range(K)), [5, 1, 3, 0], [2, 3, 4, 5], [1, 2]]):
         xs = make_inputs(inp, (len(slots), 4), g)
         out = fused.output_meta(xs[0])
         ts = torch.randint(0, out.shape[-1], (len(slots), *out.shape[:-1]), generator=g)

@@ -1,0 +1,321 @@
+"""cohort itself under the benchmark: a real coordinator, driven through the public Client.
+
+``coordinator()`` writes a TOML config into a private temporary directory, starts
+``python -m scheduler run --config FILE`` on an ``ipc://`` address inside it, waits
+until ``Client.models()`` answers, and always stops the process tree again (SIGINT,
+then SIGTERM, then SIGKILL), whatever happened in between.
+
+``run_cohort`` measures one workload on one coordinator in two modes:
+``cohort_per_model`` (K concurrent ``submit("infer" | "train_step", "g/i", ...)`` per
+step) and ``cohort_fused`` (one ``ensemble`` or ``train_round`` per step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from scheduler import Client, CohortError
+from tools.bench_measure import Result, describe, error, time_steps, with_gpu_metrics
+from tools.bench_workloads import Batch, Workload, build_models, loss_function, make_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUP = "bench"
+COHORT_MODES = ("cohort_per_model", "cohort_fused")
+READY_TIMEOUT_S = 180.0
+STOP_GRACE_S = 15.0
+JOB_TIMEOUT_S = 300.0
+LOG_TAIL_CHARS = 600
+
+OnResult = Callable[[str, Result], None]
+
+
+# ---------------------------------------------------------------------- config
+
+
+def toml_value(value: Any) -> str:
+    """One TOML value: strings, numbers, booleans, lists and inline tables."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"TOML cannot hold {value!r}")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def config_text(coordinator: dict[str, Any], groups: list[dict[str, Any]]) -> str:
+    """A cohort config file: one ``[coordinator]`` table and one ``[[group]]`` per group."""
+    lines = ["[coordinator]", *(f"{k} = {toml_value(v)}" for k, v in coordinator.items())]
+    for group in groups:
+        lines += ["", "[[group]]", *(f"{k} = {toml_value(v)}" for k, v in group.items())]
+    return "\n".join(lines) + "\n"
+
+
+def group_table(name: str, workload: Workload) -> dict[str, Any]:
+    """The ``[[group]]`` for a workload: same factory, seeds, loss and optimizer as the baselines."""
+    return {
+        "name": name,
+        "factory": workload.factory,
+        "kwargs": workload.kwargs,
+        "count": workload.count,
+        "input": {"shape": [-1, *workload.input_shape], "dtype": workload.input_dtype},
+        "loss": workload.loss,
+        "optimizer": workload.optimizer,
+        "init": {"seed": workload.seed},
+    }
+
+
+def cohort_workers(device: str) -> int:
+    """Workers per coordinator: two on a GPU; on the CPU one per two cores, at least one.
+
+    The coordinator and the benchmark's client need a core between them; on a small
+    CPU a second worker only competes with them for it.
+    """
+    if device.startswith("cuda"):
+        return 2
+    return max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
+def worker_threads(device: str, workers: int) -> int | None:
+    """Torch threads per worker on the CPU: the cores shared out, as the process baseline does."""
+    if device.startswith("cuda"):
+        return None
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+# ---------------------------------------------------------------------- lifecycle
+
+
+@dataclass
+class Running:
+    """A coordinator that answers: where to reach it and how it was set up."""
+
+    address: str
+    pid: int
+    workers: int
+    threads: int | None
+    log_path: Path
+
+
+def _log_tail(path: Path, lines: int = 3) -> str:
+    """The coordinator's last words on one line: the end of a traceback names the cause."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    kept = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+    return " | ".join(kept)[-LOG_TAIL_CHARS:] or "(empty log)"
+
+
+def _wait_ready(address: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
+    """Poll ``models()`` with a short timeout until it answers; fail fast if the process exits."""
+    deadline = time.monotonic() + timeout_s
+    with Client(address, timeout=1.0) as client:
+        while True:
+            code = process.poll()
+            if code is not None:
+                raise RuntimeError(f"coordinator exited with code {code} at start-up: {_log_tail(log_path)}")
+            try:
+                client.models(timeout=0.5)
+                return
+            except CohortError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"coordinator not ready within {timeout_s:.0f} s: {_log_tail(log_path)}")
+            time.sleep(0.1)
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def stop_process_tree(process: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGINT (the coordinator's clean stop), then SIGTERM, then SIGKILL; then any child left over."""
+    children = _descendants(process.pid)
+    for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        if process.poll() is not None:
+            break
+        try:
+            process.send_signal(sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+    _, alive = psutil.wait_procs(children, timeout=5.0)
+    for child in alive:  # workers die with their parent; this is the belt to those braces
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5.0)
+
+
+@contextmanager
+def coordinator(
+    groups: list[dict[str, Any]], device: str, workers: int | None = None, ready_timeout_s: float = READY_TIMEOUT_S
+) -> Iterator[Running]:
+    """A real coordinator on a private ``ipc://`` address for the duration of the block."""
+    workers = workers or cohort_workers(device)
+    root = Path(tempfile.mkdtemp(prefix="cohort-bench-"))
+    address = f"ipc://{root}/coordinator.sock"
+    settings = {
+        "address": address,
+        "workers": workers,
+        "device": "cuda" if device.startswith("cuda") else "cpu",
+        "mps": "auto" if device.startswith("cuda") else "off",
+    }
+    config = root / "cohort.toml"
+    config.write_text(config_text(settings, groups))
+    env = dict(os.environ)
+    threads = worker_threads(device, workers)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    log_path = root / "coordinator.log"
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "scheduler", "run", "--config", str(config), "--log-level", "WARNING"],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C on the benchmark must not reach it half-way
+            )
+        _wait_ready(address, process, log_path, ready_timeout_s)
+        yield Running(address, process.pid, workers, threads, log_path)
+    finally:
+        if process is not None:
+            stop_process_tree(process)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- modes
+
+
+def _wait_all(futures: list[Any]) -> list[Any]:
+    return [future.result(timeout=JOB_TIMEOUT_S) for future in futures]
+
+
+def per_model_step(client: Client, workload: Workload, batch: Batch) -> Callable[[], object]:
+    """K jobs, one per model, in flight together; the step ends when all have answered."""
+    models = [f"{GROUP}/{k}" for k in range(workload.count)]
+    if workload.task == "train":
+        return lambda: _wait_all(
+            [client.submit("train_step", m, batch.xs[k], batch.ts[k]) for k, m in enumerate(models)]
+        )
+    return lambda: _wait_all([client.submit("infer", m, batch.x) for m in models])
+
+
+def fused_step(client: Client, workload: Workload, batch: Batch) -> Callable[[], object]:
+    """One request for the whole group: ``ensemble`` or ``train_round``."""
+    if workload.task == "train":
+        return lambda: client.train_round(GROUP, batch.xs, batch.ts, timeout=JOB_TIMEOUT_S)
+    return lambda: client.ensemble(GROUP, batch.x, timeout=JOB_TIMEOUT_S)
+
+
+STEPS = {"cohort_per_model": per_model_step, "cohort_fused": fused_step}
+
+
+def reference_check(client: Client, workload: Workload, batch: Batch) -> dict[str, Any]:
+    """cohort against plain PyTorch with the same seeds, on fresh weights, before anything is timed.
+
+    Inference compares the ensemble's outputs; training compares the first round's
+    losses (computed before the step). A large difference means the modes do not
+    compute the same thing and their figures should not be compared.
+    """
+    models = build_models(workload, range(workload.count), "cpu")
+    with torch.no_grad():
+        if workload.task == "train":
+            loss = loss_function(workload)
+            expected = torch.stack([loss(m(batch.xs[k]), batch.ts[k]) for k, m in enumerate(models)])
+            got = torch.tensor(client.train_round(GROUP, batch.xs, batch.ts, timeout=JOB_TIMEOUT_S))
+            what = "first train_round losses"
+        else:
+            expected = torch.stack([m(batch.x) for m in models])
+            got = client.ensemble(GROUP, batch.x, timeout=JOB_TIMEOUT_S)
+            what = "ensemble outputs"
+    diff = float((got.to(expected.dtype) - expected).abs().max())
+    return {"compared": what, "against": "plain PyTorch, same seeds", "max_abs_diff": diff, "ok": diff < 1e-3}
+
+
+def _measure(client: Client, workload: Workload, mode: str, batches: list[Batch], device: str) -> Result:
+    steps = [STEPS[mode](client, workload, b) for b in batches]
+    result = with_gpu_metrics(
+        device,
+        lambda: time_steps(
+            lambda i: steps[i % len(steps)](), workload.warmup, workload.steps, device,
+            workload.samples_per_step, workload.budget_s,
+        ),
+    )
+    result["notes"] = (
+        f"{workload.count} concurrent {'train_step' if workload.task == 'train' else 'infer'} jobs per step"
+        if mode == "cohort_per_model"
+        else f"one {'train_round' if workload.task == 'train' else 'ensemble'} per step"
+    )
+    return result
+
+
+def _setup(client: Client, running: Running) -> dict[str, Any]:
+    stats = client.stats()
+    return {
+        "workers": running.workers,
+        "device": stats.get("device"),
+        "mps": stats.get("mps"),
+        "worker_threads": running.threads,
+    }
+
+
+def run_cohort(workload: Workload, device: str, modes: list[str], on_result: OnResult | None = None) -> dict[str, Result]:
+    """Both cohort modes on one coordinator; a mode that fails is recorded and the next one runs."""
+    results: dict[str, Result] = {}
+    report = on_result or (lambda mode, result: None)
+    try:
+        with coordinator([group_table(GROUP, workload)], device) as running, Client(
+            running.address, timeout=JOB_TIMEOUT_S
+        ) as client:
+            batches = make_batches(workload, "cpu")
+            setup = _setup(client, running)
+            check = reference_check(client, workload, batches[0])
+            for mode in modes:
+                try:
+                    results[mode] = _measure(client, workload, mode, batches, device)
+                except Exception as exc:  # noqa: BLE001 - recorded; the other mode still runs
+                    results[mode] = error(describe(exc))
+                results[mode]["cohort"] = setup
+                results[mode]["check"] = check
+                report(mode, results[mode])
+    except Exception as exc:  # noqa: BLE001 - start-up or shut-down failed: every mode left fails with it
+        for mode in modes:
+            if mode not in results:
+                results[mode] = error(describe(exc))
+                report(mode, results[mode])
+    return results
