@@ -48,9 +48,15 @@ class Barriers:
             barrier.waiting.discard(job_id)
             if not barrier.waiting:
                 ready.append(barrier)
+        errors = []
         for barrier in ready:
             self.open.remove(barrier)
-            self._complete(barrier)
+            try:
+                self._complete(barrier)
+            except Exception as exc:  # the others must still complete, or their fenced jobs wait forever
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     @staticmethod
     def _complete(barrier: Barrier) -> None:

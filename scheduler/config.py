@@ -137,7 +137,38 @@ def _coordinator(raw: Any, path: str) -> CoordinatorConfig:
             raise ConfigError(f"{path}: coordinator.{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.mps_thread_percentage is not None and not 1 <= cfg.mps_thread_percentage <= 100:
         raise ConfigError(f"{path}: coordinator.mps_thread_percentage must be 1..100")
+    for key in ("heartbeat_timeout_s", "start_timeout_s"):
+        if not getattr(cfg, key) > 0:
+            raise ConfigError(f"{path}: coordinator.{key} must be positive, got {getattr(cfg, key)}")
+    if not cfg.snapshot_interval_s >= 0:
+        raise ConfigError(f"{path}: coordinator.snapshot_interval_s must be 0 (off) or positive, got {cfg.snapshot_interval_s}")
+    _check_security(cfg, path)
     return cfg
+
+
+def is_private_address(address: str) -> bool:
+    """Loopback TCP or an ipc:// path: reachable only from this machine."""
+    if address.startswith(("ipc://", "inproc://")):
+        return True
+    host = address[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _check_security(cfg: CoordinatorConfig, path: str) -> None:
+    """DESIGN section 10: any address other than loopback or ipc:// needs CURVE keys."""
+    curve = (cfg.curve_secret_key, cfg.curve_allowed_keys)
+    if any(curve) and not all(curve):
+        raise ConfigError(f"{path}: coordinator.curve_secret_key and coordinator.curve_allowed_keys go together")
+    if not is_private_address(cfg.address) and not all(curve):
+        raise ConfigError(
+            f"{path}: coordinator.address {cfg.address!r} is reachable from other machines: set "
+            "coordinator.curve_secret_key (the server's secret certificate) and coordinator.curve_allowed_keys "
+            "(a directory of allowed client certificates); `cohort keys DIR` makes both"
+        )
+    if cfg.curve_secret_key and not Path(cfg.curve_secret_key).is_file():
+        raise ConfigError(f"{path}: coordinator.curve_secret_key {cfg.curve_secret_key!r} is not a file")
+    if cfg.curve_allowed_keys and not Path(cfg.curve_allowed_keys).is_dir():
+        raise ConfigError(f"{path}: coordinator.curve_allowed_keys {cfg.curve_allowed_keys!r} is not a directory")
 
 
 _GROUP_KEYS = {"name", "factory", "kwargs", "count", "input", "loss", "optimizer", "init", "batching"}
@@ -191,6 +222,9 @@ def _batching(raw: Any, key: str, path: str) -> BatchingSpec:
 
 def _input_spec(raw: Any, name: str, key: str, path: str) -> InputSpec:
     _expect(raw, dict, key, path)
+    unknown = set(raw) - {"shape", "dtype"}
+    if unknown:
+        raise ConfigError(f"{path}: {key}.{sorted(unknown)[0]} unknown; an input has shape and dtype")
     shape = _expect(raw.get("shape"), list, f"{key}.shape", path)
     if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and (d == -1 or d > 0) for d in shape):
         raise ConfigError(f"{path}: {key}.shape must be a list of positive sizes or -1, got {shape!r}")
@@ -239,7 +273,29 @@ def _optimizer(raw: Any, count: int, key: str, path: str) -> tuple[str, dict[str
                 v = float(v)
             _expect(v, (int, float), f"{key}.{hp}", path)
         hparams[hp] = [float(v) for v in items]
+    _check_hparams(name, hparams, key, path)
     return name, hparams
+
+
+# The ranges torch.optim itself enforces, so a config never trains a model into NaN.
+_HPARAM_RANGES: dict[str, tuple[float, float, bool]] = {  # (low, high, high included)
+    "lr": (0.0, float("inf"), False), "momentum": (0.0, float("inf"), False),
+    "dampening": (0.0, float("inf"), False), "weight_decay": (0.0, float("inf"), False),
+    "eps": (0.0, float("inf"), False), "beta1": (0.0, 1.0, False), "beta2": (0.0, 1.0, False),
+    "nesterov": (0.0, 1.0, True),
+}
+
+
+def _check_hparams(name: str, hparams: dict[str, list[float]], key: str, path: str) -> None:
+    for hp, values in hparams.items():
+        low, high, inclusive = _HPARAM_RANGES[hp]
+        for v in values:
+            if not (low <= v and (v <= high if inclusive else v < high)):
+                raise ConfigError(f"{path}: {key}.{hp} = {v} is out of range for {name}")
+    if name == "sgd":
+        for k, nesterov in enumerate(hparams["nesterov"]):
+            if nesterov and (hparams["momentum"][k] <= 0 or hparams["dampening"][k] != 0):
+                raise ConfigError(f"{path}: {key}.nesterov needs momentum > 0 and dampening = 0 (model {k})")
 
 
 def _init(raw: Any, key: str, path: str) -> tuple[int | None, str | None]:
@@ -249,5 +305,10 @@ def _init(raw: Any, key: str, path: str) -> tuple[int | None, str | None]:
         raise ConfigError(f"{path}: {key}.{sorted(unknown)[0]} unknown; use seed = N or safetensors = 'path/{{index}}.safetensors'")
     if "safetensors" in raw:
         template = _expect(raw["safetensors"], str, f"{key}.safetensors", path)
+        try:
+            template.format(index=0, group="g")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(f"{path}: {key}.safetensors may use only {{index}} and {{group}}, got {template!r} "
+                              f"({type(exc).__name__}: {exc})") from None
         return None, template
     return _expect(raw.get("seed", 0), int, f"{key}.seed", path), None

@@ -40,6 +40,7 @@ _PACKED_HEAD = struct.Struct("<IH")
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 MAX_TENSORS = 1024
 MAX_NDIM = 8
+MAX_DIM = 1 << 40
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -85,11 +86,14 @@ def tensor_nbytes(meta: TensorMeta) -> int:
     dtype = DTYPES.get(meta.dtype)
     if dtype is None:
         raise BadInput(f"unsupported dtype {meta.dtype!r}; supported: {', '.join(DTYPES)}")
-    if len(meta.shape) > MAX_NDIM or any(d < 0 for d in meta.shape):
+    if len(meta.shape) > MAX_NDIM or any(d < 0 or d > MAX_DIM for d in meta.shape):
         raise BadInput(f"invalid tensor shape {list(meta.shape)}")
-    numel = 1
+    numel = extent = 1
     for d in meta.shape:
         numel *= d
+        extent *= max(d, 1)  # an empty tensor still needs strides torch can represent
+    if extent > MAX_DIM:
+        raise BadInput(f"invalid tensor shape {list(meta.shape)}: too large")
     return numel * dtype.itemsize
 
 
@@ -140,8 +144,8 @@ def check_buffers(tree: TensorTree, buffers: list[Any], max_bytes: int) -> int:
         raise BadInput(f"too many tensors in one message ({len(tree.metas)} > {MAX_TENSORS})")
     if len(buffers) != len(tree.metas):
         raise ProtocolError(f"header announces {len(tree.metas)} tensors but {len(buffers)} buffers followed")
-    if tree.layout == "dict" and len(tree.keys) != len(tree.metas):
-        raise ProtocolError("dict layout needs one key per tensor")
+    if tree.layout == "dict" and (len(tree.keys) != len(tree.metas) or len(set(tree.keys)) != len(tree.keys)):
+        raise ProtocolError("dict layout needs one key per tensor, each key distinct")
     if tree.layout == "tensor" and len(tree.metas) != 1:
         raise ProtocolError("tensor layout needs exactly one tensor")
     total = 0
@@ -487,8 +491,10 @@ class Codec:
             raise ProtocolError(f"unknown message layout {prefix!r} with {len(frames)} frames")
         try:
             message = self._decoder.decode(header)
-        except msgspec.MsgspecError as exc:
+        except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
             raise ProtocolError(f"malformed message: {exc}") from None
+        except RecursionError:
+            raise ProtocolError("malformed message: nested too deeply") from None
         return message, buffers
 
 

@@ -18,7 +18,7 @@ def parse_model(model: str, groups: dict[str, GroupSpec]) -> tuple[str, int]:
     spec = groups.get(group)
     if spec is None:
         raise UnknownModel(f"no group {group!r}; groups: {', '.join(groups)}")
-    if not index.isdigit() or int(index) >= len(spec.indices):
+    if not (index.isascii() and index.isdigit()) or int(index) >= len(spec.indices):
         raise UnknownModel(f"no model {model!r}: group {group!r} has indices 0..{len(spec.indices) - 1}")
     return group, int(index)
 

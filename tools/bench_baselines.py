@@ -17,9 +17,16 @@ from typing import Any
 
 import torch
 
-from tools.bench_measure import Result, describe, measure_steps, ok, skipped, time_steps, warm_up
+from tools.bench_measure import Result, describe, ok, skipped, synchronize, time_steps, warm_up
 from tools.bench_mps import MpsUnavailable, mps_daemon
-from tools.bench_workloads import Batch, Workload, build_models, loss_function, make_batches, make_optimizer
+from tools.bench_workloads import (
+    Batch,
+    Workload,
+    build_models,
+    loss_function,
+    make_batches,
+    make_optimizer,
+)
 
 START_TIMEOUT_S = 300.0
 MAX_PROCESSES = 8
@@ -64,7 +71,9 @@ def run_sequential(workload: Workload, device: str) -> Result:
     """One process, one model at a time: the baseline every ratio is taken against."""
     runner = SequentialRunner(workload, list(range(workload.count)), device)
     batches = make_batches(workload, device)
-    return time_steps(_stepper(runner, batches), workload.warmup, workload.steps, device, workload.samples_per_step)
+    return time_steps(
+        _stepper(runner, batches), workload.warmup, workload.steps, device, workload.samples_per_step, workload.budget_s
+    )
 
 
 def process_count(workload: Workload, device: str) -> int:
@@ -82,69 +91,75 @@ def shards(count: int, parts: int) -> list[list[int]]:
     return [list(range(bounds[p], bounds[p + 1])) for p in range(parts)]
 
 
-def _process_main(
-    workload: Workload, indices: list[int], device: str, threads: int, barrier: Any, results: Any
-) -> None:
-    """Child: build its shard, warm up, wait for all, time the steps, wait for all again."""
+def _process_main(workload: Workload, indices: list[int], device: str, threads: int, go: Any, stop: Any, results: Any) -> None:
+    """Child: build its shard, warm up, say ready, time steps from ``go`` until ``stop``, report."""
     try:
         torch.set_num_threads(threads)
         runner = SequentialRunner(workload, indices, device)
         step = _stepper(runner, make_batches(workload, device))
         warm_up(step, workload.warmup, device)
-        barrier.wait(timeout=START_TIMEOUT_S)
-        durations = measure_steps(step, workload.steps, device)
-        barrier.wait(timeout=START_TIMEOUT_S)
-        results.put(("ok", durations))
+        results.put(("ready", None))
+        if not go.wait(timeout=START_TIMEOUT_S):
+            raise TimeoutError("never told to start")
+        durations: list[float] = []
+        for index in range(workload.steps):
+            if stop.is_set():
+                break
+            start = time.perf_counter()
+            step(index)
+            synchronize(device)
+            durations.append(time.perf_counter() - start)
+        results.put(("ok", (durations, len(indices) * workload.batch)))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the mode
-        barrier.abort()
         results.put(("error", describe(exc)))
 
 
-def _collect(results: Any, expected: int, processes: list[Any]) -> list[list[float]]:
-    """Every child's step durations, or the first child's error as an exception."""
-    collected = []
-    for _ in range(expected):
+def _gather(results: Any, kind: str, processes: list[Any], timeout_s: float) -> list[Any]:
+    """One ``kind`` message from every child; fail at once if a child errs or dies silently."""
+    payloads: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    while len(payloads) < len(processes):
         try:
-            status, payload = results.get(timeout=START_TIMEOUT_S)
+            status, payload = results.get(timeout=0.2)
         except queue.Empty:
-            codes = [p.exitcode for p in processes]
-            raise RuntimeError(f"a benchmark process sent no result (exit codes {codes})") from None
-        if status != "ok":
+            dead = [p.exitcode for p in processes if p.exitcode is not None and p.exitcode != 0]
+            if dead:
+                raise RuntimeError(f"a benchmark process died (exit codes {dead})") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"benchmark processes sent no {kind!r} within {timeout_s:.0f} s") from None
+            continue
+        if status == "error":
             raise RuntimeError(f"benchmark process failed: {payload}")
-        collected.append(payload)
-    return collected
+        payloads.append(payload)
+    return payloads
 
 
-def _time_between_barriers(barrier: Any) -> float | None:
-    """Parent's view of the measured phase, start barrier to end barrier; None if it broke."""
-    try:
-        barrier.wait(timeout=START_TIMEOUT_S)
-        start = time.perf_counter()
-        barrier.wait(timeout=START_TIMEOUT_S)
-    except threading.BrokenBarrierError:
-        return None
-    return time.perf_counter() - start
+def _run_children(workload: Workload, device: str, parts: int) -> tuple[float, list[tuple[list[float], int]]]:
+    """Start ``parts`` spawned processes, run them together for the budget, always reap them.
 
-
-def _run_children(workload: Workload, device: str, parts: int) -> tuple[float, list[list[float]]]:
-    """Start ``parts`` spawned processes, time their measured phase, always reap them."""
+    The measured phase runs from ``go`` until every child has reported; children stop
+    at ``workload.steps`` steps or at ``stop``, set once the time budget has passed.
+    """
     context = mp.get_context("spawn")
-    barrier = context.Barrier(parts + 1)
-    results = context.Queue()
+    go, stop, results = context.Event(), context.Event(), context.Queue()
     threads = max(1, (os.cpu_count() or 1) // parts)
     processes = [
-        context.Process(target=_process_main, args=(workload, shard, device, threads, barrier, results), daemon=True)
+        context.Process(target=_process_main, args=(workload, shard, device, threads, go, stop, results), daemon=True)
         for shard in shards(workload.count, parts)
     ]
     for process in processes:
         process.start()
+    timer = threading.Timer(workload.budget_s, stop.set)
     try:
-        wall = _time_between_barriers(barrier)
-        durations = _collect(results, parts, processes)
-        if wall is None:
-            raise RuntimeError("the measured phase did not complete in every process")
-        return wall, durations
+        _gather(results, "ready", processes, START_TIMEOUT_S)
+        start = time.perf_counter()
+        go.set()
+        timer.start()
+        reports = _gather(results, "ok", processes, START_TIMEOUT_S)
+        return time.perf_counter() - start, reports
     finally:
+        timer.cancel()
+        stop.set()
         _reap(processes)
 
 
@@ -159,13 +174,15 @@ def _reap(processes: list[Any]) -> None:
 def run_processes(workload: Workload, device: str) -> Result:
     """N plain processes, each looping over its K/N models; throughput = all samples / wall."""
     parts = process_count(workload, device)
-    wall, per_process = _run_children(workload, device, parts)
-    slowest = [max(steps) for steps in zip(*per_process)]
+    wall, reports = _run_children(workload, device, parts)
+    samples = sum(len(durations) * per_step for durations, per_step in reports)
+    common = min(len(durations) for durations, _ in reports)
+    slowest = [max(durations[i] for durations, _ in reports) for i in range(common)]
     threads = max(1, (os.cpu_count() or 1) // parts)
     note = f"N={parts} processes; step latency = slowest process's step"
     if not device.startswith("cuda"):
         note += f"; {threads} torch thread(s) each"
-    result = ok(workload.samples_per_step * workload.steps / wall, "samples/s", slowest, wall, processes=parts)
+    result = ok(samples / wall, "samples/s", slowest, wall, processes=parts)
     result["notes"] = note
     return result
 

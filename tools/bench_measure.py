@@ -103,11 +103,12 @@ def time_steps(
     budget_s: float = math.inf,
 ) -> Result:
     """Warm up, then time up to ``steps`` steps; throughput counts samples over the measured wall time."""
+    began = time.perf_counter()
     warm_up(step, warmup, device)
     start = time.perf_counter()
     durations = measure_steps(step, steps, device, budget_s)
     wall = time.perf_counter() - start
-    return ok(samples_per_step * len(durations) / wall, "samples/s", durations, wall)
+    return ok(samples_per_step * len(durations) / wall, "samples/s", durations, wall, warmup_s=start - began)
 
 
 def nvml_available() -> str | None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
-from tools.bench_measure import Result, describe, error, skipped, time_steps
+from tools.bench_measure import Result, describe, skipped, time_steps
 from tools.bench_workloads import Batch, Workload, build_models, loss_function, make_batches
 
 Tensors = dict[str, torch.Tensor]
@@ -108,6 +108,7 @@ def _run(workload: Workload, device: str, compile_fn: Callable[[Any], Any] | Non
             workload.steps,
             device,
             workload.samples_per_step,
+            workload.budget_s,
         )
     notes = _warning_notes(caught)
     if notes:
@@ -123,8 +124,11 @@ def run_vmap(workload: Workload, device: str) -> Result:
 def run_vmap_compiled(workload: Workload, device: str, quick: bool) -> Result:
     """The same with ``torch.compile``; compilation happens during the warm-up steps."""
     if quick:
-        return skipped("quick")
+        return skipped("--quick: compiling takes longer than the whole quick run")
+    torch._dynamo.reset()  # each workload compiles afresh, never against another's cache limit
     try:
-        return _run(workload, device, torch.compile, max(workload.warmup, COMPILE_WARMUP))
+        result = _run(workload, device, torch.compile, max(workload.warmup, COMPILE_WARMUP))
     except Exception as exc:  # noqa: BLE001 - a compile failure is a finding, not a crash
-        return error(f"torch.compile failed: {describe(exc)}")
+        return skipped(f"torch.compile failed: {describe(exc)}")
+    result["notes"] = "; ".join(filter(None, [f"warm-up incl. compile {result['warmup_s']:.1f} s", result.get("notes")]))
+    return result

@@ -55,6 +55,8 @@ class ControlPlane:
     pipelined: int  # jobs kept ``window`` deep: throughput
     window: int
     warmup: int
+    budget_s: float  # each of the two measurements stops early once this has passed
+    models: int = 8  # cohort spreads pipelined jobs over these, far below its per-model bound
     payload_bytes: int = 64
     factory: str = "examples.models:mlp"
     kwargs: dict[str, Any] = field(
@@ -139,10 +141,11 @@ def _transformer_train(quick: bool) -> Workload:
 def _control_plane(quick: bool) -> ControlPlane:
     return ControlPlane(
         name="control_plane",
-        round_trips=300 if quick else 3000,
-        pipelined=2000 if quick else 20000,
+        round_trips=200 if quick else 3000,
+        pipelined=500 if quick else 20000,
         window=64,
-        warmup=50 if quick else 200,
+        warmup=20 if quick else 200,
+        budget_s=1.0 if quick else 8.0,
     )
 
 

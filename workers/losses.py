@@ -29,6 +29,8 @@ def check_target(loss: str, output: Any, target: torch.Tensor) -> None:
         if tshape != shape or not target.is_floating_point():
             raise BadInput(f"mse target must be a float tensor of the output's shape {shape}, got {target.dtype} {tshape}")
         return
+    if not shape:
+        raise BadInput("cross_entropy needs an output with a class dimension, the model returned a scalar")
     classes = shape[-1]
     if target.is_floating_point():
         if tshape != shape:

@@ -13,9 +13,6 @@ import torch
 
 from scheduler.protocol import EntrySpec
 
-STEP = "optim.step"
-
-
 def state_name(kind: str, param: str) -> str:
     return f"optim.{kind}.{param}"
 
@@ -23,7 +20,9 @@ def state_name(kind: str, param: str) -> str:
 def optimizer_state_entries(optimizer: str, params: list[EntrySpec]) -> list[EntrySpec]:
     """The bank entries an optimizer keeps per model, next to the parameters."""
     kinds = {"sgd": ["momentum"], "adam": ["exp_avg", "exp_avg_sq"], "adamw": ["exp_avg", "exp_avg_sq"]}[optimizer]
-    entries = [EntrySpec(STEP, "state", (), "float32")]
+    # One step count per parameter, as torch.optim keeps: a parameter that got no gradient
+    # sits a step out, and its bias correction and momentum start must not move on.
+    entries = [EntrySpec(state_name("step", p.name), "state", (), "float32") for p in params]
     for kind in kinds:
         entries += [EntrySpec(state_name(kind, p.name), "state", p.shape, p.dtype) for p in params]
     return entries
@@ -43,10 +42,10 @@ def optimizer_step(
     hparams: dict[str, torch.Tensor],
 ) -> None:
     """Update ``params`` in place from ``grads``; ``state`` holds the bank's optimizer entries."""
-    step = state[STEP]
-    step.add_(1)
     for name, p in params.items():
         g = grads[name]
+        step = state[state_name("step", name)]
+        step.add_(1)
         if optimizer == "sgd":
             _sgd(p, g, state, name, step, hparams)
         else:

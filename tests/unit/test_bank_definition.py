@@ -14,7 +14,9 @@ from scheduler.errors import ConfigError
 from scheduler.protocol import DTYPES, EntrySpec, GroupSpec
 from workers import bank as B
 from workers.definition import build_definition, build_module, example_inputs, import_object
-from workers.optim import STEP
+from workers.optim import state_name
+
+STEP = state_name("step", "w")
 
 ENTRIES = [
     EntrySpec("w", "param", (3, 5), "float32"),
@@ -180,7 +182,7 @@ def test_build_definition() -> None:
     params = [(e.name, e.shape, e.dtype) for e in spec.entries if e.role == "param"]
     assert params == [(n, tuple(p.shape), "float32") for n, p in reference.named_parameters()]
     state = [e.name for e in spec.entries if e.role == "state"]
-    assert state[0] == STEP and len(state) == 1 + 2 * len(params)
+    assert state[:len(params)] == [state_name("step", n) for n, _, _ in params] and len(state) == 3 * len(params)
     assert spec.indices == [0, 1, 2] and spec.optimizer == "adam"
     assert spec.hparams["lr"] == [1e-3, 2e-3, 3e-3]
     assert spec.init_seed == 0 and spec.loss == "cross_entropy"

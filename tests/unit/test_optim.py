@@ -14,7 +14,7 @@ import torch
 
 from scheduler.config import OPTIMIZER_DEFAULTS
 from scheduler.protocol import EntrySpec
-from workers.optim import STEP, optimizer_state_entries, optimizer_step, state_name
+from workers.optim import optimizer_state_entries, optimizer_step, state_name
 
 K = 3
 STEPS = 6
@@ -146,7 +146,8 @@ def test_matches_torch_optim_per_model(case: str, fused: bool) -> None:
         for k in range(K):
             s.ref_step(k, {n: g[k] for n, g in grads.items()})
             s.check(k, step)
-    assert s.state[STEP].tolist() == [float(STEPS)] * K
+    for n in SHAPES:
+        assert s.state[state_name("step", n)].tolist() == [float(STEPS)] * K
     # The models really differ: the per-model hyperparameters were not collapsed into one.
     assert not torch.allclose(s.params["w"][0], s.params["w"][1])
 
@@ -163,7 +164,8 @@ def test_models_stepping_at_different_times(case: str) -> None:
             s.ref_step(k, {n: g[k] for n, g in grads.items()})
         for k in range(K):
             s.check(k, step)
-    assert s.state[STEP].tolist() == [5.0, 3.0, 4.0]
+    for n in SHAPES:
+        assert s.state[state_name("step", n)].tolist() == [5.0, 3.0, 4.0]
 
 
 def test_reset_state_restarts_like_a_fresh_optimizer() -> None:
@@ -186,7 +188,7 @@ def test_reset_state_restarts_like_a_fresh_optimizer() -> None:
 @pytest.mark.parametrize("case", ["adam", "sgd"])
 def test_parameter_without_gradient_keeps_its_own_step(case: str) -> None:
     """workers/execute.py passes only the parameters that got a gradient (as torch.optim
-    skips ``grad is None``) but the whole state, STEP included. torch.optim counts steps per
+    skips ``grad is None``) but the whole state, step counts included. torch.optim counts steps per
     parameter, so a parameter that sat out a step must see the same bias correction (Adam)
     and the same momentum start (SGD with dampening) as under torch.optim."""
     overrides = {"momentum": [0.9] * 3, "dampening": [0.5] * 3, "nesterov": [0.0] * 3} if case == "sgd" else None
@@ -211,11 +213,11 @@ def test_parameter_without_gradient_keeps_its_own_step(case: str) -> None:
 def test_state_entries_layout() -> None:
     specs = [EntrySpec("w", "param", (2, 3), "float32"), EntrySpec("b", "param", (3,), "bfloat16")]
     sgd = optimizer_state_entries("sgd", specs)
-    assert sgd[0] == EntrySpec(STEP, "state", (), "float32")
-    assert [(e.name, e.shape, e.dtype) for e in sgd[1:]] == [
+    assert sgd[:2] == [EntrySpec("optim.step.w", "state", (), "float32"), EntrySpec("optim.step.b", "state", (), "float32")]
+    assert [(e.name, e.shape, e.dtype) for e in sgd[2:]] == [
         ("optim.momentum.w", (2, 3), "float32"), ("optim.momentum.b", (3,), "bfloat16")
     ]
     adam = optimizer_state_entries("adam", specs)
-    assert [e.name for e in adam] == [STEP, "optim.exp_avg.w", "optim.exp_avg.b", "optim.exp_avg_sq.w", "optim.exp_avg_sq.b"]
+    assert [e.name for e in adam] == ["optim.step.w", "optim.step.b", "optim.exp_avg.w", "optim.exp_avg.b", "optim.exp_avg_sq.w", "optim.exp_avg_sq.b"]
     assert all(e.role == "state" for e in adam)
     assert [e.name for e in optimizer_state_entries("adamw", specs)] == [e.name for e in adam]
