@@ -16,7 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--config", required=True, help="TOML config file")
     run_parser.add_argument("--address", help="override coordinator.address")
     run_parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    keys_parser = sub.add_parser("keys", help="make CURVE certificates for a coordinator reachable from other machines")
+    keys_parser.add_argument("directory", help="where to write them (created, mode 0700)")
+    keys_parser.add_argument("--clients", type=int, default=1, help="client key pairs to make")
     args = parser.parse_args(argv)
+    if args.command == "keys":
+        return make_keys_command(args.directory, args.clients)
     logging.basicConfig(level=args.log_level, format="%(asctime)s cohort %(levelname)s %(message)s", stream=sys.stderr)
     from scheduler.config import load_config
     from scheduler.coordinator import run
@@ -33,3 +38,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def make_keys_command(directory: str, clients: int) -> int:
+    from scheduler.security import make_keys
+
+    made = make_keys(directory, clients)
+    print(f"""CURVE certificates in {directory}:
+  coordinator config:  curve_secret_key = "{made['server_secret']}"
+                       curve_allowed_keys = "{made['allowed']}"
+  each client:         COHORT_CURVE_SERVER_KEY={made['server_public']}
+                       COHORT_CURVE_CLIENT_CERT={made['client_0_secret']}  (client-N.key_secret for client N)""")
+    return 0

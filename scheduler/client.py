@@ -55,6 +55,7 @@ from scheduler.protocol import (
     decode_tensors,
     encode_tensors,
 )
+from scheduler.security import CurveClient
 
 DEFAULT_TIMEOUT_S = 60.0
 # Messages up to this size are always answered by the coordinator (its socket limit is its
@@ -142,10 +143,11 @@ class Client:
     """
 
     def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, curve: CurveClient | None = None) -> None:
         self.address = check_address(address or default_address())
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
+        self.curve = curve or CurveClient.from_env()
         self._codec = client_codec()
         self._ids = itertools.count(1)
         self._outbox: queue.SimpleQueue[tuple[int, list[Any], _Pending] | None] = queue.SimpleQueue()
@@ -305,9 +307,7 @@ class Client:
         """This thread's own socket; closed when the thread ends or the client closes."""
         direct = getattr(self._local, "direct", None)
         if direct is None:
-            socket = self._context.socket(zmq.DEALER)
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.connect(self.address)
+            socket = self._socket()
             direct = _DirectSocket(socket, client_codec())
             weakref.finalize(direct, socket.close, 0)
             with self._direct_lock:
@@ -336,10 +336,16 @@ class Client:
         except FutureTimeout:
             raise JobTimeout(f"no answer from {self.address} within {t} s") from None
 
-    def _io_loop(self) -> None:
+    def _socket(self) -> zmq.Socket[Any]:
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve.apply(socket)
         socket.connect(self.address)
+        return socket
+
+    def _io_loop(self) -> None:
+        socket = self._socket()
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
@@ -419,15 +425,18 @@ class AsyncClient:
     """
 
     def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, curve: CurveClient | None = None) -> None:
         self.address = check_address(address or default_address())
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
+        self.curve = curve or CurveClient.from_env()
         self._codec = client_codec()
         self._ids = itertools.count(1)
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve.apply(self._socket)
         self._socket.connect(self.address)
         self._pending: dict[int, tuple[asyncio.Future[Any], str]] = {}
         self._server_bound: int | None = None

@@ -25,7 +25,15 @@ import zmq
 from scheduler import __version__
 from scheduler.barrier import Barrier, Barriers
 from scheduler.config import Config
-from scheduler.errors import CohortError, JobFailed, JobTimeout, Overloaded, ProtocolError, UnknownModel, WorkerDied
+from scheduler.errors import (
+    CohortError,
+    JobFailed,
+    JobTimeout,
+    Overloaded,
+    ProtocolError,
+    UnknownModel,
+    WorkerDied,
+)
 from scheduler.jobs import Job, ModelKey, Part, join_rows, slice_rows
 from scheduler.mps import MpsDaemon
 from scheduler.placement import place
@@ -64,6 +72,7 @@ from scheduler.protocol import (
     decode_tensors,
     encode_tensors,
 )
+from scheduler.security import CurveServer
 from scheduler.stats import JobStats
 from scheduler.validate import check_inputs, check_op, check_targets, parse_group, parse_model
 from scheduler.workerpool import WorkerHandle, stop_processes
@@ -112,6 +121,7 @@ class Coordinator:
         self._last_health = 0.0
         self._last_snapshot = time.monotonic()
         self._snapshot_pending = False
+        self.curve: CurveServer | None = None
         self._polled: tuple[Any, ...] = ()
         self._poll = zmq.Poller()
         self.context: zmq.Context[Any] = zmq.Context()
@@ -153,6 +163,9 @@ class Coordinator:
         self.frontend.setsockopt(zmq.LINGER, 0)
         self.frontend.setsockopt(zmq.MAXMSGSIZE, self.cc.max_message_bytes + (1 << 20))
         self.frontend.setsockopt(zmq.RCVHWM, 0)
+        if self.cc.curve_secret_key:
+            self.curve = CurveServer(self.context, self.cc.curve_secret_key, self.cc.curve_allowed_keys)
+            self.curve.apply(self.frontend)
         self.frontend.bind(self.cc.address)
         self.mps.start(torch.device(self.device).type)
         for w in self.workers:
@@ -216,6 +229,8 @@ class Coordinator:
         for name in leftover_shm(f"cohort-{self.run_id}-"):
             unlink_shm(name)
         self.frontend.close(linger=0)
+        if self.curve is not None:
+            self.curve.stop()
         self.context.term()
         self.mps.stop()
         shutil.rmtree(self.run_dir, ignore_errors=True)

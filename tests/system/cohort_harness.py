@@ -125,6 +125,8 @@ def start_cohort(tmp_path: Path, groups: list[dict[str, Any]], *, name: str = "c
             [sys.executable, "-m", "scheduler", "run", "--config", str(config_path)],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
+    # A coordinator bound to every interface is reached through loopback.
+    address = settings["address"].replace("tcp://0.0.0.0:", "tcp://127.0.0.1:")
     running = RunningCohort(address, process, log_path, config_path)
     deadline = time.monotonic() + wait_s
     with Client(address, timeout=2) as c:
