@@ -70,7 +70,7 @@ def tour(c: Client, console: Console, steps: int) -> int:
     t0 = time.perf_counter()
     with progress(console) as bar:
         task = bar.add_task("train_step on mlp/0..7", total=steps * 8)
-        for step in range(steps):
+        for _ in range(steps):
             rows = torch.randint(0, 256, (64,), generator=g)
             futures = {k: c.submit("train_step", f"mlp/{k}", data[rows], labels[rows]) for k in range(8)}
             for k, f in futures.items():

@@ -9,8 +9,8 @@ barriers it must wait for (its fences).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 ModelKey = tuple[str, int]
 

@@ -20,9 +20,10 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Callable
+from typing import Any
 
 import msgspec
 import torch
@@ -112,7 +113,7 @@ def _result(op: str, reply: Any, buffers: list[Any]) -> Any:
 class _DirectSocket:
     """A calling thread's own socket; dropped with the thread's locals when the thread ends."""
 
-    __slots__ = ("socket", "codec", "__weakref__")
+    __slots__ = ("__weakref__", "codec", "socket")
 
     def __init__(self, socket: zmq.Socket[Any], codec: Any) -> None:
         self.socket = socket
@@ -127,7 +128,7 @@ def check_address(address: str) -> str:
 
 
 class _Pending:
-    __slots__ = ("future", "op", "deadline")
+    __slots__ = ("deadline", "future", "op")
 
     def __init__(self, future: Future[Any], op: str, deadline: float) -> None:
         self.future = future

@@ -10,7 +10,8 @@ module once more on their own device, without re-deriving or re-checking anythin
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -8,7 +8,8 @@ bank. Every call binds model ``slot``'s views of the bank into the module with
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

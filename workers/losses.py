@@ -7,7 +7,8 @@ worker's CUDA context, so class indices are range-checked on the host first.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

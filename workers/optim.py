@@ -13,6 +13,7 @@ import torch
 
 from scheduler.protocol import EntrySpec
 
+
 def state_name(kind: str, param: str) -> str:
     return f"optim.{kind}.{param}"
 

@@ -36,7 +36,7 @@ from scheduler.protocol import (
 from workers.bank import Bank
 from workers.device import resolve_device
 from workers.execute import GroupRuntime
-from workers.streams import Finished, SyncExecutor, StreamExecutor, make_executor
+from workers.streams import Finished, StreamExecutor, SyncExecutor, make_executor
 
 HEARTBEAT_S = 0.25
 INIT_TIMEOUT_S = 60.0
@@ -115,9 +115,9 @@ class Worker:
         assert self.executor is not None
         jobs: list[tuple[RunJob, list[Any]]] = []
         self._drain(jobs)
-        if jobs and self.max_wait_s > 0 and len(jobs) < self.max_jobs and self.running:
-            if self.socket.poll(int(self.max_wait_s * 1000)):  # the group's policy: wait for company
-                self._drain(jobs)
+        waiting_pays = jobs and self.max_wait_s > 0 and len(jobs) < self.max_jobs and self.running
+        if waiting_pays and self.socket.poll(int(self.max_wait_s * 1000)):  # the group's policy: wait for company
+            self._drain(jobs)
         if jobs:
             self.executor.submit_many(jobs)
 
@@ -182,7 +182,7 @@ def main(address: str, worker_id: int) -> int:
     # Ctrl-C goes to the coordinator, which stops the workers in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     worker = Worker(address, worker_id)
-    stop = lambda *_: setattr(worker, "running", False)  # noqa: E731
+    stop = lambda *_: setattr(worker, "running", False)
     signal.signal(signal.SIGTERM, stop)
     if not worker.start():
         return 1

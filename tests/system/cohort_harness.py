@@ -82,7 +82,7 @@ class RunningCohort:
             except subprocess.TimeoutExpired:
                 kill_group(self.process.pid)
                 self.process.wait(5)
-                raise AssertionError(f"coordinator did not stop within {timeout} s on {sig}:\n{self.log()[-3000:]}")
+                raise AssertionError(f"coordinator did not stop within {timeout} s on {sig}:\n{self.log()[-3000:]}") from None
         return self.process.returncode
 
 

@@ -79,7 +79,7 @@ def test_fused_train_rounds_end_where_per_model_steps_end(pair) -> None:
                                    atol=1e-5, rtol=0, msg=f"losses of round {step}")
     assert fused.fused.enabled, "fused execution fell back to the loop"
     for name, t in fused.bank.tensors.items():
-        torch.testing.assert_close(t, loop.bank.tensors[name], atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(t, loop.bank.tensors[name], atol=1e-5, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_batching_defaults() -> None:
