@@ -85,7 +85,8 @@ log = logging.getLogger("cohort")
 
 IDLE_POLL_MS = 50
 HEALTH_EVERY_S = 0.02
-MAX_RESTARTS = 5
+MAX_RESTARTS = 5  # deaths of one worker within RESTART_WINDOW_S before cohort stops restarting it
+RESTART_WINDOW_S = 60.0
 
 
 class StartupError(CohortError):
@@ -640,8 +641,10 @@ class Coordinator:
             w.pending.appendleft(part)
         w.state = "dead"
         w.restarts += 1
-        if w.restarts > MAX_RESTARTS:
-            log.error("worker %d died %d times; not restarting it", w.id, w.restarts)
+        now = time.monotonic()
+        w.deaths = [t for t in w.deaths if now - t < RESTART_WINDOW_S] + [now]
+        if len(w.deaths) > MAX_RESTARTS:  # a crash loop: restarting again would only fail again
+            log.error("worker %d died %d times in %.0f s; not restarting it", w.id, len(w.deaths), RESTART_WINDOW_S)
             for part in list(w.pending):
                 self._finish_part(part, None, WorkerDied(f"worker {w.id} is down after {w.restarts} failures"))
             w.pending.clear()

@@ -44,6 +44,7 @@ class WorkerHandle:
     started_at: float = 0.0
     jobs_done: int = 0
     restarts: int = 0
+    deaths: list[float] = field(default_factory=list)  # monotonic times of recent deaths
     calls: int = 0  # compute calls, and jobs that shared one, as of the last heartbeat
     joined_jobs: int = 0
     restore: bool = False
