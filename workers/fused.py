@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
-from workers.losses import check_target
 from workers.optim import optimizer_step
 
 if TYPE_CHECKING:
@@ -69,7 +68,6 @@ class FusedGroup:
         """One optimizer step of every model in ``slots``; inputs and targets stacked ``[n, ...]``; losses ``[n]``."""
         rt = self.rt
         rt.module.train()
-        self._check_targets(inputs, targets)
         window = _window(slots)
         params = self._take(rt.params, slots)
         buffers = self._take(rt.buffers, slots)
@@ -90,10 +88,3 @@ class FusedGroup:
                     for n, t in taken.items():
                         table[n].index_copy_(0, index, t)
         return losses.detach()
-
-    def _check_targets(self, inputs: Any, targets: torch.Tensor) -> None:
-        """Check the targets against the output shape on the host, before any kernel runs."""
-        first = {k: v[0] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[0]
-        out = self.rt.output_meta(first)
-        for j in range(targets.shape[0]):
-            check_target(self.rt.spec.loss, out, targets[j])

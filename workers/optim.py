@@ -60,13 +60,14 @@ def _sgd(
     lr, momentum = _per_model(hp["lr"], p), _per_model(hp["momentum"], p)
     wd, dampening = _per_model(hp["weight_decay"], p), _per_model(hp["dampening"], p)
     d_p = g + wd * p
-    if bool((hp["momentum"] != 0).any()):
-        buf = state[state_name("momentum", name)]
-        # torch.optim.SGD starts the buffer at the first gradient, undamped.
-        first = _per_model(step == 1, p).bool()
-        buf.copy_(torch.where(first, d_p, momentum * buf + (1 - dampening) * d_p))
-        nesterov = _per_model(hp["nesterov"], p).bool()
-        d_p = torch.where(nesterov, d_p + momentum * buf, torch.where(momentum != 0, buf, d_p))
+    # No branch on the hyperparameters' values: on a GPU reading them would wait for the
+    # device. With momentum 0 the buffer is updated but not used.
+    buf = state[state_name("momentum", name)]
+    # torch.optim.SGD starts the buffer at the first gradient, undamped.
+    first = _per_model(step == 1, p).bool()
+    buf.copy_(torch.where(first, d_p, momentum * buf + (1 - dampening) * d_p))
+    nesterov = _per_model(hp["nesterov"], p).bool()
+    d_p = torch.where(nesterov, d_p + momentum * buf, torch.where(momentum != 0, buf, d_p))
     p.sub_(lr * d_p)
 
 

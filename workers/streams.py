@@ -22,6 +22,7 @@ from scheduler.errors import BadInput, CohortError, JobFailed
 from scheduler.protocol import RunJob, TensorTree, check_buffers
 from workers.batching import Ready, plan, run_joined
 from workers.execute import GroupRuntime, index_rows
+from workers.losses import check_target
 
 FATAL_CUDA_MARKERS = ("device-side assert", "illegal memory access", "unspecified launch failure", "CUDA error: an illegal")
 
@@ -65,6 +66,11 @@ def check_job(runtime: GroupRuntime, op: str, slots: list[int], inputs: Any, tar
         tb = targets.shape[1] if stacked else (targets.shape[0] if targets.dim() else None)
         if tb != batch:
             raise BadInput(f"target batch size {tb} does not match the input batch size {batch}")
+        # Against the output's shape on meta, on the host: a class index out of range would
+        # be a device-side assert on a GPU, and checking device tensors would block the loop.
+        output = runtime.output_meta(first)
+        for target in (targets.unbind(0) if stacked else (targets,)):
+            check_target(runtime.spec.loss, output, target)
 
 
 def failure(job_id: int, exc: BaseException) -> Finished:

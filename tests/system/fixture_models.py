@@ -36,6 +36,24 @@ class Faulty(nn.Module):
         return self.linear(x)
 
 
+class Spin(nn.Module):
+    """A linear layer after a GPU spin of ``cycles`` clock cycles: a kernel that takes a known time."""
+
+    def __init__(self, d: int = 4, cycles: int = 50_000_000) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d, d)
+        self.cycles = cycles
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            torch.cuda._sleep(self.cycles)
+        return self.linear(x)
+
+
+def spin(d: int = 4, cycles: int = 50_000_000) -> nn.Module:
+    return Spin(d, cycles)
+
+
 def sleepy(d: int = 4) -> nn.Module:
     return Sleepy(d)
 

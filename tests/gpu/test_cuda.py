@@ -1,0 +1,151 @@
+"""The GPU path for real: CUDA IPC banks, stream overlap, equivalence on cuda, MPS.
+
+Marked ``gpu``; they skip cleanly where there is no CUDA.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import shutil
+import time
+
+import pytest
+import torch
+from cohort_harness import mlp_group, start_cohort, stop_and_check_clean
+from torch import nn
+
+from examples.models import mlp
+
+pytestmark = pytest.mark.gpu
+
+
+def _export_child(queue, done) -> None:
+    from scheduler.protocol import EntrySpec
+    from workers.bank import Bank
+
+    bank = Bank.create("g", [EntrySpec("w", "param", (4, 4), "float32")], 3, torch.device("cuda"), "unused")
+    bank.tensors["w"].fill_(7.0)
+    torch.cuda.synchronize()
+    queue.put(bank.handle)
+    done.wait(60)  # the exporting process must outlive every mapping
+    queue.put(float(bank.tensors["w"][1].sum()))
+
+
+def test_bank_cuda_ipc_round_trip_between_processes() -> None:
+    """A bank exported by one process is mapped by another: writes are seen both ways, no host copy."""
+    from scheduler.protocol import EntrySpec
+    from workers.bank import Bank
+
+    ctx = mp.get_context("spawn")
+    queue, done = ctx.Queue(), ctx.Event()
+    child = ctx.Process(target=_export_child, args=(queue, done))
+    child.start()
+    try:
+        handle = queue.get(timeout=120)
+        bank = Bank.open(handle, [EntrySpec("w", "param", (4, 4), "float32")])
+        assert bank.tensors["w"].is_cuda
+        assert torch.equal(bank.tensors["w"].cpu(), torch.full((3, 4, 4), 7.0))
+        bank.tensors["w"][1].fill_(1.0)
+        torch.cuda.synchronize()
+        done.set()
+        assert queue.get(timeout=60) == 16.0
+        bank.close()
+    finally:
+        done.set()
+        child.join(30)
+
+
+@pytest.fixture
+def gpu_cohort(tmp_path):
+    started = []
+
+    def start(groups, **settings):
+        settings.setdefault("device", "cuda")
+        running = start_cohort(tmp_path, groups, name=f"c{len(started)}", **settings)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        try:
+            stop_and_check_clean(running)
+        except AssertionError:
+            running.stop()
+
+
+def test_weights_written_by_the_coordinator_are_seen_by_the_worker_and_back(gpu_cohort) -> None:
+    running = gpu_cohort([mlp_group("m", 2)], mps="off")
+    x = torch.randn(3, 8)
+    with running.client(timeout=60) as c:
+        assert {m.device for m in c.models()} == {"cuda:0"}
+        zero = {k: torch.zeros_like(v) for k, v in c.get_weights("m/0").items()}
+        c.set_weights("m/0", zero)  # written through the coordinator's IPC mapping
+        assert torch.count_nonzero(c.infer("m/0", x)) == 0  # read by the worker's next job
+        c.train_step("m/1", x, torch.zeros(3, dtype=torch.int64))  # written by the worker
+        before = c.get_weights("m/1")  # read through the mapping
+        c.train_step("m/1", x, torch.zeros(3, dtype=torch.int64))
+        after = c.get_weights("m/1")
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_training_on_cuda_matches_plain_pytorch(gpu_cohort) -> None:
+    running = gpu_cohort([mlp_group("m", 3, init={"seed": 4},
+                                    optimizer={"name": "adam", "lr": [1e-2, 3e-3, 1e-3]})], mps="off")
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(10)]
+    models, opts = [], []
+    for k, lr in enumerate([1e-2, 3e-3, 1e-3]):
+        torch.manual_seed(4 + k)
+        models.append(mlp(d_in=8, hidden=16, d_out=4).cuda())
+        opts.append(torch.optim.Adam(models[-1].parameters(), lr=lr))
+    with running.client(timeout=60) as c:
+        for x, t in data:
+            rounds = c.train_round("m", torch.stack([x] * 3), torch.stack([t] * 3))
+            singles = []
+            for k in range(3):
+                opts[k].zero_grad()
+                loss = nn.functional.cross_entropy(models[k](x.cuda()), t.cuda())
+                loss.backward()
+                opts[k].step()
+                singles.append(loss.item())
+            assert rounds == pytest.approx(singles, abs=1e-4)
+        for k in range(3):
+            got = c.get_weights(f"m/{k}")
+            for name, value in models[k].state_dict().items():
+                torch.testing.assert_close(got[name], value.cpu(), atol=1e-4, rtol=0)
+        x = torch.randn(5, 8)
+        with torch.no_grad():
+            want = torch.stack([m(x.cuda()).cpu() for m in models])
+        torch.testing.assert_close(c.ensemble("m", x), want, atol=1e-4, rtol=0)
+
+
+def test_jobs_of_different_models_overlap_on_streams(gpu_cohort) -> None:
+    group = {"name": "s", "factory": "fixture_models:spin", "kwargs": {"d": 4, "cycles": 100_000_000},
+             "count": 8, "input": {"shape": [-1, 4], "dtype": "float32"}, "loss": "mse",
+             "optimizer": {"name": "sgd", "lr": 0.01}, "batching": {"max_jobs": 1}}
+    running = gpu_cohort([group], streams=8, mps="off")
+    x = torch.randn(1, 4)
+    with running.client(timeout=120) as c:
+        c.infer("s/0", x)  # warm-up
+        t0 = time.perf_counter()
+        c.infer("s/0", x)
+        one = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for f in [c.submit("infer", f"s/{k}", x) for k in range(8)]:
+            f.result()
+        eight = time.perf_counter() - t0
+    print(f"one job {one * 1e3:.1f} ms, 8 concurrent jobs of 8 models {eight * 1e3:.1f} ms ({eight / one:.2f}x)")
+    assert eight < 4 * one, f"8 concurrent jobs took {eight / one:.1f}x one job: no overlap"
+
+
+def test_mps_mode_is_reported(gpu_cohort) -> None:
+    running = gpu_cohort([mlp_group("m", 2)], mps="auto", workers=2)
+    with running.client(timeout=60) as c:
+        mps = c.stats()["mps"]
+        x = torch.randn(2, 8)
+        assert c.infer("m/1", x).shape == (2, 4)
+    print("MPS:", mps)
+    assert mps["mode"] in ("on", "off") and mps["reason"]
+    if shutil.which("nvidia-cuda-mps-control") is None:
+        assert mps["mode"] == "off"
+    assert "MPS" in running.log()
