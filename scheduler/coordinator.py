@@ -53,10 +53,12 @@ from scheduler.protocol import (
     JobDone,
     JobError,
     JobResult,
+    JobResults,
     ListModels,
     ModelInfo,
     ModelsReply,
     RunJob,
+    RunJobs,
     SetWeights,
     Shutdown,
     SnapshotRequest,
@@ -72,6 +74,7 @@ from scheduler.protocol import (
     coordinator_worker_codec,
     decode_tensors,
     encode_tensors,
+    unbundle,
 )
 from scheduler.security import CurveServer
 from scheduler.stats import JobStats
@@ -146,6 +149,7 @@ class Coordinator:
             WorkerReady: self._on_worker_ready,
             JobResult: self._on_job_result,
             JobError: self._on_job_error,
+            JobResults: self._on_job_results,
             Heartbeat: self._on_heartbeat,
             WorkerFailed: self._on_worker_failed,
         }
@@ -516,8 +520,13 @@ class Coordinator:
                 except zmq.Again:
                     break
                 w.last_seen = time.monotonic()
-                message, buffers = self.worker_codec.decode([f.buffer for f in frames])
-                self.worker_handlers[type(message)](w, message, buffers)
+                try:
+                    message, buffers = self.worker_codec.decode([f.buffer for f in frames])
+                    self.worker_handlers[type(message)](w, message, buffers)
+                except StartupError:
+                    raise
+                except Exception:  # a worker's bad message is a bug to log, never a coordinator crash
+                    log.exception("worker %d sent a message that could not be handled", w.id)
 
     def _on_worker_hello(self, w: WorkerHandle, msg: WorkerHello, _: list[Any]) -> None:
         w.pid = msg.pid
@@ -547,6 +556,10 @@ class Coordinator:
             raise StartupError(f"worker {w.id} failed to start: {msg.error}: {msg.message}")
         log.error("worker %d failed to restart: %s: %s", w.id, msg.error, msg.message)
         self._worker_died(w, f"restart failed: {msg.message}")
+
+    def _on_job_results(self, w: WorkerHandle, msg: JobResults, buffers: list[Any]) -> None:
+        for result, own in unbundle(msg.results, buffers):
+            self.worker_handlers[type(result)](w, result, own)
 
     def _on_job_result(self, w: WorkerHandle, msg: JobResult, buffers: list[Any]) -> None:
         part = w.in_flight.pop(msg.job_id, None)
@@ -685,7 +698,8 @@ class Coordinator:
         for w in self.workers:
             if w.state != "ready":
                 continue
-            while w.pending and len(w.in_flight) < self.cc.window:
+            batch: list[Part] = []
+            while w.pending and len(w.in_flight) + len(batch) < self.cc.window:
                 part = w.pending[0]
                 job = part.job
                 if job.answered:  # another part failed: do not run the rest
@@ -694,12 +708,21 @@ class Coordinator:
                     continue
                 if job.fenced():
                     break
-                command = RunJob(job.id, job.op, job.group, part.slots, part.inputs, part.targets)
-                if not w.send(self.worker_codec.encode(command, part.buffers)):
-                    break
-                w.pending.popleft()
-                part.sent = True
-                w.in_flight[job.id] = part
+                batch.append(w.pending.popleft())
+            if batch and not self._send_parts(w, batch):
+                w.pending.extendleft(reversed(batch))
+
+    def _send_parts(self, w: WorkerHandle, parts: list[Part]) -> bool:
+        """One message for every part sent to a worker in this step: one system call, one wake-up."""
+        commands = [RunJob(p.job.id, p.job.op, p.job.group, p.slots, p.inputs, p.targets) for p in parts]
+        buffers = [b for p in parts for b in p.buffers]
+        message = commands[0] if len(commands) == 1 else RunJobs(commands)
+        if not w.send(self.worker_codec.encode(message, buffers)):
+            return False
+        for part in parts:
+            part.sent = True
+            w.in_flight[part.job.id] = part
+        return True
 
 
 def run(config: Config) -> int:

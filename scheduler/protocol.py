@@ -405,7 +405,32 @@ class Shutdown(ToWorker):
     pass
 
 
-WorkerCommand = Union[InitWorker, RunJob, RestoreWeights, Shutdown]
+class RunJobs(ToWorker):
+    """Several jobs in one message (fewer system calls under load); buffers follow job by job."""
+
+    jobs: list[RunJob]
+
+
+WorkerCommand = Union[InitWorker, RunJob, RunJobs, RestoreWeights, Shutdown]
+
+
+def tensor_count(message: RunJob | JobResult) -> int:
+    """How many buffers belong to one job or result inside a bundle."""
+    if isinstance(message, RunJob):
+        return len(message.inputs.metas) + len(message.targets.metas)
+    return len(message.outputs.metas)
+
+
+def unbundle(items: list[Any], buffers: list[Any]) -> list[tuple[Any, list[Any]]]:
+    """Split a bundle's buffers among its items; ``ProtocolError`` if they do not add up."""
+    out, at = [], 0
+    for item in items:
+        n = tensor_count(item) if isinstance(item, (RunJob, JobResult)) else 0
+        out.append((item, buffers[at:at + n]))
+        at += n
+    if at != len(buffers):
+        raise ProtocolError(f"bundle of {len(items)} items announces {at} buffers, {len(buffers)} followed")
+    return out
 
 
 class FromWorker(msgspec.Struct, tag=True, array_like=True):
@@ -448,7 +473,13 @@ class WorkerFailed(FromWorker):
     traceback: str = ""
 
 
-WorkerEvent = Union[WorkerHello, WorkerReady, JobResult, JobError, Heartbeat, WorkerFailed]
+class JobResults(FromWorker):
+    """Several finished jobs in one message; buffers follow result by result."""
+
+    results: list[Union[JobResult, JobError]]
+
+
+WorkerEvent = Union[WorkerHello, WorkerReady, JobResult, JobError, JobResults, Heartbeat, WorkerFailed]
 
 
 # --------------------------------------------------------------------------- framing

@@ -24,13 +24,16 @@ from scheduler.protocol import (
     InitWorker,
     JobError,
     JobResult,
+    JobResults,
     RestoreWeights,
     RunJob,
+    RunJobs,
     Shutdown,
     WorkerFailed,
     WorkerHello,
     WorkerReady,
     encode_tensors,
+    unbundle,
     worker_codec,
 )
 from workers.bank import Bank
@@ -130,23 +133,34 @@ class Worker:
             message, buffers = self.codec.decode([f.buffer for f in frames])
             if isinstance(message, RunJob):
                 jobs.append((message, buffers))
+            elif isinstance(message, RunJobs):
+                jobs.extend(unbundle(message.jobs, buffers))
             elif isinstance(message, Shutdown):
                 self.running = False
             elif isinstance(message, RestoreWeights):
                 pass  # banks are read on every call; nothing is cached yet
 
     def _reply(self, finished: list[Finished]) -> None:
+        """Every finished job in one message: one system call and one wake-up for the coordinator."""
+        results: list[JobResult | JobError] = []
+        buffers: list[Any] = []
         for item in finished:
             if item.error is not None:
-                self._send(JobError(self.worker_id, item.job_id, type(item.error).__name__, item.error.message, item.traceback))
+                results.append(JobError(self.worker_id, item.job_id, type(item.error).__name__, item.error.message,
+                                        item.traceback))
                 self.fatal = self.fatal or item.fatal
                 continue
             try:
-                tree, buffers = encode_tensors(item.outputs)
+                tree, own = encode_tensors(item.outputs)
             except CohortError as exc:
-                self._send(JobError(self.worker_id, item.job_id, type(exc).__name__, f"model output: {exc}"))
+                results.append(JobError(self.worker_id, item.job_id, type(exc).__name__, f"model output: {exc}"))
                 continue
-            self._send(JobResult(self.worker_id, item.job_id, tree, item.losses), buffers)
+            results.append(JobResult(self.worker_id, item.job_id, tree, item.losses))
+            buffers += own
+        if len(results) == 1:
+            self._send(results[0], buffers)
+        elif results:
+            self._send(JobResults(self.worker_id, results), buffers)
 
     def _heartbeat(self) -> None:
         now = time.monotonic()

@@ -98,6 +98,8 @@ def messages(direction: str, rows: int = 4) -> list[tuple[msgspec.Struct, list[A
             (P.InitWorker(0, "cpu", 4, [group_spec()], "cohort-abc-", True), [], []),
             (P.RunJob(1, "train_round", "mlp", [0, 1], x_tree, y_tree), x_bufs + y_bufs, [x_tree, y_tree]),
             (P.RunJob(2, "infer", "mlp", [1], d_tree), d_bufs, [d_tree, none]),
+            (P.RunJobs([P.RunJob(3, "infer", "mlp", [0], x_tree), P.RunJob(4, "infer", "mlp", [1], d_tree)]),
+             x_bufs + d_bufs, [x_tree, d_tree]),
             (P.RestoreWeights("mlp"), [], []),
             (P.Shutdown(), [], []),
         ]
@@ -113,7 +115,9 @@ def messages(direction: str, rows: int = 4) -> list[tuple[msgspec.Struct, list[A
         (P.JobResult(1, 5, x_tree, [1.0, 2.0]), x_bufs, [x_tree]),
         (P.JobResult(1, 6), [], [none]),
         (P.JobError(1, 5, "JobFailed", "CUDA out of memory", "Traceback ..."), [], []),
-        (P.Heartbeat(1, True), [], []),
+        (P.JobResults(1, [P.JobResult(1, 7, x_tree, [0.5]), P.JobError(1, 8, "BadInput", "no"),
+                          P.JobResult(1, 9, d_tree)]), x_bufs + d_bufs, [x_tree, d_tree]),
+        (P.Heartbeat(1, True, 10, 4), [], []),
         (P.WorkerFailed(1, "ConfigError", "bad factory"), [], []),
     ]
 

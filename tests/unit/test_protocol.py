@@ -458,3 +458,14 @@ def test_dict_layout_with_duplicate_keys_is_refused() -> None:
     tree = P.TensorTree("dict", (P.TensorMeta("int8", (1,)), P.TensorMeta("int8", (1,))), ("x", "x"))
     with pytest.raises((BadInput, ProtocolError)):
         P.decode_tensors(tree, [b"a", b"b"])
+
+
+def test_unbundle_splits_buffers_job_by_job_and_checks_the_count() -> None:
+    x_tree, x_bufs = P.encode_tensors((torch.ones(2, 3), torch.zeros(2)))
+    d_tree, d_bufs = P.encode_tensors({"a": torch.ones(1)})
+    jobs = [P.RunJob(1, "infer", "g", [0], x_tree), P.RunJob(2, "infer", "g", [1], d_tree)]
+    parts = P.unbundle(jobs, x_bufs + d_bufs)
+    assert [len(b) for _, b in parts] == [2, 1]
+    assert P.decode_tensors(parts[1][0].inputs, parts[1][1])["a"].tolist() == [1.0]
+    with pytest.raises(ProtocolError, match="announces 3 buffers"):
+        P.unbundle(jobs, x_bufs)

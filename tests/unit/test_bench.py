@@ -1,0 +1,327 @@
+"""Unit tests for the pure pieces of tools/bench.py: no coordinator, no child processes.
+
+The end-to-end run of ``tools/bench.py --quick`` is tests/system/test_bench_quick.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+import sys
+import time
+import tomllib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from scheduler.config import parse_config  # noqa: E402
+from tools import bench  # noqa: E402
+from tools.bench_baselines import process_count, shards  # noqa: E402
+from tools.bench_cohort import config_text, group_table, toml_value  # noqa: E402
+from tools.bench_control import control_ratios, pipelined, round_trips  # noqa: E402
+from tools.bench_measure import MIN_STEPS, measure_steps, ok, percentile, skipped  # noqa: E402
+from tools.bench_report import add_ratios, device_label, render_markdown, write_plot  # noqa: E402
+from tools.bench_vmap import StackedEnsemble  # noqa: E402
+from tools.bench_workloads import all_workloads, build_models, make_batches, make_optimizer, select  # noqa: E402
+
+# ---------------------------------------------------------------------- percentiles
+
+
+@pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 99, 100])
+def test_percentile_matches_numpy_linear_interpolation(q: float) -> None:
+    rng = random.Random(q)
+    for size in (1, 2, 3, 10, 101):
+        values = [rng.uniform(0, 100) for _ in range(size)]
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_percentile_edges() -> None:
+    assert math.isnan(percentile([], 50))
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5  # unsorted input
+    assert percentile([1.0, 2.0], 100) == 2.0
+
+
+def test_ok_reports_latencies_in_milliseconds() -> None:
+    result = ok(100.0, "samples/s", [0.001, 0.002, 0.003], wall_s=0.006, processes=2)
+    assert result["p50_ms"] == pytest.approx(2.0)
+    assert result["p99_ms"] == pytest.approx(2.98)
+    assert result["steps"] == 3
+    assert result["processes"] == 2
+
+
+# ---------------------------------------------------------------------- ratios
+
+
+def _modes() -> dict[str, Any]:
+    return {
+        "sequential": ok(100.0, "samples/s", [0.01], 1.0),
+        "processes": ok(250.0, "samples/s", [0.01], 1.0),
+        "processes_mps": skipped("no GPU"),
+        "vmap": ok(400.0, "samples/s", [0.01], 1.0),
+        "cohort_fused": ok(300.0, "samples/s", [0.01], 1.0),
+        "cohort_per_model": {"status": "error", "reason": "RuntimeError: boom"},
+    }
+
+
+def test_add_ratios_divides_by_sequential_and_vmap() -> None:
+    modes = _modes()
+    add_ratios(modes)
+    assert modes["sequential"]["vs_sequential"] == 1.0
+    assert modes["processes"]["vs_sequential"] == pytest.approx(2.5)
+    assert modes["cohort_fused"]["vs_sequential"] == pytest.approx(3.0)
+    assert modes["cohort_fused"]["vs_vmap"] == pytest.approx(0.75)
+    assert modes["vmap"]["vs_vmap"] == 1.0
+    assert "vs_sequential" not in modes["processes_mps"]
+    assert "vs_sequential" not in modes["cohort_per_model"]
+
+
+def test_add_ratios_without_a_baseline_gives_none() -> None:
+    modes = {"sequential": {"status": "error", "reason": "x"}, "cohort_fused": ok(300.0, "samples/s", [0.01], 1.0)}
+    add_ratios(modes)
+    assert modes["cohort_fused"]["vs_sequential"] is None
+    assert modes["cohort_fused"]["vs_vmap"] is None
+
+
+def _system(p50_ms: float, jobs_s: float) -> dict[str, Any]:
+    return {"status": "ok", "p50_ms": p50_ms, "p99_ms": 2 * p50_ms, "jobs_s": jobs_s}
+
+
+def test_control_ratios_and_goals() -> None:
+    met = control_ratios({"cohort": _system(0.12, 9000), "zmq_echo": _system(0.1, 20000), "process_pool": _system(0.2, 5000)})
+    assert met["cohort_p50_over_echo_p50"] == pytest.approx(1.2)
+    assert met["latency_goal_met"] is True
+    assert met["cohort_jobs_s_over_pool_jobs_s"] == pytest.approx(1.8)
+    assert met["throughput_goal_met"] is True
+    missed = control_ratios({"cohort": _system(0.6, 4000), "zmq_echo": _system(0.1, 20000), "process_pool": _system(0.2, 8000)})
+    assert missed["latency_goal_met"] is False
+    assert missed["throughput_goal_met"] is False
+    broken = control_ratios({"cohort": {"status": "error", "reason": "x"}, "zmq_echo": _system(0.1, 1.0)})
+    assert broken["cohort_p50_over_echo_p50"] is None and broken["latency_goal_met"] is None
+    assert broken["cohort_jobs_s_over_pool_jobs_s"] is None
+
+
+# ---------------------------------------------------------------------- markdown
+
+
+def _report(gpu_metrics: bool = False) -> dict[str, Any]:
+    modes = _modes()
+    add_ratios(modes)
+    if gpu_metrics:
+        modes["vmap"]["gpu"] = {"mean_util_pct": 87.5, "peak_memory_mib": 1234.0, "samples": 10}
+    systems = {"cohort": _system(0.5, 4000), "zmq_echo": _system(0.1, 20000), "process_pool": _system(0.2, 8000)}
+    return {
+        "date": "2026-11-24",
+        "device": "cpu",
+        "quick": False,
+        "command": "python tools/bench.py --out docs/bench/x.json",
+        "machine": {"cpu_model": "Test CPU", "cores": 2, "ram_gib": 8.0},
+        "gpu": None,
+        "versions": {"cohort": "0.1.0", "torch": "2.13.0", "python": "3.11.7", "pyzmq": "27", "libzmq": "4.3.5"},
+        "environment": {"OMP_WAIT_POLICY": "PASSIVE", "torch_threads": 2, "load_average_at_start": [0.5, 0, 0]},
+        "workloads": [{"name": "w1_mlp_infer", "task": "infer", "batch": 64, "count": 32, "modes": modes}],
+        "control_plane": {"payload_bytes": 64, "window": 64, "systems": systems, "ratios": control_ratios(systems)},
+    }
+
+
+def test_markdown_has_the_command_every_mode_and_the_control_plane() -> None:
+    text = render_markdown(_report())
+    assert "`python tools/bench.py --out docs/bench/x.json`" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    for mode in _modes():
+        assert any(f"| {mode} |" in row for row in rows), mode
+    assert "| w1_mlp_infer (infer, batch 64) | 32 | sequential | 100.0 samples/s |" in text
+    assert "| 2.50× |" in text  # processes over sequential
+    assert "skipped: no GPU" in text
+    assert "error: RuntimeError: boom" in text
+    assert "GPU util" not in text  # no GPU figures, no GPU column
+    assert "| cohort p50 / echo p50 | 5.00 | ≤ 1.5 | no |" in text
+    assert "| cohort jobs/s / pool jobs/s | 0.50 | ≥ 1.5 | no |" in text
+    assert "OMP_WAIT_POLICY=PASSIVE" in text
+
+
+def test_markdown_tables_have_consistent_columns() -> None:
+    for gpu in (False, True):
+        text = render_markdown(_report(gpu_metrics=gpu))
+        tables: list[list[str]] = []
+        for line in text.splitlines():
+            if line.startswith("|"):
+                if not tables or not tables[-1]:
+                    tables.append([])
+                tables[-1].append(line)
+            elif tables and tables[-1]:
+                tables.append([])
+        for table in (t for t in tables if t):
+            widths = {row.count("|") for row in table}
+            assert len(widths) == 1, table
+
+
+def test_markdown_gpu_column_when_measured() -> None:
+    text = render_markdown(_report(gpu_metrics=True))
+    assert "GPU util % / peak MiB" in text
+    assert "87.5 / 1,234 |" in text
+
+
+def test_plot_is_written_or_skipped_with_a_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "plot.png"
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert write_plot(_report(), path) == {"status": "ok", "path": str(path)}
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now raises ImportError
+    missing = write_plot(_report(), tmp_path / "none.png")
+    assert missing["status"] == "skipped" and "matplotlib" in missing["reason"]
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_clean_makes_json_safe() -> None:
+    assert bench.clean({"a": math.nan, "b": [math.inf, 1.5], "c": (1, "x")}) == {"a": None, "b": [None, 1.5], "c": [1, "x"]}
+
+
+def test_device_label() -> None:
+    assert device_label("cpu", None) == "cpu"
+    assert device_label("cuda", {"gpu_name": "NVIDIA H100 80GB HBM3"}) == "nvidia-h100-80gb-hbm3"
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def test_command_line_choices() -> None:
+    args = bench.parse_args(["--quick", "--workload", "w1_mlp_infer", "control_plane", "--mode", "vmap", "--mode", "cohort_fused"])
+    assert args.quick and args.workload == ["w1_mlp_infer", "control_plane"]
+    assert args.mode == ["vmap", "cohort_fused"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--workload", "nope"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--mode", "nope"])
+
+
+def test_every_workload_name_is_selectable() -> None:
+    for quick in (True, False):
+        assert set(all_workloads(quick)) == set(bench.WORKLOADS)
+    full = {w.name: w for w in select(None, quick=False)}
+    assert full["w1_mlp_infer"].count == 32 and full["w1_mlp_infer"].batch == 64
+    assert [full[f"w1_scaling_k{k}"].count for k in (8, 32, 128)] == [8, 32, 128]
+    assert full["w2_cnn_train"].count == 16 and full["w2_cnn_train"].input_shape == (3, 32, 32)
+    assert full["w3_transformer_train"].count == 8
+    with pytest.raises(ValueError):
+        select(["nope"], quick=True)
+
+
+# ---------------------------------------------------------------------- config for cohort
+
+
+def test_toml_values_round_trip() -> None:
+    value = {"s": 'a "quoted" path\\x', "i": 3, "f": 1e-3, "b": True, "l": [-1, 64], "d": {"name": "adam", "lr": 0.5}}
+    parsed = tomllib.loads("\n".join(f"{k} = {toml_value(v)}" for k, v in value.items()))
+    assert parsed == value
+    with pytest.raises(ValueError):
+        toml_value(math.nan)
+
+
+@pytest.mark.parametrize("name", ["w1_mlp_infer", "w2_cnn_train", "w3_transformer_train", "w1_scaling"])
+def test_generated_config_is_accepted_by_cohort(name: str) -> None:
+    workloads = select([name], quick=True)
+    text = config_text(
+        {"address": "ipc:///tmp/x/coordinator.sock", "workers": 1, "device": "cpu", "mps": "off"},
+        [group_table(w.name, w) for w in workloads],
+    )
+    config = parse_config(tomllib.loads(text))
+    assert [g.name for g in config.groups] == [w.name for w in workloads]
+    for group, workload in zip(config.groups, workloads):
+        assert group.count == workload.count
+        assert group.factory == workload.factory
+        assert group.optimizer == workload.optimizer["name"]
+        assert group.hparams["lr"] == [workload.optimizer["lr"]] * workload.count
+
+
+# ---------------------------------------------------------------------- measuring
+
+
+def test_measure_steps_stops_at_the_budget_but_not_below_min_steps() -> None:
+    assert len(measure_steps(lambda i: None, 7, "cpu")) == 7
+    slow = measure_steps(lambda i: time.sleep(0.01), 1000, "cpu", budget_s=0.0)
+    assert len(slow) == MIN_STEPS
+    assert all(d >= 0.009 for d in slow)
+    timed = measure_steps(lambda i: time.sleep(0.005), 1000, "cpu", budget_s=0.1)
+    assert MIN_STEPS <= len(timed) < 100
+
+
+def test_round_trips_and_pipelined_window() -> None:
+    calls: list[int] = []
+    durations = round_trips(lambda: calls.append(1), count=50, warmup=5, budget_s=10.0)
+    assert len(durations) == 50 and len(calls) == 55
+
+    in_flight, peak = 0, 0
+
+    def job() -> None:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        time.sleep(0.001)
+        in_flight -= 1
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        jobs, seconds = pipelined(lambda: pool.submit(job), count=200, window=4, budget_s=10.0)
+    assert jobs == 200 and seconds > 0
+    assert 1 <= peak <= 4
+
+
+def test_pipelined_raises_a_failing_job() -> None:
+    def fail() -> None:
+        raise RuntimeError("job failed")
+
+    with ThreadPoolExecutor(max_workers=2) as pool, pytest.raises(RuntimeError, match="job failed"):
+        pipelined(lambda: pool.submit(fail), count=20, window=2, budget_s=10.0)
+
+
+def test_shards_cover_every_model_once() -> None:
+    for count in (1, 7, 32, 128):
+        for parts in range(1, min(count, 8) + 1):
+            pieces = shards(count, parts)
+            assert len(pieces) == parts
+            assert sum(pieces, []) == list(range(count))
+            assert max(map(len, pieces)) - min(map(len, pieces)) <= 1
+    workload = select(["w1_mlp_infer"], quick=True)[0]
+    assert 1 <= process_count(workload, "cpu") <= workload.count
+
+
+# ---------------------------------------------------------------------- the vmap reference
+
+
+@pytest.mark.parametrize("name", ["w2_cnn_train", "w3_transformer_train"])
+def test_vmap_reference_steps_exactly_as_torch_optim(name: str) -> None:
+    """The stacked optimizer must take the same steps as K separate torch.optim optimizers."""
+    workload = select([name], quick=True)[0]
+    ensemble = StackedEnsemble(workload, "cpu")
+    models = build_models(workload, range(workload.count), "cpu")
+    optimizers = [make_optimizer(workload, m) for m in models]
+    loss_fn = ensemble.loss
+    for batch in make_batches(workload, "cpu", count=2):
+        losses = ensemble.train(batch)
+        for k, (model, optimizer) in enumerate(zip(models, optimizers)):
+            optimizer.zero_grad()
+            loss = loss_fn(model(batch.xs[k]), batch.ts[k])
+            loss.backward()
+            optimizer.step()
+            assert float(losses[k]) == pytest.approx(float(loss), rel=1e-4, abs=1e-5)
+    for k, model in enumerate(models):
+        for pname, param in model.named_parameters():
+            torch.testing.assert_close(ensemble.params[pname][k], param.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_vmap_reference_inference_matches_the_models() -> None:
+    workload = select(["w1_mlp_infer"], quick=True)[0]
+    batch = make_batches(workload, "cpu", count=1)[0]
+    got = StackedEnsemble(workload, "cpu").infer(batch)
+    with torch.no_grad():
+        expected = torch.stack([m(batch.x) for m in build_models(workload, range(workload.count), "cpu")])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
