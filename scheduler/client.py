@@ -13,6 +13,7 @@ Every call takes ``timeout=``; none can hang forever.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import os
 import queue
@@ -46,6 +47,8 @@ from scheduler.protocol import (
     ListModels,
     ModelInfo,
     ModelsReply,
+    Replies,
+    Requests,
     SetWeights,
     SnapshotRequest,
     StatsReply,
@@ -55,10 +58,12 @@ from scheduler.protocol import (
     client_codec,
     decode_tensors,
     encode_tensors,
+    unbundle,
 )
 from scheduler.security import CurveClient
 
 DEFAULT_TIMEOUT_S = 60.0
+MAX_BUNDLE = 256  # requests the I/O thread sends as one message at most
 # Messages up to this size are always answered by the coordinator (its socket limit is its
 # bound plus 1 MiB); a larger one is checked against the coordinator's bound first.
 ALWAYS_ANSWERED_BYTES = 1 << 20
@@ -110,6 +115,13 @@ def _result(op: str, reply: Any, buffers: list[Any]) -> Any:
     raise ProtocolError(f"unexpected reply {type(reply).__name__}")
 
 
+def _replies(reply: Any, buffers: list[Any]) -> list[tuple[Any, list[Any]]]:
+    """A message's replies with their buffers: one, or each of a ``Replies`` bundle."""
+    if isinstance(reply, Replies):
+        return unbundle(reply.replies, buffers)
+    return [(reply, buffers)]
+
+
 class _DirectSocket:
     """A calling thread's own socket; dropped with the thread's locals when the thread ends."""
 
@@ -151,7 +163,8 @@ class Client:
         self.curve = curve or CurveClient.from_env()
         self._codec = client_codec()
         self._ids = itertools.count(1)
-        self._outbox: queue.SimpleQueue[tuple[int, list[Any], _Pending] | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[tuple[int, msgspec.Struct, list[Any], _Pending] | None] = queue.SimpleQueue()
+        self._deadlines: list[tuple[float, int]] = []  # heap of (deadline, req_id) of pending calls
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._pending: dict[int, _Pending] = {}
@@ -290,11 +303,12 @@ class Client:
                 raise JobTimeout(f"{op}: no answer from {self.address} within {timeout} s")
             frames = socket.recv_multipart(copy=False)
             try:
-                reply, reply_buffers = codec.decode([f.buffer for f in frames])
+                replies = _replies(*codec.decode([f.buffer for f in frames]))
             except ProtocolError:
                 continue
-            if reply.req_id == req_id:  # anything else is a late answer to a call that timed out
-                return _result(op, reply, reply_buffers)
+            for reply, reply_buffers in replies:
+                if reply.req_id == req_id:  # anything else is a late answer to a call that timed out
+                    return _result(op, reply, reply_buffers)
 
     def _unanswered(self) -> deque[Future[Any]]:
         """Futures this thread submitted that may not be answered yet, oldest first."""
@@ -325,7 +339,7 @@ class Client:
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()
         pending = _Pending(future, op, time.monotonic() + timeout)
-        self._outbox.put((req_id, self._codec.encode(message, buffers), pending))
+        self._outbox.put((req_id, message, buffers, pending))
         os.write(self._wake_w, b"x")
         return future
 
@@ -372,16 +386,34 @@ class Client:
                 pass
         except BlockingIOError:
             pass
-        while True:
+        batch: list[tuple[msgspec.Struct, list[Any]]] = []
+        running = True
+        while len(batch) < MAX_BUNDLE:
             try:
                 item = self._outbox.get_nowait()
             except queue.Empty:
-                return True
+                break
             if item is None:
-                return False
-            req_id, frames, pending = item
+                running = False
+                break
+            req_id, message, buffers, pending = item
             self._pending[req_id] = pending
-            socket.send_multipart(frames, copy=False)
+            heapq.heappush(self._deadlines, (pending.deadline, req_id))
+            batch.append((message, buffers))
+        try:
+            if len(batch) == 1:
+                socket.send_multipart(self._codec.encode(*batch[0]), copy=False)
+            elif batch:  # everything queued since the last pass, as one message
+                bundle = Requests(0, [m for m, _ in batch])
+                socket.send_multipart(self._codec.encode(bundle, [b for _, own in batch for b in own]), copy=False)
+        except Exception as exc:  # the calls fail; the I/O thread, serving every other call, goes on
+            for message, _ in batch:
+                pending = self._pending.pop(message.req_id, None)
+                if pending is not None:
+                    pending.future.set_exception(ProtocolError(f"could not send: {type(exc).__name__}: {exc}"))
+        if len(batch) == MAX_BUNDLE:
+            os.write(self._wake_w, b"x")  # more may be waiting: come back on the next pass
+        return running
 
     def _drain_replies(self, socket: zmq.Socket[Any]) -> None:
         while True:
@@ -390,32 +422,36 @@ class Client:
             except zmq.Again:
                 return
             try:
-                reply, buffers = self._codec.decode([f.buffer for f in frames])
+                replies = _replies(*self._codec.decode([f.buffer for f in frames]))
             except ProtocolError:
                 continue  # a reply we cannot read cannot be matched to a call either
-            pending = self._pending.pop(reply.req_id, None)
-            if pending is None:
-                continue  # the call already timed out
-            try:
-                pending.future.set_result(_result(pending.op, reply, buffers))
-            except CohortError as exc:
-                pending.future.set_exception(exc)
-            except Exception as exc:
-                pending.future.set_exception(ProtocolError(f"bad reply: {type(exc).__name__}: {exc}"))
+            for reply, buffers in replies:
+                pending = self._pending.pop(reply.req_id, None)
+                if pending is None:
+                    continue  # the call already timed out
+                try:
+                    pending.future.set_result(_result(pending.op, reply, buffers))
+                except CohortError as exc:
+                    pending.future.set_exception(exc)
+                except Exception as exc:
+                    pending.future.set_exception(ProtocolError(f"bad reply: {type(exc).__name__}: {exc}"))
 
     def _next_deadline_ms(self) -> int:
-        if not self._pending:
+        while self._deadlines and self._deadlines[0][1] not in self._pending:
+            heapq.heappop(self._deadlines)  # answered already
+        if not self._deadlines:
             return 1000
-        soonest = min(p.deadline for p in self._pending.values())
-        return max(0, min(1000, int((soonest - time.monotonic()) * 1000) + 1))
+        return max(0, min(1000, int((self._deadlines[0][0] - time.monotonic()) * 1000) + 1))
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for req_id in [r for r, p in self._pending.items() if p.deadline <= now]:
-            pending = self._pending.pop(req_id)
-            pending.future.set_exception(
-                JobTimeout(f"{pending.op}: no answer from {self.address} within the timeout")
-            )
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, req_id = heapq.heappop(self._deadlines)
+            pending = self._pending.pop(req_id, None)
+            if pending is not None:
+                pending.future.set_exception(
+                    JobTimeout(f"{pending.op}: no answer from {self.address} within the timeout")
+                )
 
 
 class AsyncClient:
@@ -540,14 +576,15 @@ class AsyncClient:
         while True:
             frames = await self._socket.recv_multipart(copy=False)
             try:
-                reply, buffers = self._codec.decode([f.buffer for f in frames])
+                replies = _replies(*self._codec.decode([f.buffer for f in frames]))
             except ProtocolError:
                 continue
-            entry = self._pending.get(reply.req_id)
-            if entry is None or entry[0].done():
-                continue
-            future, op = entry
-            try:
-                future.set_result(_result(op, reply, buffers))
-            except CohortError as exc:
-                future.set_exception(exc)
+            for reply, buffers in replies:
+                entry = self._pending.get(reply.req_id)
+                if entry is None or entry[0].done():
+                    continue
+                future, op = entry
+                try:
+                    future.set_result(_result(op, reply, buffers))
+                except CohortError as exc:
+                    future.set_exception(exc)

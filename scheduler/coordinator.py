@@ -57,6 +57,8 @@ from scheduler.protocol import (
     ListModels,
     ModelInfo,
     ModelsReply,
+    Replies,
+    Requests,
     RunJob,
     RunJobs,
     SetWeights,
@@ -127,6 +129,7 @@ class Coordinator:
         self._last_snapshot = time.monotonic()
         self._snapshot_pending = False
         self.curve: CurveServer | None = None
+        self._replies: dict[bytes, list[tuple[Any, list[Any]]]] = {}
         self._polled: tuple[Any, ...] = ()
         self._poll = zmq.Poller()
         self.context: zmq.Context[Any] = zmq.Context()
@@ -210,6 +213,7 @@ class Coordinator:
         self._expire_deadlines()
         self._periodic_snapshot()
         self._dispatch()
+        self._flush_replies()
 
     def _poller(self) -> zmq.Poller:
         """The poller over the client socket and every live worker socket, rebuilt when they change."""
@@ -224,6 +228,7 @@ class Coordinator:
 
     def shutdown(self) -> None:
         """Stop every worker, remove every shared-memory segment, socket and directory."""
+        self._flush_replies()
         for w in self.workers:
             if w.socket is not None and w.state in ("ready", "starting"):
                 w.send(self.worker_codec.encode(Shutdown()))
@@ -255,25 +260,51 @@ class Coordinator:
             except zmq.Again:
                 return
             client = frames[0].bytes
-            req_id = 0
             try:
                 message, buffers = self.client_codec.decode([f.buffer for f in frames[1:]])
-                req_id = message.req_id
-                handler = self.client_handlers.get(type(message))
-                if handler is None:
-                    raise ProtocolError(f"message {type(message).__name__} is not a request")
-                handler(client, message, buffers)
             except CohortError as exc:
-                self._reply_error(client, req_id, exc)
-            except Exception as exc:  # a bad request never takes the coordinator down
-                log.exception("request failed")
-                self._reply_error(client, req_id, JobFailed(f"coordinator error: {type(exc).__name__}: {exc}"))
+                self._reply_error(client, 0, exc)
+                continue
+            if isinstance(message, Requests):
+                try:
+                    items = unbundle(message.requests, buffers)
+                except CohortError as exc:
+                    self._reply_error(client, message.req_id, exc)
+                    continue
+                for item, own in items:
+                    self._handle_request(client, item, own)
+            else:
+                self._handle_request(client, message, buffers)
+
+    def _handle_request(self, client: bytes, message: Any, buffers: list[Any]) -> None:
+        try:
+            handler = self.client_handlers.get(type(message))
+            if handler is None:
+                raise ProtocolError(f"message {type(message).__name__} is not a request")
+            handler(client, message, buffers)
+        except CohortError as exc:
+            self._reply_error(client, message.req_id, exc)
+        except Exception as exc:  # a bad request never takes the coordinator down
+            log.exception("request failed")
+            self._reply_error(client, message.req_id, JobFailed(f"coordinator error: {type(exc).__name__}: {exc}"))
 
     def _reply(self, client: bytes, message: Any, buffers: list[Any] | None = None) -> None:
-        try:
-            self.frontend.send_multipart([client, *self.client_codec.encode(message, buffers)], zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError:
-            pass  # the client has gone (ROUTER_MANDATORY) or stopped reading: nobody is left to tell
+        """Queue a reply; ``_flush_replies`` sends each client's replies of this step as one message."""
+        self._replies.setdefault(client, []).append((message, buffers or []))
+
+    def _flush_replies(self) -> None:
+        replies, self._replies = self._replies, {}
+        for client, items in replies.items():
+            if len(items) == 1:
+                message, buffers = items[0]
+            else:
+                message = Replies(0, [m for m, _ in items])
+                buffers = [b for _, own in items for b in own]
+            try:
+                self.frontend.send_multipart([client, *self.client_codec.encode(message, buffers)], zmq.NOBLOCK,
+                                             copy=False)
+            except zmq.ZMQError:
+                pass  # the client has gone (ROUTER_MANDATORY) or stopped reading: nobody is left to tell
 
     def _reply_error(self, client: bytes, req_id: int, exc: CohortError) -> None:
         self._reply(client, ErrorReply(req_id, type(exc).__name__, exc.message, exc.remote_traceback))

@@ -238,8 +238,16 @@ class StatsRequest(ClientRequest):
     pass
 
 
+class Requests(ClientRequest):
+    """Several requests in one message (a client's queue, drained at once); buffers follow request by request."""
+
+    requests: list[Union[Hello, SubmitJob, BarrierRequest, ListModels, GetWeights, SetWeights, CopyWeights,
+                         SnapshotRequest, StatsRequest]]
+
+
 ClientMessage = Union[
-    Hello, SubmitJob, BarrierRequest, ListModels, GetWeights, SetWeights, CopyWeights, SnapshotRequest, StatsRequest
+    Hello, SubmitJob, BarrierRequest, ListModels, GetWeights, SetWeights, CopyWeights, SnapshotRequest, StatsRequest,
+    Requests,
 ]
 
 
@@ -298,7 +306,13 @@ class StatsReply(Reply):
     stats: dict[str, Any]
 
 
-CoordinatorReply = Union[HelloReply, JobDone, ErrorReply, ModelsReply, Ack, WeightsReply, StatsReply]
+class Replies(Reply):
+    """Several replies to one client in one message; buffers follow reply by reply."""
+
+    replies: list[Union[HelloReply, JobDone, ErrorReply, ModelsReply, Ack, WeightsReply, StatsReply]]
+
+
+CoordinatorReply = Union[HelloReply, JobDone, ErrorReply, ModelsReply, Ack, WeightsReply, StatsReply, Replies]
 
 
 # --------------------------------------------------------------------------- coordinator <-> worker
@@ -414,18 +428,24 @@ class RunJobs(ToWorker):
 WorkerCommand = Union[InitWorker, RunJob, RunJobs, RestoreWeights, Shutdown]
 
 
-def tensor_count(message: RunJob | JobResult) -> int:
-    """How many buffers belong to one job or result inside a bundle."""
-    if isinstance(message, RunJob):
+def tensor_count(message: Any) -> int:
+    """How many buffers belong to one message inside a bundle."""
+    if isinstance(message, (RunJob, SubmitJob)):
         return len(message.inputs.metas) + len(message.targets.metas)
-    return len(message.outputs.metas)
+    if isinstance(message, (JobResult, JobDone)):
+        return len(message.outputs.metas)
+    if isinstance(message, SetWeights):
+        return len(message.weights.metas)
+    if isinstance(message, WeightsReply):
+        return len(message.weights.metas)
+    return 0
 
 
 def unbundle(items: list[Any], buffers: list[Any]) -> list[tuple[Any, list[Any]]]:
     """Split a bundle's buffers among its items; ``ProtocolError`` if they do not add up."""
     out, at = [], 0
     for item in items:
-        n = tensor_count(item) if isinstance(item, (RunJob, JobResult)) else 0
+        n = tensor_count(item)
         out.append((item, buffers[at:at + n]))
         at += n
     if at != len(buffers):

@@ -79,6 +79,8 @@ def messages(direction: str, rows: int = 4) -> list[tuple[msgspec.Struct, list[A
             (P.CopyWeights(9, "mlp/0", "mlp/3"), [], []),
             (P.SnapshotRequest(10, "ckpt/", None), [], []),
             (P.StatsRequest(11), [], []),
+            (P.Requests(0, [P.SubmitJob(12, "infer", "mlp/1", x_tree), P.ListModels(13),
+                            P.SetWeights(14, "mlp/2", d_tree)]), x_bufs + d_bufs, [x_tree, d_tree]),
         ]
     if direction == "coordinator->client":
         infos = [P.ModelInfo(f"mlp/{i}", "mlp", i, i % 2, 3, "cpu") for i in range(3)]
@@ -92,6 +94,8 @@ def messages(direction: str, rows: int = 4) -> list[tuple[msgspec.Struct, list[A
             (P.Ack(7), [], []),
             (P.WeightsReply(8, d_tree), d_bufs, [d_tree]),
             (P.StatsReply(9, {"workers": [{"id": 0, "queue": 2}], "jobs_per_s": 1.5, "mps": None}), [], []),
+            (P.Replies(0, [P.JobDone(10, x_tree), P.ErrorReply(11, "Overloaded", "later"), P.WeightsReply(12, d_tree)]),
+             x_bufs + d_bufs, [x_tree, d_tree]),
         ]
     if direction == "coordinator->worker":
         return [
