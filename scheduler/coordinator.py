@@ -283,6 +283,8 @@ class Coordinator:
                 raise ProtocolError(f"message {type(message).__name__} is not a request")
             handler(client, message, buffers)
         except CohortError as exc:
+            if isinstance(message, SubmitJob):
+                self.stats.record_rejected(type(exc).__name__)
             self._reply_error(client, message.req_id, exc)
         except Exception as exc:  # a bad request never takes the coordinator down
             log.exception("request failed")

@@ -27,8 +27,16 @@ class JobStats:
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     finish_times: deque[float] = field(default_factory=deque)
 
+    rejected: int = 0
+    rejected_errors: Counter[str] = field(default_factory=Counter)
+
     def record_submit(self) -> None:
         self.submitted += 1
+
+    def record_rejected(self, error: str) -> None:
+        """A job refused before it was queued (bad input, unknown model, overloaded)."""
+        self.rejected += 1
+        self.rejected_errors[error] += 1
 
     def record_finish(self, models: list[str], latency_s: float, error: str | None) -> None:
         now = time.monotonic()
@@ -58,7 +66,8 @@ class JobStats:
     def summary(self, uptime_s: float) -> dict[str, object]:
         return {
             "jobs": {"submitted": self.submitted, "completed": self.completed, "failed": self.failed,
-                     "errors": dict(self.errors)},
+                     "errors": dict(self.errors), "rejected": self.rejected,
+                     "rejected_errors": dict(self.rejected_errors)},
             "jobs_per_s": round(self.jobs_per_s(uptime_s), 3),
             "latency_ms": self.latency_ms(),
         }

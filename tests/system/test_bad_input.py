@@ -210,3 +210,16 @@ def test_load_config_error_is_config_error(tmp_path) -> None:
 
 def test_protocol_error_class_is_public() -> None:
     assert issubclass(ProtocolError, Exception)
+
+
+def test_rejected_jobs_are_counted_by_error(running) -> None:
+    with running.client(timeout=10) as c:
+        before = c.stats()["jobs"]
+        with pytest.raises(UnknownModel):
+            c.infer("nope/0", torch.randn(2, 8))
+        with pytest.raises(BadInput):
+            c.infer("mlp/0", torch.randn(2, 3))
+        after = c.stats()["jobs"]
+    assert after["rejected"] == before["rejected"] + 2
+    assert after["rejected_errors"].get("UnknownModel", 0) == before["rejected_errors"].get("UnknownModel", 0) + 1
+    assert after["submitted"] == before["submitted"]
