@@ -53,7 +53,8 @@ def test_job_stats_counts(monkeypatch: pytest.MonkeyPatch) -> None:
     assert set(lat) == {"p50", "p90", "p99"}
     assert lat["p50"] == 30.0 and lat["p99"] == 50.0 and lat["p50"] <= lat["p90"] <= lat["p99"]
     summary = st.summary(uptime_s=100.0)
-    assert summary["jobs"] == {"submitted": 5, "completed": 2, "failed": 3, "errors": {"BadInput": 2, "WorkerDied": 1}}
+    assert summary["jobs"] == {"submitted": 5, "completed": 2, "failed": 3, "errors": {"BadInput": 2, "WorkerDied": 1},
+                               "rejected": 0, "rejected_errors": {}}
     assert summary["jobs_per_s"] == 0.5  # 5 jobs over the 10 s window
     assert summary["latency_ms"] == lat
 
