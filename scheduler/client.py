@@ -20,7 +20,6 @@ import queue
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -186,7 +185,9 @@ class Client:
         message, buffers = _job_request(req_id, op, target, inputs, targets, t)
         self._check_size(buffers, t)
         future = self._send(req_id, message, buffers, op, t)
-        self._unanswered().append(future)
+        counts = self._counts()
+        counts[0] += 1
+        future.add_done_callback(lambda _: counts.__setitem__(1, counts[1] + 1))
         return future
 
     def _job(self, op: str, target: str, inputs: Any, targets: Any, timeout: float | None) -> Any:
@@ -288,10 +289,8 @@ class Client:
         """A blocking call: on this thread's own socket when that keeps order, else through the queue."""
         if self._closed:
             raise ProtocolError("the client is closed")
-        unanswered = self._unanswered()
-        while unanswered and unanswered[0].done():
-            unanswered.popleft()
-        if unanswered:
+        counts = self._counts()
+        if counts[0] != counts[1]:
             return self._wait(self._send(req_id, message, buffers, op, timeout), timeout)
         direct = self._direct()
         socket, codec = direct.socket, direct.codec
@@ -310,13 +309,14 @@ class Client:
                 if reply.req_id == req_id:  # anything else is a late answer to a call that timed out
                     return _result(op, reply, reply_buffers)
 
-    def _unanswered(self) -> deque[Future[Any]]:
-        """Futures this thread submitted that may not be answered yet, oldest first."""
+    def _counts(self) -> list[int]:
+        """This thread's futures: ``[submitted, answered]``; only this thread writes the first,
+        only the I/O thread (through done callbacks) the second, so no lock is needed."""
         try:
-            return self._local.unanswered
+            return self._local.counts
         except AttributeError:
-            self._local.unanswered = deque()
-            return self._local.unanswered
+            self._local.counts = [0, 0]
+            return self._local.counts
 
     def _direct(self) -> _DirectSocket:
         """This thread's own socket; closed when the thread ends or the client closes."""

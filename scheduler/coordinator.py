@@ -172,6 +172,9 @@ class Coordinator:
         self.frontend.setsockopt(zmq.LINGER, 0)
         self.frontend.setsockopt(zmq.MAXMSGSIZE, self.cc.max_message_bytes + (1 << 20))
         self.frontend.setsockopt(zmq.RCVHWM, 0)
+        # A client that reads late must still get every answer: with a send limit ROUTER would
+        # drop them. What is queued is bounded by the jobs admitted (max_queued) and the requests.
+        self.frontend.setsockopt(zmq.SNDHWM, 0)
         if self.cc.curve_secret_key:
             self.curve = CurveServer(self.context, self.cc.curve_secret_key, self.cc.curve_allowed_keys)
             self.curve.apply(self.frontend)
@@ -193,7 +196,10 @@ class Coordinator:
                     raise StartupError(f"worker {w.id} exited with code {code} during start-up (its output is above)")
 
     def _spawn(self, w: WorkerHandle) -> None:
-        w.spawn(self.context, self.run_dir, self.run_id, self.mps.worker_env(self.cc.workers))
+        env = self.mps.worker_env(self.cc.workers)
+        if "OMP_NUM_THREADS" not in os.environ:  # workers share the cores instead of each taking all
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.cc.workers))
+        w.spawn(self.context, self.run_dir, self.run_id, env)
 
     def request_stop(self, *_: Any) -> None:
         self.stopping = True
@@ -353,12 +359,19 @@ class Coordinator:
         self.stats.record_submit()
 
     def _admit(self, models: list[ModelKey]) -> None:
+        for m in models:
+            w = self.workers[self.weights.location[m].worker] if m in self.weights.location else self._holder(m)
+            if w.state == "failed":
+                raise WorkerDied(f"model {m[0]}/{m[1]} is on worker {w.id}, which kept crashing and is not restarted")
         if len(self.jobs) >= self.cc.max_queued:
             raise Overloaded(f"{len(self.jobs)} jobs queued or in flight (bound {self.cc.max_queued}); retry later")
         for m in models:
             if self.queued_per_model[m] >= self.cc.max_queued_per_model:
                 raise Overloaded(f"model {m[0]}/{m[1]} has {self.queued_per_model[m]} jobs queued (bound "
                                  f"{self.cc.max_queued_per_model}); retry later")
+
+    def _holder(self, model: ModelKey) -> WorkerHandle:
+        return next(w for w in self.workers for b in w.blocks if b.group == model[0] and model[1] in b.indices)
 
     def _split(self, job: Job, msg: SubmitJob, inputs: list[Any], targets: list[Any], stacked: int | None) -> None:
         """One part per worker holding some of the job's models."""
@@ -691,6 +704,7 @@ class Coordinator:
         w.deaths = [t for t in w.deaths if now - t < RESTART_WINDOW_S] + [now]
         if len(w.deaths) > MAX_RESTARTS:  # a crash loop: restarting again would only fail again
             log.error("worker %d died %d times in %.0f s; not restarting it", w.id, len(w.deaths), RESTART_WINDOW_S)
+            w.state = "failed"
             for part in list(w.pending):
                 self._finish_part(part, None, WorkerDied(f"worker {w.id} is down after {w.restarts} failures"))
             w.pending.clear()
@@ -747,7 +761,8 @@ class Coordinator:
 
     def _send_parts(self, w: WorkerHandle, parts: list[Part]) -> bool:
         """One message for every part sent to a worker in this step: one system call, one wake-up."""
-        commands = [RunJob(p.job.id, p.job.op, p.job.group, p.slots, p.inputs, p.targets) for p in parts]
+        commands = [RunJob(p.job.id, p.job.op, p.job.group, p.slots, p.inputs, p.targets, p.job.deadline)
+                    for p in parts]
         buffers = [b for p in parts for b in p.buffers]
         message = commands[0] if len(commands) == 1 else RunJobs(commands)
         if not w.send(self.worker_codec.encode(message, buffers)):

@@ -407,6 +407,9 @@ class RunJob(ToWorker):
     slots: list[int]
     inputs: TensorTree
     targets: TensorTree = NO_TENSORS
+    # The job's deadline on time.monotonic(), which on Linux is one clock for every process
+    # of the machine: coordinator and workers always share one machine.
+    deadline: float | None = None
 
 
 class RestoreWeights(ToWorker):

@@ -10,6 +10,7 @@ memory, and ``poll`` checks CUDA events, so the worker's loop never blocks on th
 
 from __future__ import annotations
 
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from scheduler.errors import BadInput, CohortError, JobFailed
+from scheduler.errors import BadInput, CohortError, JobFailed, JobTimeout
 from scheduler.protocol import RunJob, TensorTree, check_buffers
 from workers.batching import Ready, plan, run_joined
 from workers.execute import GroupRuntime, index_rows
@@ -71,6 +72,12 @@ def check_job(runtime: GroupRuntime, op: str, slots: list[int], inputs: Any, tar
         output = runtime.output_meta(first)
         for target in (targets.unbind(0) if stacked else (targets,)):
             check_target(runtime.spec.loss, output, target)
+
+
+def check_deadline(job: RunJob) -> None:
+    """A job whose deadline passed while it waited in the worker is not run."""
+    if job.deadline is not None and time.monotonic() > job.deadline:
+        raise JobTimeout(f"job passed its deadline by {time.monotonic() - job.deadline:.3f} s before it started")
 
 
 def failure(job_id: int, exc: BaseException) -> Finished:
@@ -147,6 +154,7 @@ class SyncExecutor:
                 self._run_one(job)
 
     def _prepare(self, job: RunJob, buffers: list[Any]) -> Ready:
+        check_deadline(job)
         runtime = self.runtimes[job.group]
         n_in = len(job.inputs.metas)
         inputs = decode_into(job.inputs, buffers[:n_in], False)
@@ -209,6 +217,7 @@ class StreamExecutor:
             self._done.append(failure(job.job_id, exc))
 
     def _enqueue(self, job: RunJob, buffers: list[Any]) -> None:
+        check_deadline(job)
         runtime = self.runtimes[job.group]
         n_in = len(job.inputs.metas)
         host_inputs = decode_into(job.inputs, buffers[:n_in], True)
