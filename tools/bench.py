@@ -2,6 +2,7 @@
 """Benchmark: what users would do otherwise, against cohort, on the same workloads in one run.
 
     python tools/bench.py [--quick] [--out FILE.json] [--workload NAME ...] [--mode NAME ...]
+                          [--repeat N] [--device auto|cpu|cuda]
 
 Workloads (``--workload``, default all): w1_mlp_infer, w1_scaling, w2_cnn_train,
 w3_transformer_train, control_plane. Modes (``--mode``, default all), each on the
@@ -19,6 +20,8 @@ Writes FILE.json (default docs/bench/<date>-<device>.json), FILE.md (a table for
 README) and FILE.png (when matplotlib is installed: ``pip install 'cohort[bench]'``).
 Progress goes to stderr, one line per mode. A mode that fails is recorded with its
 error and the run goes on; every process it starts is stopped before it exits.
+``--repeat N`` (default 2; 1 with --quick) runs every workload N times and keeps each
+mode's best run: other load on a shared machine only ever slows a run down.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import signal
 import sys
@@ -40,7 +44,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `tools`, `scheduler` and 
     sys.path.insert(0, str(ROOT))
 
 # Only light imports up here: spawned benchmark processes re-import this file.
-from tools.bench_measure import Result, describe, error, with_gpu_metrics  # noqa: E402
+from tools.bench_measure import Result, best_of, describe, error, release, with_gpu_metrics  # noqa: E402
 
 MODES = (
     "sequential",
@@ -51,14 +55,22 @@ MODES = (
     "cohort_per_model",
     "cohort_fused",
 )
+FULL_REPEAT = 2  # a full run takes each mode's best of two
 WORKLOADS = ("w1_mlp_infer", "w1_scaling", "w2_cnn_train", "w3_transformer_train", "control_plane")
 
 Progress = Callable[[str, str, Result], None]
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="bench.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="small sizes and few steps: a smoke run of about a minute")
     parser.add_argument("--out", help="JSON file to write (.md and .png go beside it); default docs/bench/<date>-<device>.json")
@@ -66,8 +78,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"workloads to run (default all): {', '.join(WORKLOADS)}")
     parser.add_argument("--mode", nargs="+", action="extend", choices=MODES, metavar="NAME",
                         help=f"modes to run (default all): {', '.join(MODES)}")
+    parser.add_argument("--repeat", type=_positive, metavar="N",
+                        help="run each workload N times and keep each mode's best; damps other load on the "
+                             f"machine (default {FULL_REPEAT}, or 1 with --quick)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else FULL_REPEAT
+    return args
 
 
 def resolve_device(name: str) -> str:
@@ -141,24 +159,51 @@ def workload_record(workload: Any) -> dict[str, Any]:
     }
 
 
-def run_workload(workload: Any, device: str, modes: list[str], quick: bool, progress: Progress) -> dict[str, Any]:
-    """Every asked-for mode on one workload, baselines first, then cohort on one coordinator."""
+def run_workloads(workloads: list[Any], device: str, modes: list[str], quick: bool, progress: Progress) -> list[dict[str, Any]]:
+    """Every asked-for mode on workloads that go together (the K sweep): the baselines of
+    each, then cohort on one coordinator holding all of them, one group per workload."""
     from tools.bench_cohort import COHORT_MODES, run_cohort
-    from tools.bench_report import add_ratios
 
     runners = baseline_runners(quick)
-    results: dict[str, Result] = {}
-    for mode in (m for m in modes if m in runners):
-        began = time.monotonic()
-        results[mode] = attempt(lambda: with_gpu_metrics(device, lambda: runners[mode](workload, device)))
-        results[mode]["mode_s"] = time.monotonic() - began
-        progress(workload.name, mode, results[mode])
+    results: dict[str, dict[str, Result]] = {w.name: {} for w in workloads}
+    for workload in workloads:
+        for mode in (m for m in modes if m in runners):
+            began = time.monotonic()
+            result = attempt(lambda: with_gpu_metrics(device, lambda: runners[mode](workload, device)))  # noqa: B023
+            result["mode_s"] = time.monotonic() - began
+            release(device)
+            results[workload.name][mode] = result
+            progress(workload.name, mode, result)
     cohort_modes = [m for m in modes if m in COHORT_MODES]
     if cohort_modes:
-        results.update(run_cohort(workload, device, cohort_modes, lambda m, r: progress(workload.name, m, r)))
-    ordered = {mode: results[mode] for mode in MODES if mode in results}
-    add_ratios(ordered)
-    return {**workload_record(workload), "modes": ordered}
+        for name, by_mode in run_cohort(workloads, device, cohort_modes, progress).items():
+            results[name].update(by_mode)
+    return [
+        {**workload_record(w), "modes": {m: results[w.name][m] for m in MODES if m in results[w.name]}}
+        for w in workloads
+    ]
+
+
+def repeated(run_once: Callable[[Progress], Any], repeat: int, progress: Progress) -> list[Any]:
+    """``run_once`` ``repeat`` times; progress lines say which repeat when there are several."""
+    if repeat == 1:
+        return [run_once(progress)]
+    return [
+        run_once(lambda w, m, r, i=i: progress(f"{w} {i + 1}/{repeat}", m, r))
+        for i in range(repeat)
+    ]
+
+
+def merge_workload_runs(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Repeats of the same workloads as one record each: every mode's best repeat, then ratios."""
+    from tools.bench_report import add_ratios
+
+    records = []
+    for index, first in enumerate(runs[0]):
+        modes = {mode: best_of([run[index]["modes"][mode] for run in runs]) for mode in first["modes"]}
+        add_ratios(modes)
+        records.append({**first, "modes": modes})
+    return records
 
 
 def clean(value: Any) -> Any:
@@ -186,14 +231,26 @@ def command_line(argv: list[str] | None) -> str:
     return shlex.join(["python", str(shown), *args])
 
 
+def environment() -> dict[str, Any]:
+    """Settings that move the figures: thread counts, OpenMP's wait policy, the load before the run."""
+    import torch
+
+    return {
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
 def default_out(date: str, label: str) -> Path:
     return ROOT / "docs" / "bench" / f"{date}-{label}.json"
 
 
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
-    from tools.bench_control import run_control_plane
+    from tools.bench_control import merge_control_runs, run_control_plane
     from tools.bench_report import device_label, render_markdown, system_info, write_plot
-    from tools.bench_workloads import ControlPlane, select
+    from tools.bench_workloads import ControlPlane, all_workloads
 
     started = time.monotonic()
     progress = progress_printer(started)
@@ -208,19 +265,29 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "started_at": now.isoformat(timespec="seconds"),
         "command": command,
         "quick": args.quick,
+        "repeat": args.repeat,
         "device": device,
         **info,
+        "environment": environment(),
         "modes": modes,
         "workloads": [],
     }
     print(f"[bench] {device} ({info['machine']['cpu_model']}, {info['machine']['cores']} cores) -> {out}", file=sys.stderr)
-    for workload in select(args.workload, args.quick):
-        if isinstance(workload, ControlPlane):
-            report["control_plane"] = run_control_plane(workload, device, lambda n, r: progress("control_plane", n, r))
+    table = all_workloads(args.quick)
+    for name in dict.fromkeys(args.workload or WORKLOADS):
+        items = table[name]
+        if isinstance(items[0], ControlPlane):
+            runs = repeated(
+                lambda show: run_control_plane(items[0], device, lambda n, r: show(name, n, r)),  # noqa: B023
+                args.repeat, progress,
+            )
+            report["control_plane"] = merge_control_runs(runs)
         else:
-            report["workloads"].append(run_workload(workload, device, modes, args.quick, progress))
+            runs = repeated(lambda show: run_workloads(items, device, modes, args.quick, show), args.repeat, progress)  # noqa: B023
+            report["workloads"] += merge_workload_runs(runs)
         report["duration_s"] = time.monotonic() - started
         write_json(report, out)  # after every workload: a crash late in a long run keeps the rest
+    report["environment"]["load_average_at_end"] = list(os.getloadavg())
     markdown, plot = out.with_suffix(".md"), out.with_suffix(".png")
     markdown.write_text(render_markdown(report))
     report["artifacts"] = {"json": str(out), "markdown": str(markdown), "plot": write_plot(report, plot)}

@@ -103,26 +103,27 @@ def _times(value: Any) -> str:
     return DASH if value is None else f"{value:.2f}×"
 
 
-def _mode_row(label: str, count: str, mode: str, result: Result) -> str:
+def _mode_row(label: str, count: str, mode: str, result: Result, gpu_column: bool) -> str:
     if result.get("status") != "ok":
         reason = str(result.get("reason", "")).replace("|", "/")
-        return f"| {label} | {count} | {mode} | {result.get('status')}: {reason} | | | | | |"
-    gpu = result.get("gpu") or {}
-    util = _number(gpu.get("mean_util_pct")) if gpu else DASH
-    memory = _number(gpu.get("peak_memory_mib"), 0) if gpu else DASH
-    return (
+        return f"| {label} | {count} | {mode} | {result.get('status')}: {reason} | | | | |" + (" |" if gpu_column else "")
+    row = (
         f"| {label} | {count} | {mode} | {_number(result['throughput'])} {result['unit']} | "
         f"{_number(result['p50_ms'], 2)} | {_number(result['p99_ms'], 2)} | "
-        f"{_times(result.get('vs_sequential'))} | {_times(result.get('vs_vmap'))} | {util} / {memory} |"
+        f"{_times(result.get('vs_sequential'))} | {_times(result.get('vs_vmap'))} |"
     )
+    if gpu_column:
+        gpu = result.get("gpu") or {}
+        row += f" {_number(gpu.get('mean_util_pct'))} / {_number(gpu.get('peak_memory_mib'), 0)} |" if gpu else f" {DASH} |"
+    return row
 
 
-def _workload_rows(workload: dict[str, Any]) -> list[str]:
+def _workload_rows(workload: dict[str, Any], gpu_column: bool) -> list[str]:
     rows = []
     label = f"{workload['name']} ({workload['task']}, batch {workload['batch']})"
     for index, (mode, result) in enumerate(workload["modes"].items()):
         first = index == 0
-        rows.append(_mode_row(label if first else "", str(workload["count"]) if first else "", mode, result))
+        rows.append(_mode_row(label if first else "", str(workload["count"]) if first else "", mode, result, gpu_column))
     return rows
 
 
@@ -132,10 +133,13 @@ def _checks(workloads: list[dict[str, Any]]) -> list[str]:
         for mode, result in workload["modes"].items():
             check = result.get("check")
             if check and mode.startswith("cohort"):
-                verdict = "matches" if check["ok"] else "DIFFERS FROM"
+                if "max_abs_diff" not in check:
+                    lines.append(f"- {workload['name']}: cohort's results could not be checked: {check.get('error')}.")
+                    break
+                verdict = "match" if check["ok"] else "DIFFER from"
                 lines.append(
                     f"- {workload['name']}: cohort's {check['compared']} {verdict} {check['against']}"
-                    f" (max abs diff {check['max_abs_diff']:.2e})."
+                    f" (max abs diff {check['max_abs_diff']:.1e})."
                 )
                 break
     return lines
@@ -173,6 +177,18 @@ def _control_plane(cp: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _environment_lines(env: dict[str, Any] | None) -> list[str]:
+    if not env:
+        return []
+    loads = [env.get("load_average_at_start"), env.get("load_average_at_end")]
+    load_text = " and ".join(f"{load[0]:.2f}" for load in loads if load)
+    return [
+        f"- Settings: OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY') or 'unset'}; {env.get('torch_threads')} torch threads in one process,"
+        " shared out among processes where a mode has several. 1-minute load average at start and end: "
+        f"{load_text or DASH}."
+    ]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The run as a Markdown section for the README: context, one table per part, the command."""
     machine, versions, gpu = report["machine"], report["versions"], report.get("gpu")
@@ -185,21 +201,23 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Machine: {machine['cpu_model']}, {machine['cores']} cores, {machine['ram_gib']} GiB RAM; GPU: {gpu_text}.",
         f"- Versions: cohort {versions['cohort']}, torch {versions['torch']}, Python {versions['python']}, "
         f"pyzmq {versions['pyzmq']} (libzmq {versions['libzmq']}).",
-        "- Throughput counts samples (K models × batch) per second over the timed steps; warm-up excluded.",
+        *_environment_lines(report.get("environment")),
+        "- Throughput counts samples (K models × batch) per second over the timed steps; warm-up excluded"
+        + (f"; each figure the best of {report['repeat']} runs." if report.get("repeat", 1) > 1 else "."),
         "  A step is one pass of every model; p50/p99 are step latencies. "
         "× columns divide by `sequential` and by the raw in-process `vmap` reference.",
         "",
     ]
     workloads = report.get("workloads", [])
     if workloads:
-        lines += [
-            "## Workloads",
-            "",
-            "| Workload | K | Mode | Throughput | p50 ms | p99 ms | × sequential | × vmap | GPU util % / MiB |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|",
-        ]
+        gpu_column = any(r.get("gpu") for w in workloads for r in w["modes"].values())
+        header = "| Workload | K | Mode | Throughput | p50 ms | p99 ms | × sequential | × vmap |"
+        rule = "|---|---:|---|---:|---:|---:|---:|---:|"
+        if gpu_column:
+            header, rule = header + " GPU util % / peak MiB |", rule + "---:|"
+        lines += ["## Workloads", "", header, rule]
         for workload in workloads:
-            lines += _workload_rows(workload)
+            lines += _workload_rows(workload, gpu_column)
         checks = _checks(workloads)
         if checks:
             lines += ["", *checks]

@@ -94,7 +94,7 @@ def _mlp_infer(name: str, count: int, quick: bool) -> Workload:
         optimizer={"name": "sgd", "lr": 0.01},
         warmup=3 if quick else 10,
         steps=20 if quick else 200,
-        budget_s=0.5 if quick else 8.0,
+        budget_s=0.5 if quick else 5.0,
     )
 
 
@@ -113,8 +113,8 @@ def _cnn_train(quick: bool) -> Workload:
         loss="cross_entropy",
         optimizer={"name": "sgd", "lr": 0.01},
         warmup=1 if quick else 3,
-        steps=3 if quick else 50,
-        budget_s=1.0 if quick else 15.0,
+        steps=3 if quick else 100,
+        budget_s=1.0 if quick else 20.0,
     )
 
 
@@ -133,8 +133,8 @@ def _transformer_train(quick: bool) -> Workload:
         loss="cross_entropy",  # cohort's builtin: [B, T, V] logits with [B, T] targets
         optimizer={"name": "adam", "lr": 1e-3},
         warmup=1 if quick else 3,
-        steps=4 if quick else 50,
-        budget_s=1.0 if quick else 15.0,
+        steps=4 if quick else 100,
+        budget_s=1.0 if quick else 20.0,
     )
 
 
@@ -145,7 +145,7 @@ def _control_plane(quick: bool) -> ControlPlane:
         pipelined=500 if quick else 20000,
         window=64,
         warmup=20 if quick else 200,
-        budget_s=1.0 if quick else 8.0,
+        budget_s=1.0 if quick else 6.0,
     )
 
 

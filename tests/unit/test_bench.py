@@ -11,13 +11,13 @@ import math
 import random
 import sys
 import time
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,8 +28,8 @@ from scheduler.config import parse_config  # noqa: E402
 from tools import bench  # noqa: E402
 from tools.bench_baselines import process_count, shards  # noqa: E402
 from tools.bench_cohort import config_text, group_table, toml_value  # noqa: E402
-from tools.bench_control import control_ratios, pipelined, round_trips  # noqa: E402
-from tools.bench_measure import MIN_STEPS, measure_steps, ok, percentile, skipped  # noqa: E402
+from tools.bench_control import control_ratios, merge_control_runs, pipelined, round_trips  # noqa: E402
+from tools.bench_measure import MIN_STEPS, best_of, measure_steps, ok, percentile, skipped  # noqa: E402
 from tools.bench_report import add_ratios, device_label, render_markdown, write_plot  # noqa: E402
 from tools.bench_vmap import StackedEnsemble  # noqa: E402
 from tools.bench_workloads import all_workloads, build_models, make_batches, make_optimizer, select  # noqa: E402
@@ -111,6 +111,38 @@ def test_control_ratios_and_goals() -> None:
     assert broken["cohort_jobs_s_over_pool_jobs_s"] is None
 
 
+def test_best_of_keeps_the_fastest_repeat_and_every_figure() -> None:
+    runs = [ok(100.0, "samples/s", [0.02], 1.0), {"status": "error", "reason": "x"}, ok(300.0, "samples/s", [0.01], 1.0)]
+    best = best_of(runs)
+    assert best["throughput"] == 300.0 and best["p50_ms"] == pytest.approx(10.0)
+    assert best["repeats"] == [100.0, "error", 300.0]
+    assert "repeats" not in best_of(runs[:1])
+    assert best_of([skipped("no GPU"), skipped("no GPU")]) == skipped("no GPU")
+
+
+def test_repeated_workloads_merge_then_ratios() -> None:
+    def run(sequential: float, fused: float) -> list[dict[str, Any]]:
+        modes = {"sequential": ok(sequential, "samples/s", [0.01], 1.0), "cohort_fused": ok(fused, "samples/s", [0.01], 1.0)}
+        return [{"name": "w", "count": 2, "modes": modes}]
+
+    [merged] = bench.merge_workload_runs([run(100.0, 500.0), run(200.0, 300.0)])
+    assert merged["modes"]["sequential"]["throughput"] == 200.0
+    assert merged["modes"]["cohort_fused"]["throughput"] == 500.0
+    assert merged["modes"]["cohort_fused"]["vs_sequential"] == pytest.approx(2.5)
+
+
+def test_control_plane_repeats_keep_each_best_figure() -> None:
+    def run(p50: float, jobs: float) -> dict[str, Any]:
+        systems = {name: {**_system(p50, jobs), "pipelined_jobs": 10} for name in ("cohort", "zmq_echo", "process_pool")}
+        return {"payload_bytes": 64, "window": 8, "systems": systems, "ratios": control_ratios(systems)}
+
+    merged = merge_control_runs([run(0.5, 1000.0), run(0.3, 800.0)])
+    cohort = merged["systems"]["cohort"]
+    assert cohort["p50_ms"] == 0.3 and cohort["p99_ms"] == 0.6 and cohort["jobs_s"] == 1000.0
+    assert cohort["repeats"] == [{"p50_ms": 0.5, "jobs_s": 1000.0}, {"p50_ms": 0.3, "jobs_s": 800.0}]
+    assert merged["ratios"]["cohort_p50_over_echo_p50"] == pytest.approx(1.0)
+
+
 # ---------------------------------------------------------------------- markdown
 
 
@@ -148,6 +180,8 @@ def test_markdown_has_the_command_every_mode_and_the_control_plane() -> None:
     assert "| cohort p50 / echo p50 | 5.00 | ≤ 1.5 | no |" in text
     assert "| cohort jobs/s / pool jobs/s | 0.50 | ≥ 1.5 | no |" in text
     assert "OMP_WAIT_POLICY=PASSIVE" in text
+    assert "best of" not in text
+    assert "each figure the best of 3 runs" in render_markdown({**_report(), "repeat": 3})
 
 
 def test_markdown_tables_have_consistent_columns() -> None:
@@ -203,6 +237,10 @@ def test_command_line_choices() -> None:
         bench.parse_args(["--workload", "nope"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--mode", "nope"])
+    assert bench.parse_args(["--quick"]).repeat == 1 and bench.parse_args([]).repeat == bench.FULL_REPEAT
+    assert bench.parse_args(["--repeat", "3"]).repeat == 3
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--repeat", "0"])
 
 
 def test_every_workload_name_is_selectable() -> None:
