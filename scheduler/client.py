@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -29,10 +30,12 @@ import msgspec
 import torch
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
 from scheduler import __version__
 from scheduler.config import ADDRESS_ENV, DEFAULT_ADDRESS
 from scheduler.errors import BadInput, CohortError, JobTimeout, ProtocolError, error_from_wire
+from scheduler.link import DROPPED, Link, dealer
 from scheduler.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Ack,
@@ -122,13 +125,16 @@ def _replies(reply: Any, buffers: list[Any]) -> list[tuple[Any, list[Any]]]:
 
 
 class _DirectSocket:
-    """A calling thread's own socket; dropped with the thread's locals when the thread ends."""
+    """A calling thread's own link; dropped with the thread's locals when the thread ends."""
 
-    __slots__ = ("__weakref__", "codec", "socket")
+    __slots__ = ("__weakref__", "codec", "link", "poller")
 
-    def __init__(self, socket: zmq.Socket[Any], codec: Any) -> None:
-        self.socket = socket
+    def __init__(self, link: Link, codec: Any) -> None:
+        self.link = link
         self.codec = codec
+        self.poller = zmq.Poller()
+        self.poller.register(link.socket, zmq.POLLIN)
+        self.poller.register(link.monitor, zmq.POLLIN)
 
 
 def check_address(address: str) -> str:
@@ -139,12 +145,13 @@ def check_address(address: str) -> str:
 
 
 class _Pending:
-    __slots__ = ("deadline", "future", "op")
+    __slots__ = ("deadline", "future", "op", "sent")
 
     def __init__(self, future: Future[Any], op: str, deadline: float) -> None:
         self.future = future
         self.op = op
         self.deadline = deadline
+        self.sent = False  # on a connection: lost with it if that connection drops
 
 
 class Client:
@@ -266,7 +273,7 @@ class Client:
         self._thread.join(timeout=5)
         with self._direct_lock:
             for direct in list(self._direct_sockets):
-                direct.socket.close(linger=0)
+                direct.link.close()
             self._direct_sockets.clear()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -293,21 +300,41 @@ class Client:
         if counts[0] != counts[1]:
             return self._wait(self._send(req_id, message, buffers, op, timeout), timeout)
         direct = self._direct()
-        socket, codec = direct.socket, direct.codec
-        socket.send_multipart(codec.encode(message, buffers), copy=False)
+        link, codec = direct.link, direct.codec
         deadline = time.monotonic() + timeout
+        link.dropped()  # a drop before this call is no news to it
+        if not link.send(codec.encode(message, buffers), deadline):
+            raise JobTimeout(f"{op}: could not reach the coordinator at {self.address} within {timeout} s; is it running?")
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not socket.poll(int(remaining * 1000) + 1):
+            events = dict(direct.poller.poll(int(remaining * 1000) + 1)) if remaining > 0 else {}
+            if not events:
                 raise JobTimeout(f"{op}: no answer from {self.address} within {timeout} s")
-            frames = socket.recv_multipart(copy=False)
+            found, result = self._take_reply(link.socket, codec, req_id, op)
+            if found:
+                return result
+            if link.monitor in events and link.dropped():
+                found, result = self._take_reply(link.socket, codec, req_id, op)  # it may have come just before
+                if found:
+                    return result
+                raise ProtocolError(f"{op}: the connection to the coordinator at {self.address} dropped while the "
+                                    "call was in flight (did it stop or restart?); the job may or may not have run")
+
+    @staticmethod
+    def _take_reply(socket: zmq.Socket[Any], codec: Any, req_id: int, op: str) -> tuple[bool, Any]:
+        """Read every reply waiting; ``(True, result)`` once the one for ``req_id`` is among them."""
+        while True:
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return False, None
             try:
                 replies = _replies(*codec.decode([f.buffer for f in frames]))
             except ProtocolError:
                 continue
             for reply, reply_buffers in replies:
                 if reply.req_id == req_id:  # anything else is a late answer to a call that timed out
-                    return _result(op, reply, reply_buffers)
+                    return True, _result(op, reply, reply_buffers)
 
     def _counts(self) -> list[int]:
         """This thread's futures: ``[submitted, answered]``; only this thread writes the first,
@@ -322,12 +349,12 @@ class Client:
         """This thread's own socket; closed when the thread ends or the client closes."""
         direct = getattr(self._local, "direct", None)
         if direct is None:
-            socket = self._socket()
-            direct = _DirectSocket(socket, client_codec())
-            weakref.finalize(direct, socket.close, 0)
+            link = Link(self._context, self.address, self.curve)
+            direct = _DirectSocket(link, client_codec())
+            weakref.finalize(direct, link.close)
             with self._direct_lock:
                 if self._closed:
-                    socket.close(linger=0)
+                    link.close()
                     raise ProtocolError("the client is closed")
                 self._direct_sockets.add(direct)
             self._local.direct = direct
@@ -351,69 +378,93 @@ class Client:
         except FutureTimeout:
             raise JobTimeout(f"no answer from {self.address} within {t} s") from None
 
-    def _socket(self) -> zmq.Socket[Any]:
-        socket = self._context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.LINGER, 0)
-        if self.curve is not None:
-            self.curve.apply(socket)
-        socket.connect(self.address)
-        return socket
-
     def _io_loop(self) -> None:
-        socket = self._socket()
+        """Each pass: take new requests, send what a live connection will take, read replies,
+        fail calls lost with a dropped connection, expire calls past their deadline."""
+        link = Link(self._context, self.address, self.curve)
         poller = zmq.Poller()
-        poller.register(socket, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(link.monitor, zmq.POLLIN)
+        unsent: deque[tuple[int, msgspec.Struct, list[Any]]] = deque()
+        running = True
         try:
-            while True:
-                timeout = self._next_deadline_ms()
-                events = dict(poller.poll(timeout))
-                if self._wake_r in events and not self._drain_outbox(socket):
-                    break
-                if socket in events:
-                    self._drain_replies(socket)
+            while running:
+                # Wait for the socket to take more only while something waits to go.
+                poller.register(link.socket, zmq.POLLIN | (zmq.POLLOUT if unsent else 0))
+                events = dict(poller.poll(self._next_deadline_ms()))
+                if self._wake_r in events:
+                    running = self._take_outbox(unsent)
+                self._send_unsent(link, unsent)
+                if link.socket in events:
+                    self._drain_replies(link.socket)
+                if link.monitor in events and link.dropped():
+                    self._drain_replies(link.socket)  # answers that came just before the drop
+                    self._fail_sent("the connection to the coordinator at {} dropped while the call was in flight "
+                                    "(did it stop or restart?); the job may or may not have run")
                 self._expire()
         finally:
             for p in self._pending.values():
                 if not p.future.done():
                     p.future.set_exception(ProtocolError("the client was closed before the answer came"))
             self._pending.clear()
-            socket.close(linger=0)
+            link.close()
 
-    def _drain_outbox(self, socket: zmq.Socket[Any]) -> bool:
+    def _take_outbox(self, unsent: deque[tuple[int, msgspec.Struct, list[Any]]]) -> bool:
+        """Move new requests to ``unsent``; False once ``close`` asked the loop to end."""
         try:
             while os.read(self._wake_r, 4096):
                 pass
         except BlockingIOError:
             pass
-        batch: list[tuple[msgspec.Struct, list[Any]]] = []
-        running = True
-        while len(batch) < MAX_BUNDLE:
+        while True:
             try:
                 item = self._outbox.get_nowait()
             except queue.Empty:
-                break
+                return True
             if item is None:
-                running = False
-                break
+                return False
             req_id, message, buffers, pending = item
             self._pending[req_id] = pending
             heapq.heappush(self._deadlines, (pending.deadline, req_id))
-            batch.append((message, buffers))
-        try:
-            if len(batch) == 1:
-                socket.send_multipart(self._codec.encode(*batch[0]), copy=False)
-            elif batch:  # everything queued since the last pass, as one message
-                bundle = Requests(0, [m for m, _ in batch])
-                socket.send_multipart(self._codec.encode(bundle, [b for _, own in batch for b in own]), copy=False)
-        except Exception as exc:  # the calls fail; the I/O thread, serving every other call, goes on
-            for message, _ in batch:
-                pending = self._pending.pop(message.req_id, None)
-                if pending is not None:
-                    pending.future.set_exception(ProtocolError(f"could not send: {type(exc).__name__}: {exc}"))
-        if len(batch) == MAX_BUNDLE:
-            os.write(self._wake_w, b"x")  # more may be waiting: come back on the next pass
-        return running
+            unsent.append((req_id, message, buffers))
+
+    def _send_unsent(self, link: Link, unsent: deque[tuple[int, msgspec.Struct, list[Any]]]) -> None:
+        """Send waiting requests, up to ``MAX_BUNDLE`` a message, while a live connection takes them.
+
+        Nothing ever blocks here: with no connection the requests wait (and expire at
+        their deadline), so the loop keeps reading replies and failing late calls.
+        """
+        while unsent:
+            batch: list[tuple[int, msgspec.Struct, list[Any]]] = []
+            while unsent and len(batch) < MAX_BUNDLE:
+                item = unsent.popleft()
+                if item[0] in self._pending:  # not expired while it waited
+                    batch.append(item)
+            if not batch:
+                return
+            try:
+                if len(batch) == 1:
+                    frames = self._codec.encode(batch[0][1], batch[0][2])
+                else:  # everything waiting, as one message
+                    bundle = Requests(0, [m for _, m, _ in batch])
+                    frames = self._codec.encode(bundle, [b for _, _, own in batch for b in own])
+                sent = link.try_send(frames)
+            except Exception as exc:  # the calls fail; the I/O thread, serving every other call, goes on
+                for req_id, _, _ in batch:
+                    pending = self._pending.pop(req_id, None)
+                    if pending is not None:
+                        pending.future.set_exception(ProtocolError(f"could not send: {type(exc).__name__}: {exc}"))
+                continue
+            if not sent:
+                unsent.extendleft(reversed(batch))
+                return
+            for req_id, _, _ in batch:
+                self._pending[req_id].sent = True
+
+    def _fail_sent(self, text: str) -> None:
+        for req_id in [r for r, p in self._pending.items() if p.sent]:
+            pending = self._pending.pop(req_id)
+            pending.future.set_exception(ProtocolError(f"{pending.op}: {text.format(self.address)}"))
 
     def _drain_replies(self, socket: zmq.Socket[Any]) -> None:
         while True:
@@ -449,9 +500,8 @@ class Client:
             _, req_id = heapq.heappop(self._deadlines)
             pending = self._pending.pop(req_id, None)
             if pending is not None:
-                pending.future.set_exception(
-                    JobTimeout(f"{pending.op}: no answer from {self.address} within the timeout")
-                )
+                what = "no answer from" if pending.sent else "could not reach the coordinator at"
+                pending.future.set_exception(JobTimeout(f"{pending.op}: {what} {self.address} within the timeout"))
 
 
 class AsyncClient:
@@ -470,12 +520,11 @@ class AsyncClient:
         self._codec = client_codec()
         self._ids = itertools.count(1)
         self._context = zmq.asyncio.Context()
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        if self.curve is not None:
-            self.curve.apply(self._socket)
+        self._socket = dealer(self._context, self.curve)  # see scheduler/link.py for its settings
+        self._monitor = self._socket.get_monitor_socket(DROPPED)
         self._socket.connect(self.address)
         self._pending: dict[int, tuple[asyncio.Future[Any], str]] = {}
+        self._sent: set[int] = set()  # requests on the connection: lost with it if it drops
         self._server_bound: int | None = None
         self._reader: asyncio.Task[None] | None = None
 
@@ -544,6 +593,11 @@ class AsyncClient:
             if not future.done():
                 future.set_exception(ProtocolError("the client was closed before the answer came"))
         self._pending.clear()
+        try:
+            self._socket.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(linger=0)
         self._socket.close(linger=0)
         self._context.term()
 
@@ -560,21 +614,61 @@ class AsyncClient:
         return await self._request(req_id, build(req_id, t), buffers or [], op, t)
 
     async def _request(self, req_id: int, message: msgspec.Struct, buffers: list[Any], op: str, timeout: float) -> Any:
+        loop = asyncio.get_running_loop()
         if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read_replies())
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._reader = loop.create_task(self._read_replies())
+        future: asyncio.Future[Any] = loop.create_future()
         self._pending[req_id] = (future, op)
-        await self._socket.send_multipart(self._codec.encode(message, buffers), copy=False)
+        deadline = loop.time() + timeout
         try:
-            return await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            raise JobTimeout(f"{op}: no answer from {self.address} within {timeout} s") from None
+            try:  # the send waits for a live connection (IMMEDIATE), never past the deadline
+                await asyncio.wait_for(self._socket.send_multipart(self._codec.encode(message, buffers), copy=False),
+                                       timeout)
+            except asyncio.TimeoutError:
+                raise JobTimeout(f"{op}: could not reach the coordinator at {self.address} within {timeout} s; "
+                                 "is it running?") from None
+            self._sent.add(req_id)
+            try:
+                return await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise JobTimeout(f"{op}: no answer from {self.address} within {timeout} s") from None
         finally:
             self._pending.pop(req_id, None)
+            self._sent.discard(req_id)
 
     async def _read_replies(self) -> None:
+        """Resolve futures as replies arrive; fail the ones in flight when the connection drops."""
+        poller = zmq.asyncio.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         while True:
-            frames = await self._socket.recv_multipart(copy=False)
+            events = dict(await poller.poll())
+            if self._socket in events:
+                await self._take_replies()
+            if self._monitor in events and await self._dropped():
+                await self._take_replies()  # answers that came just before the drop
+                for req_id in list(self._sent):
+                    future, op = self._pending.get(req_id, (None, ""))
+                    if future is not None and not future.done():
+                        future.set_exception(ProtocolError(
+                            f"{op}: the connection to the coordinator at {self.address} dropped while the call was in "
+                            "flight (did it stop or restart?); the job may or may not have run"))
+
+    async def _dropped(self) -> bool:
+        dropped = False
+        while True:
+            try:
+                event = await recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return dropped
+            dropped = dropped or event["event"] == DROPPED
+
+    async def _take_replies(self) -> None:
+        while True:
+            try:
+                frames = await self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
             try:
                 replies = _replies(*self._codec.decode([f.buffer for f in frames]))
             except ProtocolError:

@@ -240,7 +240,7 @@ class Coordinator:
                 w.send(self.worker_codec.encode(Shutdown()))
             w.state = "stopping"
         self.weights.close()
-        stop_processes(self.workers)
+        stop_processes(self.workers, before_kill=self.mps.terminate_client)
         for w in self.workers:
             w.close_socket()
         for name in leftover_shm(f"cohort-{self.run_id}-"):

@@ -1,10 +1,14 @@
 """The CUDA MPS control daemon: started for cohort's workers when asked, stopped on exit.
 
 ``mps = "auto"`` starts ``nvidia-cuda-mps-control -d`` when the device is a GPU and
-the binary is present, with private pipe and log directories handed to every worker
-(and to the coordinator, which maps banks through CUDA IPC); if that fails it goes on
-without MPS and says why. ``"on"`` makes any failure an error; ``"off"`` never starts
-it. Only a daemon cohort started is ever stopped.
+the binary is present, with private pipe and log directories handed to every worker,
+then proves the daemon usable by starting one CUDA client under it (the daemon answers
+its pipe even when its server cannot start, and every worker would then fail); if any
+of that fails it goes on without MPS and says why. ``"on"`` makes any failure an
+error; ``"off"`` never starts it. Only a daemon cohort started is ever stopped.
+
+The coordinator itself has initialised CUDA before the daemon starts, so it is not an
+MPS client: it maps the workers' banks through CUDA IPC from outside MPS.
 """
 
 from __future__ import annotations
@@ -12,12 +16,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 
 from scheduler.errors import ConfigError
 
 CONTROL = "nvidia-cuda-mps-control"
+PROBE_TIMEOUT_S = 90.0
+# A CUDA client under the daemon: creates a context and runs a kernel.
+PROBE = "import torch; torch.ones(1, device='cuda').add_(1); torch.cuda.synchronize()"
 
 
 @dataclass
@@ -29,6 +37,7 @@ class MpsDaemon:
     log_dir: str = ""
     thread_percentage: int | None = None
     _owned_dirs: list[str] = field(default_factory=list)
+    _daemon_started: bool = False  # by cohort: the only daemon it ever stops
 
     def state(self) -> dict[str, object]:
         return {"mode": self.mode, "requested": self.requested, "reason": self.reason, "pipe_dir": self.pipe_dir}
@@ -45,8 +54,8 @@ class MpsDaemon:
             self.reason = "started by cohort"
             os.environ.update(self._client_env())
             return
+        self.stop()  # a daemon that started but cannot serve is not left behind
         if self.requested == "on":
-            self.stop()
             raise ConfigError(f"coordinator.mps = 'on', but MPS cannot start: {problem}")
         self.reason = problem
 
@@ -61,16 +70,34 @@ class MpsDaemon:
         self.pipe_dir = tempfile.mkdtemp(prefix="cohort-mps-pipe-")
         self.log_dir = tempfile.mkdtemp(prefix="cohort-mps-log-")
         self._owned_dirs = [self.pipe_dir, self.log_dir]
+        errors = os.path.join(self.log_dir, "control-start.err")
         try:
-            result = subprocess.run([CONTROL, "-d"], env={**os.environ, **self._client_env()},
-                                    capture_output=True, text=True, timeout=20)
+            # Output to a file, not a pipe: the daemon may keep inherited pipes open, and
+            # reading one to its end would wait for the daemon to exit.
+            with open(errors, "w+") as err:
+                result = subprocess.run([CONTROL, "-d"], env={**os.environ, **self._client_env()},
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, timeout=20)
+                err.seek(0)
+                text = err.read().strip()
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"{CONTROL} -d failed: {exc}"
         if result.returncode != 0:
-            return f"{CONTROL} -d exited {result.returncode}: {(result.stderr or result.stdout).strip()}"
-        check = self.control("get_server_list")
-        if check is None:
+            return f"{CONTROL} -d exited {result.returncode}: {text}"
+        self._daemon_started = True
+        if self.control("get_server_list") is None:
             return "the MPS daemon started but does not answer on its pipe"
+        return self._probe()
+
+    def _probe(self) -> str | None:
+        """Start one CUDA client under the daemon; why it failed, or None."""
+        try:
+            result = subprocess.run([sys.executable, "-c", PROBE], env={**os.environ, **self._client_env()},
+                                    stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"a CUDA client could not start under the MPS daemon: {exc}"
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+            return f"a CUDA client could not start under the MPS daemon: {last}"
         return None
 
     def _client_env(self) -> dict[str, str]:
@@ -103,9 +130,10 @@ class MpsDaemon:
             self.control(f"terminate_client {server} {pid}")
 
     def stop(self) -> None:
-        if self.mode == "on":
+        if self._daemon_started:
             self.control("quit")
-            self.mode = "off"
+            self._daemon_started = False
+        self.mode = "off"
         for path in self._owned_dirs:
             shutil.rmtree(path, ignore_errors=True)
         self._owned_dirs = []

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,22 @@ from scheduler.placement import Block
 from scheduler.protocol import GroupSpec
 
 STOP_GRACE_S = 5.0
+
+
+ALLOC_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch >= 2.9 reads the first, older the second
+
+
+def allocator_env(env: dict[str, str]) -> dict[str, str]:
+    """Both allocator variables with ``expandable_segments:False`` last, the user's other options kept.
+
+    Banks are exported with CUDA IPC, whose expandable-segments path needs pidfd
+    permissions and has open bugs; a later option wins over an earlier one.
+    """
+    out = {}
+    for name in ALLOC_VARIABLES:
+        options = [o for o in env.get(name, "").split(",") if o.strip() and not o.strip().startswith("expandable_segments")]
+        out[name] = ",".join([*options, "expandable_segments:False"])
+    return out
 
 
 @dataclass
@@ -66,7 +83,8 @@ class WorkerHandle:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, 0)
         self.socket.bind(self.address)
-        worker_env = {**os.environ, **env, "PYTORCH_ALLOC_CONF": "expandable_segments:False"}
+        worker_env = {**os.environ, **env}
+        worker_env.update(allocator_env(worker_env))
         path = [os.getcwd(), *filter(None, worker_env.get("PYTHONPATH", "").split(os.pathsep))]
         worker_env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
         self.process = subprocess.Popen(
@@ -111,8 +129,13 @@ class WorkerHandle:
                 pass
 
 
-def stop_processes(workers: list[WorkerHandle], grace_s: float = STOP_GRACE_S) -> None:
-    """Wait for workers told to shut down; then SIGTERM, then SIGKILL the ones still there."""
+def stop_processes(workers: list[WorkerHandle], grace_s: float = STOP_GRACE_S,
+                   before_kill: Callable[[int], None] | None = None) -> None:
+    """Wait for workers told to shut down; then SIGTERM, then SIGKILL the ones still there.
+
+    ``before_kill(pid)`` runs before a SIGKILL (under MPS: detach the client from the
+    server first, since a client killed mid-kernel can hang the server and every client).
+    """
     deadline = time.monotonic() + grace_s
     for sig in (None, signal.SIGTERM, signal.SIGKILL):
         alive = [w for w in workers if w.process is not None and w.process.poll() is None]
@@ -120,6 +143,8 @@ def stop_processes(workers: list[WorkerHandle], grace_s: float = STOP_GRACE_S) -
             return
         if sig is not None:
             for w in alive:
+                if sig == signal.SIGKILL and before_kill is not None:
+                    before_kill(w.process.pid)  # type: ignore[union-attr]
                 try:
                     os.kill(w.process.pid, sig)  # type: ignore[union-attr]
                 except ProcessLookupError:

@@ -209,7 +209,7 @@ def open_cuda(h: CudaIpcHandle, nbytes: int) -> torch.Tensor:
         h.storage_offset,
         h.ref_counter_handle,
         h.ref_counter_offset,
-        h.event_handle or None,
+        h.event_handle,  # bytes, always: torch checks PyBytes here
         h.event_sync_required,
     )
     raw = torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", h.device))

@@ -42,11 +42,19 @@ class FusedGroup:
         self.single = runtime.spec.single_input
         self.enabled = True
 
-    def _take(self, table: dict[str, torch.Tensor], slots: list[int]) -> dict[str, torch.Tensor]:
+    def _index(self, slots: list[int]) -> torch.Tensor:
+        """``slots`` as an index tensor on the device, copied without a host sync: a pageable
+        host-to-device copy (``torch.tensor(..., device=cuda)``) waits for the stream to drain."""
+        index = torch.tensor(slots, dtype=torch.int64)
+        if self.rt.device.type == "cuda":
+            return index.pin_memory().to(self.rt.device, non_blocking=True)
+        return index
+
+    def _take(self, table: dict[str, torch.Tensor], slots: list[int], index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         window = _window(slots)
         if window is not None:
             return {n: t[window] for n, t in table.items()}
-        index = torch.tensor(slots, device=self.rt.device)
+        index = self._index(slots) if index is None else index
         return {n: t.index_select(0, index) for n, t in table.items()}
 
     def _call(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: Any) -> Any:
@@ -58,8 +66,9 @@ class FusedGroup:
     def forward(self, slots: list[int], inputs: Any, shared: bool) -> Any:
         """Outputs ``[n, ...]`` of models ``slots``; ``shared``: one input for all, else stacked ``[n, ...]``."""
         self.rt.module.eval()
-        params = self._take(self.rt.params, slots)
-        buffers = self._take(self.rt.buffers, slots)
+        index = None if _window(slots) is not None else self._index(slots)
+        params = self._take(self.rt.params, slots, index)
+        buffers = self._take(self.rt.buffers, slots, index)
         in_dims = (0, 0, None if shared else 0)
         with torch.no_grad():
             return vmap(self._call, in_dims=in_dims, randomness="different")(params, buffers, inputs)
@@ -69,8 +78,9 @@ class FusedGroup:
         rt = self.rt
         rt.module.train()
         window = _window(slots)
-        params = self._take(rt.params, slots)
-        buffers = self._take(rt.buffers, slots)
+        index = None if window is not None else self._index(slots)
+        params = self._take(rt.params, slots, index)
+        buffers = self._take(rt.buffers, slots, index)
         loss_fn = rt.loss_fn
 
         def loss_of(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: Any, t: torch.Tensor) -> torch.Tensor:
@@ -78,11 +88,10 @@ class FusedGroup:
 
         detached = {n: p.detach() for n, p in params.items()}
         grads, losses = vmap(grad_and_value(loss_of), randomness="different")(detached, buffers, inputs, targets)
-        state = self._take(rt.state, slots)
-        hparams = {k: v[window] if window is not None else v[torch.tensor(slots)] for k, v in rt.hparams.items()}
+        state = self._take(rt.state, slots, index)
+        hparams = {k: v[window] if index is None else v.index_select(0, index) for k, v in rt.hparams.items()}
         optimizer_step(rt.spec.optimizer, params, grads, state, hparams)
-        if window is None:  # a gather copied them: write the stepped weights and state back
-            index = torch.tensor(slots, device=rt.device)
+        if index is not None:  # a gather copied them: write the stepped weights and state back
             with torch.no_grad():
                 for table, taken in ((rt.params, params), (rt.state, state)):
                     for n, t in taken.items():

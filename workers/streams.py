@@ -21,11 +21,15 @@ import torch
 
 from scheduler.errors import BadInput, CohortError, JobFailed, JobTimeout
 from scheduler.protocol import RunJob, TensorTree, check_buffers
-from workers.batching import Ready, plan, run_joined
+from workers.batching import Ready, Run, plan, run_joined
 from workers.execute import GroupRuntime, index_rows
 from workers.losses import check_target
 
-FATAL_CUDA_MARKERS = ("device-side assert", "illegal memory access", "unspecified launch failure", "CUDA error: an illegal")
+# Errors after which a CUDA context cannot be trusted (most CUDA errors are sticky): the
+# worker exits and is replaced. Running out of memory is not one of them.
+FATAL_CUDA_MARKERS = ("CUDA error", "device-side assert", "illegal memory access", "unspecified launch failure",
+                      "misaligned address", "MPS client", "CUBLAS_STATUS_EXECUTION_FAILED")
+NOT_FATAL_MARKERS = ("out of memory",)
 
 
 @dataclass
@@ -86,7 +90,8 @@ def failure(job_id: int, exc: BaseException) -> Finished:
     if isinstance(exc, CohortError):
         return Finished(job_id, error=exc, traceback=text)
     message = f"{type(exc).__name__}: {exc}"
-    fatal = any(m in str(exc) for m in FATAL_CUDA_MARKERS)
+    text = str(exc)
+    fatal = any(m in text for m in FATAL_CUDA_MARKERS) and not any(m in text for m in NOT_FATAL_MARKERS)
     return Finished(job_id, error=JobFailed(message), traceback=text, fatal=fatal)
 
 
@@ -113,6 +118,25 @@ def decode_into(tree: TensorTree, buffers: list[Any], pinned: bool) -> Any:
     return dict(zip(tree.keys, made))
 
 
+def prepare(runtimes: dict[str, GroupRuntime], job: RunJob, buffers: list[Any], pinned: bool) -> Ready:
+    """Decode a job's tensors (into pinned memory when headed for a GPU) and check them on the host."""
+    check_deadline(job)
+    runtime = runtimes[job.group]
+    n_in = len(job.inputs.metas)
+    inputs = decode_into(job.inputs, buffers[:n_in], pinned)
+    targets = decode_into(job.targets, buffers[n_in:], pinned)
+    check_job(runtime, job.op, job.slots, inputs, targets)
+    return Ready(job.job_id, job.op, job.group, list(job.slots), inputs, targets)
+
+
+def run_on_device(runtime: GroupRuntime, run: Run) -> list[tuple[Any, torch.Tensor | None]]:
+    """A run's computation, ``(outputs, losses)`` per job in order: one joined call, or one job."""
+    if len(run.jobs) > 1:
+        return run_joined(runtime, run)
+    job = run.jobs[0]
+    return [run_job(runtime, job.op, job.slots, job.inputs, job.targets)]
+
+
 class SyncExecutor:
     """CPU: every job runs to completion inside ``submit``."""
 
@@ -127,6 +151,10 @@ class SyncExecutor:
     def busy(self) -> bool:
         return bool(self._done)
 
+    def wait_ms(self) -> int | None:
+        """How long the worker's loop may wait for messages: 0 with results to send, else no limit."""
+        return 0 if self._done else None
+
     def submit(self, job: RunJob, buffers: list[Any]) -> None:
         self.submit_many([(job, buffers)])
 
@@ -135,40 +163,27 @@ class SyncExecutor:
         ready = []
         for job, buffers in items:
             try:
-                ready.append(self._prepare(job, buffers))
+                ready.append(prepare(self.runtimes, job, buffers, False))
             except Exception as exc:
                 self._done.append(failure(job.job_id, exc))
         for run in plan(ready, self.policies):
-            if len(run.jobs) > 1:
-                try:
-                    results = run_joined(self.runtimes[run.jobs[0].group], run)
-                except Exception:
-                    pass  # one job's bad data must not fail its neighbours: run them one by one
-                else:
-                    self.calls += 1
-                    self.joined_jobs += len(run.jobs)
-                    for job, (outputs, losses) in zip(run.jobs, results):
-                        self._done.append(Finished(job.job_id, outputs, None if losses is None else losses.tolist()))
-                    continue
-            for job in run.jobs:
-                self._run_one(job)
+            self._run(run)
 
-    def _prepare(self, job: RunJob, buffers: list[Any]) -> Ready:
-        check_deadline(job)
-        runtime = self.runtimes[job.group]
-        n_in = len(job.inputs.metas)
-        inputs = decode_into(job.inputs, buffers[:n_in], False)
-        targets = decode_into(job.targets, buffers[n_in:], False)
-        check_job(runtime, job.op, job.slots, inputs, targets)
-        return Ready(job.job_id, job.op, job.group, list(job.slots), inputs, targets)
-
-    def _run_one(self, job: Ready) -> None:
-        self.calls += 1
+    def _run(self, run: Run) -> None:
         try:
-            outputs, losses = run_job(self.runtimes[job.group], job.op, job.slots, job.inputs, job.targets)
-            self._done.append(Finished(job.job_id, outputs, None if losses is None else losses.tolist()))
+            results = run_on_device(self.runtimes[run.jobs[0].group], run)
         except Exception as exc:
-            self._done.append(failure(job.job_id, exc))
+            if len(run.jobs) > 1:  # one job's bad data must not fail its neighbours: run them one by one
+                for job in run.jobs:
+                    self._run(Run("single", [job]))
+            else:
+                self._done.append(failure(run.jobs[0].job_id, exc))
+            return
+        self.calls += 1
+        if len(run.jobs) > 1:
+            self.joined_jobs += len(run.jobs)
+        for job, (outputs, losses) in zip(run.jobs, results):
+            self._done.append(Finished(job.job_id, outputs, None if losses is None else losses.tolist()))
 
     def poll(self) -> list[Finished]:
         done = list(self._done)
@@ -178,72 +193,116 @@ class SyncExecutor:
 
 @dataclass
 class _InFlight:
-    job_id: int
+    """A launched run: its jobs' host copies, valid once ``done`` has completed."""
+
     done: torch.cuda.Event
-    outputs: Any
-    losses: torch.Tensor | None
+    results: list[tuple[int, Any, torch.Tensor | None]]  # job id, host outputs, host losses
+    error: Finished | None = None  # a launch that failed: reported once what it queued has finished
     keep: list[Any] = field(default_factory=list)  # device tensors that must live until ``done``
 
 
+# The loop polls without waiting this long after its last launch or completion (GPU jobs of
+# small models finish within it), then waits 1 ms at a time instead of spinning a core.
+SPIN_S = 0.002
+
+
 class StreamExecutor:
-    """GPU: jobs enqueued on a pool of compute streams plus a copy stream, reaped by event."""
+    """GPU: runs enqueued on a pool of compute streams plus a copy stream, reaped by event.
+
+    Jobs are joined as on the CPU (``plan``). A run goes to the stream of its first
+    model and waits on the last event of every model it touches, so each model's jobs
+    keep their order while runs of other models overlap.
+    """
 
     def __init__(self, runtimes: dict[str, GroupRuntime], device: torch.device, streams: int) -> None:
         self.runtimes = runtimes
         self.device = device
+        self.policies = {name: rt.spec.batching for name, rt in runtimes.items()}
         self.compute = [torch.cuda.Stream(device) for _ in range(max(1, streams))]
         self.copy = torch.cuda.Stream(device)
-        # Last event that touched each (group, slot): a job on another stream waits on it.
+        # Last event that touched each (group, slot): a run on another stream waits on it.
         self._last: dict[tuple[str, int], tuple[torch.cuda.Stream, torch.cuda.Event]] = {}
+        self._stream_of: dict[tuple[str, int], torch.cuda.Stream] = {}
         self._in_flight: deque[_InFlight] = deque()
         self._done: deque[Finished] = deque()
+        self._progress = 0.0
+        self.calls = 0
+        self.joined_jobs = 0
 
     @property
     def busy(self) -> bool:
         return bool(self._in_flight or self._done)
 
-    def stream_for(self, group: str, slot: int) -> torch.cuda.Stream:
-        return self.compute[hash((group, slot)) % len(self.compute)]
+    def wait_ms(self) -> int | None:
+        if self._done:
+            return 0
+        if self._in_flight:
+            return 0 if time.monotonic() - self._progress < SPIN_S else 1
+        return None
 
-    def submit_many(self, items: list[tuple[RunJob, list[Any]]]) -> None:
-        # Each job goes to its model's stream; streams already overlap jobs of different models.
-        for job, buffers in items:
-            self.submit(job, buffers)
+    def stream_for(self, group: str, slot: int) -> torch.cuda.Stream:
+        """A model's stream: given round-robin on first use, the same one ever after."""
+        key = (group, slot)
+        stream = self._stream_of.get(key)
+        if stream is None:
+            stream = self._stream_of[key] = self.compute[len(self._stream_of) % len(self.compute)]
+        return stream
 
     def submit(self, job: RunJob, buffers: list[Any]) -> None:
-        try:
-            self._enqueue(job, buffers)
-        except Exception as exc:
-            self._done.append(failure(job.job_id, exc))
+        self.submit_many([(job, buffers)])
 
-    def _enqueue(self, job: RunJob, buffers: list[Any]) -> None:
-        check_deadline(job)
-        runtime = self.runtimes[job.group]
-        n_in = len(job.inputs.metas)
-        host_inputs = decode_into(job.inputs, buffers[:n_in], True)
-        host_targets = decode_into(job.targets, buffers[n_in:], True)
-        check_job(runtime, job.op, job.slots, host_inputs, host_targets)
-        stream = self.stream_for(job.group, job.slots[0])
+    def submit_many(self, items: list[tuple[RunJob, list[Any]]]) -> None:
+        ready = []
+        for job, buffers in items:
+            try:
+                ready.append(prepare(self.runtimes, job, buffers, True))
+            except Exception as exc:
+                self._done.append(failure(job.job_id, exc))
+        for run in plan(ready, self.policies):
+            self._launch(run)
+        self._progress = time.monotonic()
+
+    def _launch(self, run: Run) -> None:
+        group = run.jobs[0].group
+        slots = sorted({s for job in run.jobs for s in job.slots})
+        stream = self.stream_for(group, run.jobs[0].slots[0])
         with torch.cuda.stream(self.copy):
-            inputs = _to_device(host_inputs, self.device)
-            targets = _to_device(host_targets, self.device)
+            moved = Run(run.kind, [Ready(j.job_id, j.op, j.group, j.slots, _to_device(j.inputs, self.device),
+                                         _to_device(j.targets, self.device)) for j in run.jobs])
             copied = torch.cuda.Event()
             copied.record(self.copy)
         stream.wait_event(copied)
-        for slot in job.slots:
-            previous = self._last.get((job.group, slot))
+        for slot in slots:
+            previous = self._last.get((group, slot))
             if previous is not None and previous[0] is not stream:
                 stream.wait_event(previous[1])
+        keep: list[Any] = [value for j in moved.jobs for value in (j.inputs, j.targets)]
+        results: list[tuple[int, Any, torch.Tensor | None]] = []
+        error: BaseException | None = None
         with torch.cuda.stream(stream):
-            _record_stream([inputs, targets], stream)
-            outputs, losses = run_job(runtime, job.op, job.slots, inputs, targets)
-            host_out = _to_host(outputs)
-            host_losses = _to_host(losses)
+            _record_stream(keep, stream)
+            try:
+                for job, (outputs, losses) in zip(run.jobs, run_on_device(self.runtimes[group], moved)):
+                    keep += [outputs, losses]
+                    results.append((job.job_id, _to_host(outputs), _to_host(losses)))
+            except Exception as exc:
+                error = exc
+            # Recorded even after a failure: what the launch queued finishes before the next
+            # job of these models runs, and before its answer lets a barrier through.
             done = torch.cuda.Event()
             done.record(stream)
-        for slot in job.slots:
-            self._last[(job.group, slot)] = (stream, done)
-        self._in_flight.append(_InFlight(job.job_id, done, host_out, host_losses, [inputs, targets, outputs, losses]))
+        for slot in slots:
+            self._last[(group, slot)] = (stream, done)
+        if error is None:
+            self.calls += 1
+            if len(run.jobs) > 1:
+                self.joined_jobs += len(run.jobs)
+            self._in_flight.append(_InFlight(done, results, keep=keep))
+        elif len(run.jobs) > 1:  # one job's bad data must not fail its neighbours: launch them one by one
+            for job in run.jobs:
+                self._launch(Run("single", [job]))
+        else:
+            self._in_flight.append(_InFlight(done, [], failure(run.jobs[0].job_id, error), keep))
 
     def poll(self) -> list[Finished]:
         finished = list(self._done)
@@ -252,14 +311,21 @@ class StreamExecutor:
         for item in self._in_flight:
             try:
                 ready = item.done.query()
-            except Exception as exc:  # a fatal CUDA error surfaces here
-                finished.append(failure(item.job_id, exc))
+            except Exception as exc:  # an error from the device itself: the context cannot be trusted
+                for job_id, _, _ in item.results or [(item.error.job_id if item.error else -1, None, None)]:
+                    lost = failure(job_id, exc)
+                    lost.fatal = True
+                    finished.append(lost)
                 continue
             if not ready:
                 still.append(item)
                 continue
-            losses = None if item.losses is None else item.losses.tolist()
-            finished.append(Finished(item.job_id, item.outputs, losses))
+            if item.error is not None:
+                finished.append(item.error)
+            for job_id, outputs, losses in item.results:
+                finished.append(Finished(job_id, outputs, None if losses is None else losses.tolist()))
+        if len(still) != len(self._in_flight):
+            self._progress = time.monotonic()
         self._in_flight = still
         return finished
 

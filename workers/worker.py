@@ -105,7 +105,8 @@ class Worker:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         while self.running:
-            timeout = 0 if self.executor.busy else int(HEARTBEAT_S * 1000)
+            wait = self.executor.wait_ms()
+            timeout = int(HEARTBEAT_S * 1000) if wait is None else wait
             if poller.poll(timeout):
                 self._receive()
             self._reply(self.executor.poll())

@@ -23,8 +23,12 @@ def _export_child(queue, done) -> None:
     from scheduler.protocol import EntrySpec
     from workers.bank import Bank
 
+    # Something allocated first: the bank then sits inside the allocator's block at an
+    # offset, which the importer must apply.
+    pad = torch.empty(1000, device="cuda")
     bank = Bank.create("g", [EntrySpec("w", "param", (4, 4), "float32")], 3, torch.device("cuda"), "unused")
     bank.tensors["w"].fill_(7.0)
+    pad.fill_(-1.0)
     torch.cuda.synchronize()
     queue.put(bank.handle)
     done.wait(60)  # the exporting process must outlive every mapping
@@ -42,6 +46,7 @@ def test_bank_cuda_ipc_round_trip_between_processes() -> None:
     child.start()
     try:
         handle = queue.get(timeout=120)
+        assert handle.kind == "cuda" and handle.cuda.storage_offset > 0, handle
         bank = Bank.open(handle, [EntrySpec("w", "param", (4, 4), "float32")])
         assert bank.tensors["w"].is_cuda
         assert torch.equal(bank.tensors["w"].cpu(), torch.full((3, 4, 4), 7.0))
@@ -138,12 +143,38 @@ def test_jobs_of_different_models_overlap_on_streams(gpu_cohort) -> None:
     assert eight < 4 * one, f"8 concurrent jobs took {eight / one:.1f}x one job: no overlap"
 
 
+def test_fused_calls_on_cuda_equal_per_model_calls(gpu_cohort) -> None:
+    """vmap over the bank on the device: ensembles, and concurrent infers on scattered models joined."""
+    running = gpu_cohort([mlp_group("m", 6)], mps="off", workers=1)
+    x = torch.randn(5, 8)
+    with running.client(timeout=60) as c:
+        singles = torch.stack([c.infer(f"m/{k}", x) for k in range(6)])
+        torch.testing.assert_close(c.ensemble("m", x), singles, atol=1e-5, rtol=0)
+        for _ in range(20):  # jobs that arrive together on models 0, 2, 4, 5 are joined
+            futures = [c.submit("infer", f"m/{k}", x) for k in (0, 2, 4, 5)]
+            for k, f in zip((0, 2, 4, 5), futures):
+                torch.testing.assert_close(f.result(), singles[k], atol=1e-5, rtol=0)
+        xs, ts = torch.randn(6, 5, 8), torch.randint(0, 4, (6, 5))
+        before = c.get_weights("m/3")
+        losses = c.train_round("m", xs, ts)
+        assert len(losses) == 6 and all(loss > 0 for loss in losses)
+        after = c.get_weights("m/3")
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+        worker = c.stats()["workers"][0]
+    print(f"calls {worker['calls']}, joined jobs {worker['joined_jobs']}")
+    assert worker["joined_jobs"] > 0
+
+
 def test_mps_mode_is_reported(gpu_cohort) -> None:
     running = gpu_cohort([mlp_group("m", 2)], mps="auto", workers=2)
     with running.client(timeout=60) as c:
         mps = c.stats()["mps"]
         x = torch.randn(2, 8)
         assert c.infer("m/1", x).shape == (2, 4)
+        # CUDA IPC between the workers (MPS clients when MPS is on) and the coordinator.
+        zero = {k: torch.zeros_like(v) for k, v in c.get_weights("m/0").items()}
+        c.set_weights("m/0", zero)
+        assert torch.count_nonzero(c.infer("m/0", x)) == 0
     print("MPS:", mps)
     assert mps["mode"] in ("on", "off") and mps["reason"]
     if shutil.which("nvidia-cuda-mps-control") is None:

@@ -1,0 +1,83 @@
+"""A client's connection to the coordinator: one DEALER socket that says when it drops.
+
+Two socket settings make a client dependable when the coordinator goes away:
+
+- ``IMMEDIATE``: a request is queued only on a live connection. Without it ZeroMQ
+  queues requests for a coordinator that is down (up to the send limit, and then every
+  send blocks), and a coordinator started later runs requests whose callers gave up
+  long ago: a stale ``train_step`` would change weights nobody asked to change.
+- A socket monitor for ``EVENT_DISCONNECTED``: the connection to a coordinator that
+  dies or restarts drops, and the calls in flight on it fail at once with a
+  ``ProtocolError`` instead of waiting for their deadline.
+
+ZeroMQ reconnects by itself; the next call goes to whichever coordinator answers at
+the address.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from scheduler.security import CurveClient
+
+DROPPED = zmq.EVENT_DISCONNECTED
+
+
+def dealer(context: zmq.Context[Any], curve: CurveClient | None) -> zmq.Socket[Any]:
+    """A DEALER socket with the settings every client socket shares; not yet connected."""
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.IMMEDIATE, 1)
+    if curve is not None:
+        curve.apply(socket)
+    return socket
+
+
+class Link:
+    """A connected DEALER socket and its monitor, for code that polls (threads, not asyncio)."""
+
+    def __init__(self, context: zmq.Context[Any], address: str, curve: CurveClient | None) -> None:
+        self.socket = dealer(context, curve)
+        self.monitor = self.socket.get_monitor_socket(DROPPED)
+        self.socket.connect(address)
+
+    def dropped(self) -> bool:
+        """Read the monitor's events; whether the connection dropped since the last look."""
+        dropped = False
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return dropped
+            dropped = dropped or event["event"] == DROPPED
+
+    def send(self, frames: list[Any], deadline: float) -> bool:
+        """Send once there is a live connection; False if none came before ``deadline``."""
+        while True:
+            try:
+                self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                return True
+            except zmq.Again:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self.socket.poll(int(remaining * 1000) + 1, zmq.POLLOUT):
+                    return False
+
+    def try_send(self, frames: list[Any]) -> bool:
+        """Send if a connection can take it now; False (nothing queued) if not."""
+        try:
+            self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            return False
+
+    def close(self) -> None:
+        try:
+            self.socket.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(linger=0)
+        self.socket.close(linger=0)
