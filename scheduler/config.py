@@ -172,6 +172,8 @@ def _check_security(cfg: CoordinatorConfig, path: str) -> None:
         raise ConfigError(f"{path}: coordinator.curve_allowed_keys {cfg.curve_allowed_keys!r} is not a directory")
 
 
+# torch.compile's modes; "reduce-overhead" captures CUDA graphs on a GPU.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _GROUP_KEYS = {"name", "factory", "kwargs", "count", "input", "loss", "optimizer", "init", "batching"}
 
 
@@ -207,7 +209,7 @@ def _group(raw: Any, key: str, path: str) -> GroupConfig:
 
 def _batching(raw: Any, key: str, path: str) -> BatchingSpec:
     _expect(raw, dict, key, path)
-    known = {"fuse", "max_jobs", "max_wait_ms"}
+    known = {"fuse", "max_jobs", "max_wait_ms", "compile"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{path}: {key}.{sorted(unknown)[0]} unknown; known: {', '.join(sorted(known))}")
@@ -218,7 +220,15 @@ def _batching(raw: Any, key: str, path: str) -> BatchingSpec:
     wait = _expect(raw.get("max_wait_ms", 0.0), (int, float), f"{key}.max_wait_ms", path)
     if isinstance(wait, bool) or not 0 <= wait <= 1000:
         raise ConfigError(f"{path}: {key}.max_wait_ms must be between 0 and 1000, got {wait}")
-    return BatchingSpec(fuse, max_jobs, float(wait))
+    compiled = raw.get("compile", False)
+    if compiled is True:
+        compiled = "default"
+    if compiled is False:
+        compiled = ""
+    if compiled not in ("", *COMPILE_MODES):
+        raise ConfigError(f"{path}: {key}.compile must be true, false or one of {', '.join(COMPILE_MODES)}, "
+                          f"got {compiled!r}")
+    return BatchingSpec(fuse, max_jobs, float(wait), compiled)
 
 
 def _input_spec(raw: Any, name: str, key: str, path: str) -> InputSpec:

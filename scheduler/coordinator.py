@@ -596,6 +596,7 @@ class Coordinator:
 
     def _on_heartbeat(self, w: WorkerHandle, msg: Heartbeat, _: list[Any]) -> None:
         w.calls, w.joined_jobs = msg.calls, msg.joined_jobs
+        w.quiet_until = time.monotonic() + msg.quiet_s if msg.quiet_s > 0 else 0.0
 
     def _on_worker_failed(self, w: WorkerHandle, msg: WorkerFailed, _: list[Any]) -> None:
         if w.state == "starting" and not w.restore:
@@ -676,7 +677,7 @@ class Coordinator:
             code = w.exited()
             if code is not None:
                 self._worker_died(w, f"process exited with code {code}")
-            elif w.state == "ready" and now - w.last_seen > self.cc.heartbeat_timeout_s:
+            elif w.state == "ready" and now - w.last_seen > self.cc.heartbeat_timeout_s and now > w.quiet_until:
                 self._worker_died(w, f"no heartbeat for {now - w.last_seen:.1f} s")
             elif w.state == "starting" and now - w.started_at > self.cc.start_timeout_s:
                 self._worker_died(w, f"not ready within {self.cc.start_timeout_s} s")

@@ -341,6 +341,7 @@ class BatchingSpec(msgspec.Struct, frozen=True):
     fuse: bool = True  # ensemble, train_round and coalesced jobs as one vmap'd call over the bank
     max_jobs: int = 64  # at most this many waiting jobs joined into one call; 1 turns coalescing off
     max_wait_ms: float = 0.0  # how long a worker may hold a lone job for others to join it
+    compile: str = ""  # torch.compile mode for fused calls ("default", "reduce-overhead", ...); "" = eager
 
 
 class GroupSpec(msgspec.Struct, frozen=True):
@@ -486,6 +487,7 @@ class Heartbeat(FromWorker):
     busy: bool = False
     calls: int = 0  # compute calls made since start
     joined_jobs: int = 0  # jobs that ran inside a call joined with other jobs
+    quiet_s: float = 0.0  # the next call may keep the worker silent this long (it compiles)
 
 
 class WorkerFailed(FromWorker):

@@ -58,6 +58,7 @@ class WorkerHandle:
     pending: deque[Part] = field(default_factory=deque)
     in_flight: dict[int, Part] = field(default_factory=dict)
     last_seen: float = 0.0
+    quiet_until: float = 0.0  # the worker said it may be silent until then (compiling)
     started_at: float = 0.0
     jobs_done: int = 0
     restarts: int = 0
@@ -96,6 +97,7 @@ class WorkerHandle:
         self.pid = self.process.pid
         self.state = "starting"
         self.started_at = self.last_seen = time.monotonic()
+        self.quiet_until = 0.0
 
     def exited(self) -> int | None:
         return None if self.process is None else self.process.poll()

@@ -15,6 +15,8 @@ same models, seeds and data:
     vmap_compiled     the same through torch.compile
     cohort_per_model  a real coordinator; K concurrent per-model jobs per step
     cohort_fused      the same coordinator; one ensemble / train_round per step
+    cohort_fused_compiled  the same with the group's fused calls through torch.compile
+                      (batching.compile = true); skipped with --quick
 
 Writes FILE.json (default docs/bench/<date>-<device>.json), FILE.md (a table for the
 README) and FILE.png (when matplotlib is installed: ``pip install 'cohort[bench]'``).
@@ -54,6 +56,7 @@ MODES = (
     "vmap_compiled",
     "cohort_per_model",
     "cohort_fused",
+    "cohort_fused_compiled",
 )
 FULL_REPEAT = 2  # a full run takes each mode's best of two
 WORKLOADS = ("w1_mlp_infer", "w1_scaling", "w2_cnn_train", "w3_transformer_train", "control_plane")
@@ -162,7 +165,8 @@ def workload_record(workload: Any) -> dict[str, Any]:
 def run_workloads(workloads: list[Any], device: str, modes: list[str], quick: bool, progress: Progress) -> list[dict[str, Any]]:
     """Every asked-for mode on workloads that go together (the K sweep): the baselines of
     each, then cohort on one coordinator holding all of them, one group per workload."""
-    from tools.bench_cohort import COHORT_MODES, run_cohort
+    from tools.bench_cohort import COHORT_MODES, COMPILED_MODE, run_cohort
+    from tools.bench_measure import skipped
 
     runners = baseline_runners(quick)
     results: dict[str, dict[str, Result]] = {w.name: {} for w in workloads}
@@ -175,6 +179,11 @@ def run_workloads(workloads: list[Any], device: str, modes: list[str], quick: bo
             results[workload.name][mode] = result
             progress(workload.name, mode, result)
     cohort_modes = [m for m in modes if m in COHORT_MODES]
+    if quick and COMPILED_MODE in cohort_modes:
+        cohort_modes.remove(COMPILED_MODE)
+        for workload in workloads:
+            results[workload.name][COMPILED_MODE] = skipped("--quick: compiling takes longer than the whole quick run")
+            progress(workload.name, COMPILED_MODE, results[workload.name][COMPILED_MODE])
     if cohort_modes:
         for name, by_mode in run_cohort(workloads, device, cohort_modes, progress).items():
             results[name].update(by_mode)

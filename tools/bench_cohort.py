@@ -7,8 +7,9 @@ then SIGTERM, then SIGKILL), whatever happened in between.
 
 ``run_cohort`` measures workloads (each one group, named after the workload) on one
 coordinator in two modes: ``cohort_per_model`` (K concurrent ``submit("infer" |
-"train_step", "g/i", ...)`` per step) and ``cohort_fused`` (one ``ensemble`` or
-``train_round`` per step).
+"train_step", "g/i", ...)`` per step), ``cohort_fused`` (one ``ensemble`` or
+``train_round`` per step) and ``cohort_fused_compiled`` (the same on a twin group,
+``<workload>_compiled``, whose fused calls go through ``torch.compile``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from tools.bench_measure import Result, describe, error, time_steps, with_gpu_me
 from tools.bench_workloads import Batch, Workload, build_models, loss_function, make_batches
 
 ROOT = Path(__file__).resolve().parents[1]
-COHORT_MODES = ("cohort_per_model", "cohort_fused")
+COHORT_MODES = ("cohort_per_model", "cohort_fused", "cohort_fused_compiled")
+COMPILED_MODE = "cohort_fused_compiled"
 READY_TIMEOUT_S = 180.0
 STOP_GRACE_S = 15.0
 JOB_TIMEOUT_S = 300.0
@@ -74,8 +76,14 @@ def config_text(coordinator: dict[str, Any], groups: list[dict[str, Any]]) -> st
     return "\n".join(lines) + "\n"
 
 
-def group_table(name: str, workload: Workload) -> dict[str, Any]:
+def group_name(workload: Workload, mode: str) -> str:
+    """The group a mode runs on: the workload's, or its compiled twin."""
+    return f"{workload.name}_compiled" if mode == COMPILED_MODE else workload.name
+
+
+def group_table(name: str, workload: Workload, compiled: bool = False) -> dict[str, Any]:
     """The ``[[group]]`` for a workload: same factory, seeds, loss and optimizer as the baselines."""
+    extra = {"batching": {"compile": True}} if compiled else {}
     return {
         "name": name,
         "factory": workload.factory,
@@ -85,6 +93,7 @@ def group_table(name: str, workload: Workload) -> dict[str, Any]:
         "loss": workload.loss,
         "optimizer": workload.optimizer,
         "init": {"seed": workload.seed},
+        **extra,
     }
 
 
@@ -227,9 +236,9 @@ def _wait_all(futures: list[Any]) -> list[Any]:
     return [future.result(timeout=JOB_TIMEOUT_S) for future in futures]
 
 
-def per_model_step(client: Client, workload: Workload, batch: Batch) -> Callable[[], object]:
+def per_model_step(client: Client, group: str, workload: Workload, batch: Batch) -> Callable[[], object]:
     """K jobs, one per model, in flight together; the step ends when all have answered."""
-    models = [f"{workload.name}/{k}" for k in range(workload.count)]
+    models = [f"{group}/{k}" for k in range(workload.count)]
     if workload.task == "train":
         return lambda: _wait_all(
             [client.submit("train_step", m, batch.xs[k], batch.ts[k]) for k, m in enumerate(models)]
@@ -237,17 +246,17 @@ def per_model_step(client: Client, workload: Workload, batch: Batch) -> Callable
     return lambda: _wait_all([client.submit("infer", m, batch.x) for m in models])
 
 
-def fused_step(client: Client, workload: Workload, batch: Batch) -> Callable[[], object]:
+def fused_step(client: Client, group: str, workload: Workload, batch: Batch) -> Callable[[], object]:
     """One request for the whole group: ``ensemble`` or ``train_round``."""
     if workload.task == "train":
-        return lambda: client.train_round(workload.name, batch.xs, batch.ts, timeout=JOB_TIMEOUT_S)
-    return lambda: client.ensemble(workload.name, batch.x, timeout=JOB_TIMEOUT_S)
+        return lambda: client.train_round(group, batch.xs, batch.ts, timeout=JOB_TIMEOUT_S)
+    return lambda: client.ensemble(group, batch.x, timeout=JOB_TIMEOUT_S)
 
 
-STEPS = {"cohort_per_model": per_model_step, "cohort_fused": fused_step}
+STEPS = {"cohort_per_model": per_model_step, "cohort_fused": fused_step, COMPILED_MODE: fused_step}
 
 
-def reference_check(client: Client, workload: Workload, batch: Batch) -> dict[str, Any]:
+def reference_check(client: Client, group: str, workload: Workload, batch: Batch) -> dict[str, Any]:
     """cohort against plain PyTorch with the same seeds, on fresh weights, before anything is timed.
 
     Inference compares the ensemble's outputs; training compares the first round's
@@ -259,18 +268,18 @@ def reference_check(client: Client, workload: Workload, batch: Batch) -> dict[st
         if workload.task == "train":
             loss = loss_function(workload)
             expected = torch.stack([loss(m(batch.xs[k]), batch.ts[k]) for k, m in enumerate(models)])
-            got = torch.tensor(client.train_round(workload.name, batch.xs, batch.ts, timeout=JOB_TIMEOUT_S))
+            got = torch.tensor(client.train_round(group, batch.xs, batch.ts, timeout=JOB_TIMEOUT_S))
             what = "first train_round losses"
         else:
             expected = torch.stack([m(batch.x) for m in models])
-            got = client.ensemble(workload.name, batch.x, timeout=JOB_TIMEOUT_S)
+            got = client.ensemble(group, batch.x, timeout=JOB_TIMEOUT_S)
             what = "ensemble outputs"
     diff = float((got.to(expected.dtype) - expected).abs().max())
     return {"compared": what, "against": "plain PyTorch, same seeds", "max_abs_diff": diff, "ok": diff < 1e-3}
 
 
 def _measure(client: Client, workload: Workload, mode: str, device: str) -> Result:
-    steps = [STEPS[mode](client, workload, b) for b in make_batches(workload, "cpu")]
+    steps = [STEPS[mode](client, group_name(workload, mode), workload, b) for b in make_batches(workload, "cpu")]
     result = with_gpu_metrics(
         device,
         lambda: time_steps(
@@ -281,7 +290,9 @@ def _measure(client: Client, workload: Workload, mode: str, device: str) -> Resu
     op = ("train_step" if workload.task == "train" else "infer") if mode == "cohort_per_model" else (
         "train_round" if workload.task == "train" else "ensemble")
     count = f"{workload.count} concurrent" if mode == "cohort_per_model" else "one"
-    result["notes"] = f"{count} {op} job(s) per step"
+    result["notes"] = f"{count} {op} job(s) per step" + (
+        "; fused calls through torch.compile, compiled during the reference check and warm-up"
+        if mode == COMPILED_MODE else "")
     return result
 
 
@@ -294,17 +305,20 @@ def _setup(client: Client, running: Running) -> dict[str, Any]:
 def _run_one(client: Client, workload: Workload, device: str, modes: list[str], setup: dict[str, Any],
              report: OnResult) -> dict[str, Result]:
     results: dict[str, Result] = {}
-    try:
-        check: dict[str, Any] = reference_check(client, workload, make_batches(workload, "cpu")[0])
-    except Exception as exc:  # noqa: BLE001 - the timing can still be taken; the check says why not
-        check = {"ok": False, "error": describe(exc)}
+    checks: dict[str, dict[str, Any]] = {}
     for mode in modes:
         began = time.monotonic()
+        group = group_name(workload, mode)
+        if group not in checks:  # once per group, before any of its timing
+            try:
+                checks[group] = reference_check(client, group, workload, make_batches(workload, "cpu")[0])
+            except Exception as exc:  # noqa: BLE001 - the timing can still be taken; the check says why not
+                checks[group] = {"ok": False, "error": describe(exc)}
         try:
             results[mode] = _measure(client, workload, mode, device)
         except Exception as exc:  # noqa: BLE001 - recorded; the other mode still runs
             results[mode] = error(describe(exc))
-        results[mode].update(mode_s=time.monotonic() - began, cohort=setup, check=check)
+        results[mode].update(mode_s=time.monotonic() - began, cohort=setup, check=checks[group])
         report(workload.name, mode, results[mode])
     return results
 
@@ -321,6 +335,8 @@ def run_cohort(
     report = on_result or (lambda workload, mode, result: None)
     try:
         groups = [group_table(w.name, w) for w in workloads]
+        if COMPILED_MODE in modes:
+            groups += [group_table(group_name(w, COMPILED_MODE), w, compiled=True) for w in workloads]
         with coordinator(groups, device) as running, Client(running.address, timeout=JOB_TIMEOUT_S) as client:
             setup = _setup(client, running)
             for workload in workloads:

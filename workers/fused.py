@@ -5,11 +5,20 @@ view (contiguous slots) or a gather (scattered slots), and ``vmap`` over dim 0 r
 them all in one batched call: one kernel over K weight sets instead of K small ones.
 Training computes every model's gradient with ``vmap(grad_and_value(...))`` and takes
 one optimizer step over the window, each model with its own hyperparameters.
+
+With the group's ``batching.compile`` set, the vmap'd forward and the vmap'd gradient
+computation go through ``torch.compile`` (``"reduce-overhead"`` captures CUDA graphs on
+a GPU): a vmap'd call pays Python overhead that, for small models, is larger than its
+kernels. The optimizer step stays eager: it updates the bank in place. Each new call
+shape compiles once (seconds), so the worker first tells the coordinator it may be
+silent for a while; a call that cannot compile runs eagerly from then on, with a
+warning in the log.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,6 +50,33 @@ class FusedGroup:
         self.rt = runtime
         self.single = runtime.spec.single_input
         self.enabled = True
+        self.compile_mode = runtime.spec.batching.compile
+        # Called before a call that may compile: the worker says it may be silent a while.
+        self.on_compile: Callable[[], None] = lambda: None
+        self._eager: dict[Any, Callable[..., Any]] = {}
+        self._compiled: dict[Any, Callable[..., Any]] = {}
+        self._shapes_seen: set[Any] = set()
+
+    def _run(self, kind: Any, make: Callable[[], Callable[..., Any]], signature: Any, *args: Any) -> Any:
+        """Call the vmap'd function ``kind`` (made once by ``make``), compiled when the group asks."""
+        eager = self._eager.get(kind)
+        if eager is None:
+            eager = self._eager[kind] = make()
+        if not self.compile_mode:
+            return eager(*args)
+        compiled = self._compiled.get(kind)
+        if compiled is None:
+            compiled = self._compiled[kind] = torch.compile(eager, mode=self.compile_mode, dynamic=False)
+        if (kind, signature) not in self._shapes_seen:
+            self._shapes_seen.add((kind, signature))
+            self.on_compile()
+        try:
+            return compiled(*args)
+        except Exception as exc:  # the calls are pure functions of their arguments: run them again eagerly
+            log.warning("group %s: torch.compile(mode=%r) failed, running fused calls eagerly: %s: %s",
+                        self.rt.spec.name, self.compile_mode, type(exc).__name__, exc)
+            self.compile_mode = ""
+            return eager(*args)
 
     def _index(self, slots: list[int]) -> torch.Tensor:
         """``slots`` as an index tensor on the device, copied without a host sync: a pageable
@@ -63,6 +99,10 @@ class FusedGroup:
             return functional_call(self.rt.module, tensors, (), x, strict=False)
         return functional_call(self.rt.module, tensors, (x,), strict=False)
 
+    def _loss_of(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: Any,
+                 target: torch.Tensor) -> torch.Tensor:
+        return self.rt.loss_fn(self._call(params, buffers, x), target)
+
     def forward(self, slots: list[int], inputs: Any, shared: bool) -> Any:
         """Outputs ``[n, ...]`` of models ``slots``; ``shared``: one input for all, else stacked ``[n, ...]``."""
         self.rt.module.eval()
@@ -70,8 +110,12 @@ class FusedGroup:
         params = self._take(self.rt.params, slots, index)
         buffers = self._take(self.rt.buffers, slots, index)
         in_dims = (0, 0, None if shared else 0)
+
+        def make() -> Callable[..., Any]:
+            return vmap(self._call, in_dims=in_dims, randomness="different")
+
         with torch.no_grad():
-            return vmap(self._call, in_dims=in_dims, randomness="different")(params, buffers, inputs)
+            return self._run(("forward", shared), make, (len(slots), _shapes(inputs)), params, buffers, inputs)
 
     def train(self, slots: list[int], inputs: Any, targets: torch.Tensor) -> torch.Tensor:
         """One optimizer step of every model in ``slots``; inputs and targets stacked ``[n, ...]``; losses ``[n]``."""
@@ -81,13 +125,12 @@ class FusedGroup:
         index = None if window is not None else self._index(slots)
         params = self._take(rt.params, slots, index)
         buffers = self._take(rt.buffers, slots, index)
-        loss_fn = rt.loss_fn
-
-        def loss_of(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: Any, t: torch.Tensor) -> torch.Tensor:
-            return loss_fn(self._call(p, b, x), t)
+        def make() -> Callable[..., Any]:
+            return vmap(grad_and_value(self._loss_of), randomness="different")
 
         detached = {n: p.detach() for n, p in params.items()}
-        grads, losses = vmap(grad_and_value(loss_of), randomness="different")(detached, buffers, inputs, targets)
+        signature = (len(slots), _shapes(inputs), _shapes(targets))
+        grads, losses = self._run("train", make, signature, detached, buffers, inputs, targets)
         state = self._take(rt.state, slots, index)
         hparams = {k: v[window] if index is None else v.index_select(0, index) for k, v in rt.hparams.items()}
         optimizer_step(rt.spec.optimizer, params, grads, state, hparams)
@@ -97,3 +140,10 @@ class FusedGroup:
                     for n, t in taken.items():
                         table[n].index_copy_(0, index, t)
         return losses.detach()
+
+
+def _shapes(value: Any) -> Any:
+    """Shapes and dtypes of a tensor or dict of tensors: what a compiled call specializes on."""
+    if isinstance(value, dict):
+        return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(value.items()))
+    return (tuple(value.shape), value.dtype)

@@ -43,6 +43,7 @@ from workers.streams import Finished, StreamExecutor, SyncExecutor, make_executo
 
 HEARTBEAT_S = 0.25
 INIT_TIMEOUT_S = 60.0
+COMPILE_QUIET_S = 600.0  # torch.compile of one call shape: seconds on a GPU, up to minutes on a CPU
 
 
 class Worker:
@@ -88,6 +89,7 @@ class Worker:
             bank = Bank.create(spec.name, spec.entries, len(spec.indices), device, f"{init.shm_prefix}{spec.name}")
             self.banks.append(bank)
             runtime = GroupRuntime(spec, bank, device)
+            runtime.fused.on_compile = self._compiling
             if not init.restore:
                 runtime.initialise()
             self.runtimes[spec.name] = runtime
@@ -169,6 +171,12 @@ class Worker:
             self._last_beat = now
             ex = self.executor
             self._send(Heartbeat(self.worker_id, bool(ex and ex.busy), getattr(ex, "calls", 0), getattr(ex, "joined_jobs", 0)))
+
+    def _compiling(self) -> None:
+        """Tell the coordinator the next call may keep this worker silent (it compiles)."""
+        ex = self.executor
+        self._send(Heartbeat(self.worker_id, True, getattr(ex, "calls", 0), getattr(ex, "joined_jobs", 0),
+                             quiet_s=COMPILE_QUIET_S))
 
     def _send(self, message: Any, buffers: list[Any] | None = None) -> None:
         self.socket.send_multipart(self.codec.encode(message, buffers), copy=False)

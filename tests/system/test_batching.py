@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 from cohort_harness import mlp_group
 from torch import nn
@@ -93,3 +94,25 @@ def test_max_wait_gathers_jobs_that_arrive_close_together(cohort) -> None:
                 f.result()
         worker = settled_stats(c, 20)["workers"][0]
     assert worker["joined_jobs"] >= 8, worker
+
+
+def test_compiled_fused_calls_match_eager_ones_and_the_worker_survives_compiling(cohort) -> None:
+    """``batching.compile``: the same results as eager fusion; compiling (seconds on a CPU, far past the
+    2 s heartbeat timeout here) does not get the worker declared dead."""
+    compiled = mlp_group("fast", 4, init={"seed": 3}, batching={"compile": True})
+    eager = mlp_group("ref", 4, init={"seed": 3})
+    running = cohort([compiled, eager], workers=1, heartbeat_timeout_s=2.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, generator=g)
+    with running.client(timeout=300) as c:
+        torch.testing.assert_close(c.ensemble("fast", x), c.ensemble("ref", x), atol=1e-5, rtol=1e-5)
+        for _ in range(3):
+            xs, ts = torch.randn(4, 6, 8, generator=g), torch.randint(0, 4, (4, 6), generator=g)
+            assert c.train_round("fast", xs, ts) == pytest.approx(c.train_round("ref", xs, ts), abs=1e-5)
+        for k in range(4):
+            fast, ref = c.get_weights(f"fast/{k}"), c.get_weights(f"ref/{k}")
+            for name in ref:
+                torch.testing.assert_close(fast[name], ref[name], atol=1e-5, rtol=1e-5)
+        worker = c.stats()["workers"][0]
+    assert worker["restarts"] == 0 and worker["state"] == "ready"
+    assert "torch.compile" not in running.log(), running.log()[-2000:]  # no fallback to eager

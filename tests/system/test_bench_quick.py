@@ -22,7 +22,8 @@ import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-MODES = ("sequential", "processes", "processes_mps", "vmap", "vmap_compiled", "cohort_per_model", "cohort_fused")
+MODES = ("sequential", "processes", "processes_mps", "vmap", "vmap_compiled", "cohort_per_model", "cohort_fused",
+         "cohort_fused_compiled")
 RUN_TIMEOUT_S = 200
 
 

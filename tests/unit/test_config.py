@@ -400,13 +400,17 @@ def test_batching_table() -> None:
     assert (default.fuse, default.max_jobs, default.max_wait_ms) == (True, 64, 0.0)
     got = parse_config(with_("group.0.batching", {"fuse": False, "max_jobs": 8, "max_wait_ms": 2})).groups[0].batching
     assert (got.fuse, got.max_jobs, got.max_wait_ms) == (False, 8, 2.0)
+    assert default.compile == ""
+    for given, mode in ((True, "default"), (False, ""), ("reduce-overhead", "reduce-overhead")):
+        assert parse_config(with_("group.0.batching", {"compile": given})).groups[0].batching.compile == mode
 
 
 @pytest.mark.parametrize(
     ("batching", "key"),
     [("fast", "batching"), (3, "batching"), ({"fuse": "yes"}, "batching.fuse"), ({"max_jobs": 0}, "batching.max_jobs"),
      ({"max_jobs": 1.5}, "batching.max_jobs"), ({"max_wait_ms": -1}, "batching.max_wait_ms"),
-     ({"max_wait_ms": 5000}, "batching.max_wait_ms"), ({"max_jobz": 4}, "batching.max_jobz")],
+     ({"max_wait_ms": 5000}, "batching.max_wait_ms"), ({"max_jobz": 4}, "batching.max_jobz"),
+     ({"compile": "fastest"}, "batching.compile"), ({"compile": 1}, "batching.compile")],
 )
 def test_bad_batching(batching: Any, key: str) -> None:
     expect_error(with_("group.0.batching", batching), key)
