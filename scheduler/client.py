@@ -624,13 +624,13 @@ class AsyncClient:
             try:  # the send waits for a live connection (IMMEDIATE), never past the deadline
                 await asyncio.wait_for(self._socket.send_multipart(self._codec.encode(message, buffers), copy=False),
                                        timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise JobTimeout(f"{op}: could not reach the coordinator at {self.address} within {timeout} s; "
                                  "is it running?") from None
             self._sent.add(req_id)
             try:
                 return await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise JobTimeout(f"{op}: no answer from {self.address} within {timeout} s") from None
         finally:
             self._pending.pop(req_id, None)

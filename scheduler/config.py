@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import os
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from scheduler.errors import ConfigError
 from scheduler.protocol import DTYPES, BatchingSpec, InputSpec

@@ -11,13 +11,13 @@ import math
 import random
 import sys
 import time
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import tomllib
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
