@@ -35,7 +35,7 @@ from zmq.utils.monitor import recv_monitor_message
 from scheduler import __version__
 from scheduler.config import ADDRESS_ENV, DEFAULT_ADDRESS
 from scheduler.errors import BadInput, CohortError, JobTimeout, ProtocolError, error_from_wire
-from scheduler.link import DROPPED, Link, dealer
+from scheduler.link import DROPPED, Link, close_monitored, dealer
 from scheduler.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Ack,
@@ -593,12 +593,7 @@ class AsyncClient:
             if not future.done():
                 future.set_exception(ProtocolError("the client was closed before the answer came"))
         self._pending.clear()
-        try:
-            self._socket.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self._monitor.close(linger=0)
-        self._socket.close(linger=0)
+        close_monitored(self._socket, self._monitor)
         self._context.term()
 
     async def __aenter__(self) -> AsyncClient:

@@ -75,9 +75,14 @@ class Link:
             return False
 
     def close(self) -> None:
-        try:
-            self.socket.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self.monitor.close(linger=0)
-        self.socket.close(linger=0)
+        close_monitored(self.socket, self.monitor)
+
+
+def close_monitored(socket: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
+    """Close a socket and its monitor (the monitor first, or ZeroMQ keeps it waiting)."""
+    try:
+        socket.disable_monitor()
+    except zmq.ZMQError:
+        pass
+    monitor.close(linger=0)
+    socket.close(linger=0)

@@ -118,6 +118,19 @@ def decode_into(tree: TensorTree, buffers: list[Any], pinned: bool) -> Any:
     return dict(zip(tree.keys, made))
 
 
+def planned_runs(runtimes: dict[str, GroupRuntime], items: list[tuple[RunJob, list[Any]]], pinned: bool,
+                 failed: deque[Finished]) -> list[Run]:
+    """Jobs that arrived together, prepared and split into runs of neighbours that can share one
+    call; a job that fails to prepare goes to ``failed``, its neighbours go on."""
+    ready = []
+    for job, buffers in items:
+        try:
+            ready.append(prepare(runtimes, job, buffers, pinned))
+        except Exception as exc:
+            failed.append(failure(job.job_id, exc))
+    return plan(ready, {name: rt.spec.batching for name, rt in runtimes.items()})
+
+
 def prepare(runtimes: dict[str, GroupRuntime], job: RunJob, buffers: list[Any], pinned: bool) -> Ready:
     """Decode a job's tensors (into pinned memory when headed for a GPU) and check them on the host."""
     check_deadline(job)
@@ -142,7 +155,6 @@ class SyncExecutor:
 
     def __init__(self, runtimes: dict[str, GroupRuntime]) -> None:
         self.runtimes = runtimes
-        self.policies = {name: rt.spec.batching for name, rt in runtimes.items()}
         self._done: deque[Finished] = deque()
         self.calls = 0
         self.joined_jobs = 0
@@ -160,13 +172,7 @@ class SyncExecutor:
 
     def submit_many(self, items: list[tuple[RunJob, list[Any]]]) -> None:
         """Run jobs that arrived together, neighbours joined into one call where they can be."""
-        ready = []
-        for job, buffers in items:
-            try:
-                ready.append(prepare(self.runtimes, job, buffers, False))
-            except Exception as exc:
-                self._done.append(failure(job.job_id, exc))
-        for run in plan(ready, self.policies):
+        for run in planned_runs(self.runtimes, items, False, self._done):
             self._run(run)
 
     def _run(self, run: Run) -> None:
@@ -217,7 +223,6 @@ class StreamExecutor:
     def __init__(self, runtimes: dict[str, GroupRuntime], device: torch.device, streams: int) -> None:
         self.runtimes = runtimes
         self.device = device
-        self.policies = {name: rt.spec.batching for name, rt in runtimes.items()}
         self.compute = [torch.cuda.Stream(device) for _ in range(max(1, streams))]
         self.copy = torch.cuda.Stream(device)
         # Last event that touched each (group, slot): a run on another stream waits on it.
@@ -252,13 +257,7 @@ class StreamExecutor:
         self.submit_many([(job, buffers)])
 
     def submit_many(self, items: list[tuple[RunJob, list[Any]]]) -> None:
-        ready = []
-        for job, buffers in items:
-            try:
-                ready.append(prepare(self.runtimes, job, buffers, True))
-            except Exception as exc:
-                self._done.append(failure(job.job_id, exc))
-        for run in plan(ready, self.policies):
+        for run in planned_runs(self.runtimes, items, True, self._done):
             self._launch(run)
         self._progress = time.monotonic()
 
