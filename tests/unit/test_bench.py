@@ -373,3 +373,14 @@ def test_vmap_reference_inference_matches_the_models() -> None:
     with torch.no_grad():
         expected = torch.stack([m(batch.x) for m in build_models(workload, range(workload.count), "cpu")])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_markdown_lists_the_compiled_groups_check_too() -> None:
+    report = _report()
+    check = {"compared": "ensemble outputs", "against": "plain PyTorch, same seeds", "max_abs_diff": 0.0, "ok": True}
+    modes = report["workloads"][0]["modes"]
+    modes["cohort_fused"] = {**modes["cohort_fused"], "check": check}
+    modes["cohort_fused_compiled"] = {**modes["cohort_fused"], "check": {**check, "max_abs_diff": 2e-6}}
+    text = render_markdown(report)
+    assert "w1_mlp_infer: cohort's ensemble outputs match plain PyTorch, same seeds (max abs diff 0.0e+00)." in text
+    assert "w1_mlp_infer: cohort's compiled group's ensemble outputs match" in text and "2.0e-06" in text
