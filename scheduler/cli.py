@@ -1,4 +1,4 @@
-"""The ``cohort`` command line: ``cohort run --config FILE``."""
+"""The ``cohort`` command line: ``run`` a coordinator, ``snapshot`` and ``load`` weights, make ``keys``."""
 
 from __future__ import annotations
 
@@ -16,12 +16,27 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--config", required=True, help="TOML config file")
     run_parser.add_argument("--address", help="override coordinator.address")
     run_parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    for name, text in (("snapshot", "write every model of a running coordinator to DIR/<group>/<index>.safetensors"),
+                       ("load", "set every model of a running coordinator from DIR/<group>/<index>.safetensors")):
+        weights_parser = sub.add_parser(name, help=text)
+        weights_parser.add_argument("directory", help="DIR")
+        weights_parser.add_argument("--address", help="coordinator address (default: $COHORT_ADDRESS, else the default)")
+        weights_parser.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up (default 600)")
     keys_parser = sub.add_parser("keys", help="make CURVE certificates for a coordinator reachable from other machines")
     keys_parser.add_argument("directory", help="where to write them (created, mode 0700)")
     keys_parser.add_argument("--clients", type=int, default=1, help="client key pairs to make")
     args = parser.parse_args(argv)
     if args.command == "keys":
         return make_keys_command(args.directory, args.clients)
+    if args.command in ("snapshot", "load"):
+        from scheduler.weights_cli import load_command, snapshot_command
+
+        command = snapshot_command if args.command == "snapshot" else load_command
+        try:
+            return command(args.directory, args.address, args.timeout)
+        except CohortError as exc:
+            print(f"cohort {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s cohort %(levelname)s %(message)s", stream=sys.stderr)
     from scheduler.config import load_config
     from scheduler.coordinator import run

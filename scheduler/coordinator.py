@@ -79,6 +79,7 @@ from scheduler.protocol import (
     unbundle,
 )
 from scheduler.security import CurveServer
+from scheduler.snapshots import SnapshotWriter
 from scheduler.stats import JobStats
 from scheduler.validate import check_inputs, check_op, check_targets, parse_group, parse_model
 from scheduler.workerpool import WorkerHandle, stop_processes
@@ -92,6 +93,7 @@ IDLE_POLL_MS = 50
 HEALTH_EVERY_S = 0.02
 MAX_RESTARTS = 5  # deaths of one worker within RESTART_WINDOW_S before cohort stops restarting it
 RESTART_WINDOW_S = 60.0
+SNAPSHOT_FINISH_S = 120.0  # at shutdown, how long snapshot files being written may take to finish
 
 
 class StartupError(CohortError):
@@ -128,6 +130,7 @@ class Coordinator:
         self._last_health = 0.0
         self._last_snapshot = time.monotonic()
         self._snapshot_pending = False
+        self.snapshot_writers: list[tuple[SnapshotWriter, tuple[bytes, int] | None]] = []
         self.curve: CurveServer | None = None
         self._replies: dict[bytes, list[tuple[Any, list[Any]]]] = {}
         self._polled: tuple[Any, ...] = ()
@@ -218,6 +221,7 @@ class Coordinator:
         self._check_health()
         self._expire_deadlines()
         self._periodic_snapshot()
+        self._poll_snapshots()
         self._dispatch()
         self._flush_replies()
 
@@ -234,6 +238,10 @@ class Coordinator:
 
     def shutdown(self) -> None:
         """Stop every worker, remove every shared-memory segment, socket and directory."""
+        for writer, _ in self.snapshot_writers:  # files being written are finished, not torn
+            if not writer.wait(SNAPSHOT_FINISH_S):
+                log.error("snapshot to %s not finished after %.0f s; stopping anyway", writer.directory, SNAPSHOT_FINISH_S)
+        self._poll_snapshots()
         self._flush_replies()
         for w in self.workers:
             if w.socket is not None and w.state in ("ready", "starting"):
@@ -458,12 +466,8 @@ class Coordinator:
             self._snapshot_pending = False
             self._refresh_host_copies(models)
             if self.cc.snapshot_dir:
-                try:
-                    for m in models:
-                        if self.weights.is_mapped(m):
-                            self.weights.save(Path(self.cc.snapshot_dir), m)
-                except OSError as exc:
-                    log.error("periodic snapshot to %s failed: %s", self.cc.snapshot_dir, exc)
+                held = [m for m in models if m in self.weights.host]
+                self._write_snapshot(Path(self.cc.snapshot_dir), held, None)
 
         self._barrier(None, take)
 
@@ -507,12 +511,35 @@ class Coordinator:
         models = sorted(self.versions)
 
         def save() -> None:
-            for m in models:
-                self.weights.save(directory, m)
+            for m in models:  # the consistent copy, taken here at the barrier; files follow
                 self.weights.keep_host_copy(m, self.versions[m])
-            self._reply(client, Ack(msg.req_id, {"path": str(directory), "files": len(models)}))
+            self._write_snapshot(directory, models, (client, msg.req_id))
 
         self._barrier(None, self._guarded(client, msg.req_id, models, save))
+
+    def _write_snapshot(self, directory: Path, models: list[ModelKey], asker: tuple[bytes, int] | None) -> None:
+        """Write the host copies of ``models`` on a thread; ``asker`` is answered when the files are there."""
+        writer = SnapshotWriter(directory, self.weights.snapshot_files(directory, models)).start()
+        log.info("snapshot of %d models to %s started (%.1f MB)", writer.total, directory, writer.total_bytes / 1e6)
+        self.snapshot_writers.append((writer, asker))
+
+    def _poll_snapshots(self) -> None:
+        """Answer the snapshots whose files are written (or failed)."""
+        for item in [item for item in self.snapshot_writers if item[0].finished]:
+            self.snapshot_writers.remove(item)
+            writer, asker = item
+            took = (writer.finished_at or writer.started) - writer.started
+            if writer.error is not None:
+                log.error("snapshot to %s failed: %s", writer.directory, writer.error)
+            else:
+                log.info("snapshot of %d models to %s written in %.2f s", writer.total, writer.directory, took)
+            if asker is None:
+                continue
+            if writer.error is not None:
+                self._reply_error(asker[0], asker[1], JobFailed(f"snapshot to {writer.directory}: {writer.error}"))
+            else:
+                self._reply(asker[0], Ack(asker[1], {"path": str(writer.directory), "files": writer.total,
+                                                      "bytes": writer.total_bytes, "seconds": round(took, 3)}))
 
     def _on_stats(self, client: bytes, msg: StatsRequest, _: list[Any]) -> None:
         self._reply(client, StatsReply(msg.req_id, self.stats_dict()))
@@ -541,6 +568,7 @@ class Coordinator:
             "mps": self.mps.state(),
             "workers": workers,
             "queued": sum(len(w.pending) for w in self.workers),
+            "snapshots": [writer.progress() for writer, _ in self.snapshot_writers],
             "in_flight": sum(len(w.in_flight) for w in self.workers),
             **self.stats.summary(uptime),
             "models": models,

@@ -121,16 +121,15 @@ class WeightStore:
         self._sync(bank)
         return copy.version
 
-    def save(self, directory: Path, model: ModelKey) -> Path:
-        """Write one model's parameters and buffers to ``directory/<group>/<index>.safetensors``."""
-        from safetensors.torch import save_file
-
-        path = directory / model[0] / f"{model[1]}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".safetensors.tmp")
-        save_file({n: t.contiguous() for n, t in self.get(model).items()}, str(tmp))
-        tmp.replace(path)  # a crash mid-write never leaves a torn file under the final name
-        return path
+    def snapshot_files(self, directory: Path, models: list[ModelKey]) -> list[tuple[Path, dict[str, torch.Tensor]]]:
+        """``directory/<group>/<index>.safetensors`` and the parameters and buffers to write there,
+        from each model's host copy (take the copies first, at a barrier)."""
+        files = []
+        for model in models:
+            names = [e.name for e in self.specs[model[0]].entries if e.role in ("param", "buffer")]
+            held = self.host[model].tensors
+            files.append((directory / model[0] / f"{model[1]}.safetensors", {n: held[n] for n in names}))
+        return files
 
     def close(self) -> None:
         for bank in self.banks.values():

@@ -198,6 +198,10 @@ def _jobs_line(stats: Mapping[str, Any]) -> Text:
     quantiles = ("p50", "p90", "p99") if "p90" in latency else ("p50", "p99")
     line.append("\nlatency", style="bold")
     line.append("  " + "  ".join(f"{q} {_number(latency.get(q), '.1f')} ms" for q in quantiles))
+    for snap in stats.get("snapshots") or []:  # files being written in the background
+        line.append("\nsnapshot", style="bold")
+        line.append(f"  {snap.get('path')}: {_number(snap.get('files_done'))}/{_number(snap.get('files'))} files, "
+                    f"{_bytes(snap.get('bytes_done'))} of {_bytes(snap.get('bytes'))}, {_duration(snap.get('elapsed_s'))}")
     return line
 
 

@@ -64,12 +64,12 @@ class FusedGroup:
             eager = self._eager[kind] = make()
         if not self.compile_mode:
             return eager(*args)
+        if (kind, signature) not in self._shapes_seen:  # before anything slow: the first import of
+            self._shapes_seen.add((kind, signature))  # torch's compiler alone takes seconds
+            self.on_compile()
         compiled = self._compiled.get(kind)
         if compiled is None:
             compiled = self._compiled[kind] = torch.compile(eager, mode=self.compile_mode, dynamic=False)
-        if (kind, signature) not in self._shapes_seen:
-            self._shapes_seen.add((kind, signature))
-            self.on_compile()
         try:
             return compiled(*args)
         except Exception as exc:  # the calls are pure functions of their arguments: run them again eagerly

@@ -542,3 +542,13 @@ def test_prometheus_port_taken_is_one_line(capsys: pytest.CaptureFixture[str]) -
         port = taken.getsockname()[1]
         assert gpumon.run_prometheus(sampler, port, "127.0.0.1", 0.1) == 1
     assert capsys.readouterr().err.startswith(f"gpumon: cannot serve on 127.0.0.1:{port}")
+
+
+def test_render_shows_a_snapshot_being_written() -> None:
+    writing = {"path": "/data/ckpt", "files_done": 3, "files": 8, "bytes_done": 3 * GIB, "bytes": 8 * GIB,
+               "elapsed_s": 75.0}
+    sample = Sampler(FakeGpu([GPU]), FakeCoordinator({**STATS, "snapshots": [writing]})).sample()
+    out = " ".join(text_of(render(sample, History())).split())
+    assert "snapshot /data/ckpt: 3/8 files, 3.0 GiB of 8.0 GiB, 1m15s" in out
+    quiet = text_of(render(Sampler(FakeGpu([GPU]), FakeCoordinator(STATS)).sample(), History()))
+    assert "snapshot" not in quiet
