@@ -93,6 +93,7 @@ IDLE_POLL_MS = 50
 HEALTH_EVERY_S = 0.02
 MAX_RESTARTS = 5  # deaths of one worker within RESTART_WINDOW_S before cohort stops restarting it
 RESTART_WINDOW_S = 60.0
+STARTUP_PROGRESS_S = 5.0
 SNAPSHOT_FINISH_S = 120.0  # at shutdown, how long snapshot files being written may take to finish
 
 
@@ -185,8 +186,14 @@ class Coordinator:
         self.mps.start(torch.device(self.device).type)
         for w in self.workers:
             self._spawn(w)
-        deadline = time.monotonic() + self.cc.start_timeout_s
+        began = shown = time.monotonic()
+        deadline = began + self.cc.start_timeout_s
         while not all(w.state == "ready" for w in self.workers):
+            if time.monotonic() - shown > STARTUP_PROGRESS_S:  # big models or many of them: say it is working
+                shown = time.monotonic()
+                ready = sum(w.state == "ready" for w in self.workers)
+                log.info("starting: %d/%d workers ready after %.0f s (timeout %.0f s)", ready, len(self.workers),
+                         shown - began, self.cc.start_timeout_s)
             if self.stopping:
                 raise StartupError("interrupted during start-up")
             if time.monotonic() > deadline:
@@ -200,6 +207,7 @@ class Coordinator:
 
     def _spawn(self, w: WorkerHandle) -> None:
         env = self.mps.worker_env(self.cc.workers)
+        env["COHORT_LOG_LEVEL"] = logging.getLevelName(log.getEffectiveLevel())
         if "OMP_NUM_THREADS" not in os.environ:  # workers share the cores instead of each taking all
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.cc.workers))
         w.spawn(self.context, self.run_dir, self.run_id, env)

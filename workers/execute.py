@@ -8,6 +8,7 @@ bank. Every call binds model ``slot``'s views of the bank into the module with
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from workers.losses import resolve_loss
 from workers.optim import optimizer_step
 
 log = logging.getLogger("cohort.worker")
+PROGRESS_EVERY_S = 2.0
 
 
 class GroupRuntime:
@@ -48,7 +50,12 @@ class GroupRuntime:
     # ------------------------------------------------------------------ weights
 
     def initialise(self) -> None:
-        """Fill the bank from the group's init: seeded like plain PyTorch, or safetensors files."""
+        """Fill the bank from the group's init: seeded like plain PyTorch, or safetensors files.
+
+        Progress goes to the log every few seconds when it takes that long (many models,
+        large files)."""
+        began = shown = time.monotonic()
+        total = len(self.spec.indices)
         for slot, index in enumerate(self.spec.indices):
             if self.spec.init_safetensors is not None:
                 weights = self._load_safetensors(index)
@@ -59,6 +66,11 @@ class GroupRuntime:
                 for name, view in views.items():
                     view.copy_(weights[name])
             self.bank.reset_optimizer_state(slot)
+            if time.monotonic() - shown > PROGRESS_EVERY_S:
+                shown = time.monotonic()
+                log.info("group %s: %d/%d models initialised (%.0f s)", self.spec.name, slot + 1, total, shown - began)
+        if time.monotonic() - began > PROGRESS_EVERY_S:
+            log.info("group %s: all %d models initialised in %.1f s", self.spec.name, total, time.monotonic() - began)
 
     def _seeded_weights(self, index: int) -> dict[str, torch.Tensor]:
         # Model ``index`` is what ``torch.manual_seed(seed + index); factory(**kwargs)`` builds.

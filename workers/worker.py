@@ -9,8 +9,10 @@ gone, or when its parent process dies.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import sys
 import time
 import traceback
 from typing import Any
@@ -43,6 +45,7 @@ from workers.streams import Finished, StreamExecutor, SyncExecutor, make_executo
 
 HEARTBEAT_S = 0.25
 INIT_TIMEOUT_S = 60.0
+LOG_LEVEL_ENV = "COHORT_LOG_LEVEL"
 COMPILE_QUIET_S = 600.0  # torch.compile of one call shape: seconds on a GPU, up to minutes on a CPU
 
 
@@ -202,6 +205,9 @@ def die_with_parent() -> None:
 
 def main(address: str, worker_id: int) -> int:
     die_with_parent()
+    # The coordinator's log level and format, so a worker's lines read like its own.
+    logging.basicConfig(level=os.environ.get(LOG_LEVEL_ENV, "INFO"), stream=sys.stderr,
+                        format=f"%(asctime)s cohort worker {worker_id} %(levelname)s %(message)s")
     # Ctrl-C goes to the coordinator, which stops the workers in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     worker = Worker(address, worker_id)

@@ -84,3 +84,18 @@ def test_fused_train_rounds_end_where_per_model_steps_end(pair) -> None:
 
 def test_batching_defaults() -> None:
     assert BatchingSpec() == BatchingSpec(fuse=True, max_jobs=64, max_wait_ms=0.0)
+
+
+def test_initialise_reports_progress_when_it_takes_long(monkeypatch, caplog) -> None:
+    from workers import execute
+
+    monkeypatch.setattr(execute, "PROGRESS_EVERY_S", 0.0)  # every model counts as slow
+    group = {"name": "slow", "factory": "examples.models:mlp", "kwargs": {"d_in": 4, "hidden": 4, "d_out": 2},
+             "count": 3, "input": {"shape": [-1, 4], "dtype": "float32"}, "loss": "mse",
+             "optimizer": {"name": "sgd", "lr": 0.1}, "init": {"seed": 0}}
+    with caplog.at_level("INFO", logger="cohort.worker"):
+        _, bank = runtime_for(group, True)
+    bank.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("group slow: 2/3 models initialised" in line for line in lines), lines
+    assert any("group slow: all 3 models initialised" in line for line in lines), lines
