@@ -35,7 +35,7 @@ from zmq.utils.monitor import recv_monitor_message
 from scheduler import __version__
 from scheduler.config import ADDRESS_ENV, DEFAULT_ADDRESS
 from scheduler.errors import BadInput, CohortError, JobTimeout, ProtocolError, error_from_wire
-from scheduler.link import DROPPED, Link, close_monitored, dealer
+from scheduler.link import DROPPED, Link, close_monitored, dealer, try_send
 from scheduler.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Ack,
@@ -115,6 +115,14 @@ def _result(op: str, reply: Any, buffers: list[Any]) -> Any:
     if isinstance(reply, HelloReply):
         return reply
     raise ProtocolError(f"unexpected reply {type(reply).__name__}")
+
+
+def _time_left(message: msgspec.Struct, deadline: float) -> msgspec.Struct:
+    """``message`` with the time its call has left: a request that waited for a connection must
+    not run longer than its caller waits (the coordinator counts a job's deadline from receipt)."""
+    if getattr(message, "timeout_s", None) is not None:
+        message.timeout_s = max(0.001, deadline - time.monotonic())  # type: ignore[attr-defined]
+    return message
 
 
 def _replies(reply: Any, buffers: list[Any]) -> list[tuple[Any, list[Any]]]:
@@ -303,7 +311,7 @@ class Client:
         link, codec = direct.link, direct.codec
         deadline = time.monotonic() + timeout
         link.dropped()  # a drop before this call is no news to it
-        if not link.send(codec.encode(message, buffers), deadline):
+        if not link.send(lambda: codec.encode(_time_left(message, deadline), buffers), deadline):
             raise JobTimeout(f"{op}: could not reach the coordinator at {self.address} within {timeout} s; is it running?")
         while True:
             remaining = deadline - time.monotonic()
@@ -394,13 +402,15 @@ class Client:
                 events = dict(poller.poll(self._next_deadline_ms()))
                 if self._wake_r in events:
                     running = self._take_outbox(unsent)
-                self._send_unsent(link, unsent)
-                if link.socket in events:
-                    self._drain_replies(link.socket)
+                # A drop is dealt with before anything new is sent: its event must only ever
+                # fail calls that went out on the connection that dropped.
                 if link.monitor in events and link.dropped():
                     self._drain_replies(link.socket)  # answers that came just before the drop
                     self._fail_sent("the connection to the coordinator at {} dropped while the call was in flight "
                                     "(did it stop or restart?); the job may or may not have run")
+                if link.socket in events:
+                    self._drain_replies(link.socket)
+                self._send_unsent(link, unsent)
                 self._expire()
         finally:
             for p in self._pending.values():
@@ -443,6 +453,8 @@ class Client:
             if not batch:
                 return
             try:
+                for req_id, message, _ in batch:
+                    _time_left(message, self._pending[req_id].deadline)
                 if len(batch) == 1:
                     frames = self._codec.encode(batch[0][1], batch[0][2])
                 else:  # everything waiting, as one message
@@ -610,26 +622,33 @@ class AsyncClient:
 
     async def _request(self, req_id: int, message: msgspec.Struct, buffers: list[Any], op: str, timeout: float) -> Any:
         loop = asyncio.get_running_loop()
-        if self._reader is None:
+        if self._reader is None or self._reader.done():
             self._reader = loop.create_task(self._read_replies())
         future: asyncio.Future[Any] = loop.create_future()
         self._pending[req_id] = (future, op)
-        deadline = loop.time() + timeout
+        deadline = time.monotonic() + timeout
         try:
-            try:  # the send waits for a live connection (IMMEDIATE), never past the deadline
-                await asyncio.wait_for(self._socket.send_multipart(self._codec.encode(message, buffers), copy=False),
-                                       timeout)
-            except TimeoutError:
+            await self._check_drop()  # a drop seen now fails only calls sent before it, never this one
+            if not await self._send_when_connected(message, buffers, deadline):
                 raise JobTimeout(f"{op}: could not reach the coordinator at {self.address} within {timeout} s; "
-                                 "is it running?") from None
+                                 "is it running?")
             self._sent.add(req_id)
             try:
-                return await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
+                return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 raise JobTimeout(f"{op}: no answer from {self.address} within {timeout} s") from None
         finally:
             self._pending.pop(req_id, None)
             self._sent.discard(req_id)
+
+    async def _send_when_connected(self, message: msgspec.Struct, buffers: list[Any], deadline: float) -> bool:
+        """Send once a live connection takes it (IMMEDIATE), with the time it has left; False at the deadline."""
+        while True:
+            if try_send(self._socket, self._codec.encode(_time_left(message, deadline), buffers)):
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not await self._socket.poll(int(remaining * 1000) + 1, zmq.POLLOUT):
+                return False
 
     async def _read_replies(self) -> None:
         """Resolve futures as replies arrive; fail the ones in flight when the connection drops."""
@@ -638,16 +657,22 @@ class AsyncClient:
         poller.register(self._monitor, zmq.POLLIN)
         while True:
             events = dict(await poller.poll())
+            if self._monitor in events:
+                await self._check_drop()
             if self._socket in events:
                 await self._take_replies()
-            if self._monitor in events and await self._dropped():
-                await self._take_replies()  # answers that came just before the drop
-                for req_id in list(self._sent):
-                    future, op = self._pending.get(req_id, (None, ""))
-                    if future is not None and not future.done():
-                        future.set_exception(ProtocolError(
-                            f"{op}: the connection to the coordinator at {self.address} dropped while the call was in "
-                            "flight (did it stop or restart?); the job may or may not have run"))
+
+    async def _check_drop(self) -> None:
+        """If the connection dropped: take the answers that came before, fail the calls still in flight."""
+        if not await self._dropped():
+            return
+        await self._take_replies()
+        for req_id in list(self._sent):
+            future, op = self._pending.get(req_id, (None, ""))
+            if future is not None and not future.done():
+                future.set_exception(ProtocolError(
+                    f"{op}: the connection to the coordinator at {self.address} dropped while the call was in "
+                    "flight (did it stop or restart?); the job may or may not have run"))
 
     async def _dropped(self) -> bool:
         dropped = False
@@ -677,3 +702,5 @@ class AsyncClient:
                     future.set_result(_result(op, reply, buffers))
                 except CohortError as exc:
                     future.set_exception(exc)
+                except Exception as exc:  # an unreadable reply fails its call, never this reader
+                    future.set_exception(ProtocolError(f"bad reply: {type(exc).__name__}: {exc}"))

@@ -466,6 +466,8 @@ class Coordinator:
         now = time.monotonic()
         if interval <= 0 or now - self._last_snapshot < interval or self._snapshot_pending:
             return
+        if self.cc.snapshot_dir and self._writing(Path(self.cc.snapshot_dir)):
+            return  # the files of the last one are still being written: the next one waits for them
         self._last_snapshot = now
         self._snapshot_pending = True
         models = sorted(self.versions)
@@ -473,7 +475,7 @@ class Coordinator:
         def take() -> None:
             self._snapshot_pending = False
             self._refresh_host_copies(models)
-            if self.cc.snapshot_dir:
+            if self.cc.snapshot_dir and not self._writing(Path(self.cc.snapshot_dir)):
                 held = [m for m in models if m in self.weights.host]
                 self._write_snapshot(Path(self.cc.snapshot_dir), held, None)
 
@@ -514,11 +516,19 @@ class Coordinator:
 
         self._barrier([src, dst], self._guarded(client, msg.req_id, [src, dst], copy))
 
+    def _writing(self, directory: Path) -> bool:
+        """Whether a snapshot to ``directory`` is being written (two at once would mix their files)."""
+        return any(writer.directory == directory for writer, _ in self.snapshot_writers)
+
     def _on_snapshot(self, client: bytes, msg: SnapshotRequest, _: list[Any]) -> None:
         directory = Path(msg.path)
         models = sorted(self.versions)
+        if self._writing(directory):
+            raise Overloaded(f"a snapshot to {directory} is being written; retry once it is done (stats()['snapshots'])")
 
         def save() -> None:
+            if self._writing(directory):  # one asked for while this one waited for its barrier
+                raise Overloaded(f"a snapshot to {directory} is being written; retry once it is done")
             for m in models:  # the consistent copy, taken here at the barrier; files follow
                 self.weights.keep_host_copy(m, self.versions[m])
             self._write_snapshot(directory, models, (client, msg.req_id))

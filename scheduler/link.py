@@ -17,11 +17,13 @@ the address.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from scheduler.errors import ProtocolError
 from scheduler.security import CurveClient
 
 DROPPED = zmq.EVENT_DISCONNECTED
@@ -55,27 +57,47 @@ class Link:
                 return dropped
             dropped = dropped or event["event"] == DROPPED
 
-    def send(self, frames: list[Any], deadline: float) -> bool:
-        """Send once there is a live connection; False if none came before ``deadline``."""
+    def send(self, encode: Callable[[], list[Any]], deadline: float) -> bool:
+        """Send once there is a live connection; False if none came before ``deadline``.
+
+        ``encode`` makes the frames at the moment of sending, so a request that waited
+        for the connection carries only the time it has left."""
         while True:
-            try:
-                self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            if self.try_send(encode()):
                 return True
-            except zmq.Again:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self.socket.poll(int(remaining * 1000) + 1, zmq.POLLOUT):
-                    return False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.socket.poll(int(remaining * 1000) + 1, zmq.POLLOUT):
+                return False
 
     def try_send(self, frames: list[Any]) -> bool:
-        """Send if a connection can take it now; False (nothing queued) if not."""
-        try:
-            self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
-            return True
-        except zmq.Again:
-            return False
+        return try_send(self.socket, frames)
 
     def close(self) -> None:
         close_monitored(self.socket, self.monitor)
+
+
+def try_send(socket: zmq.Socket[Any], frames: list[Any]) -> bool:
+    """Send if a connection can take it now; False (nothing queued) if not. Never waits,
+    also on an asyncio socket.
+
+    Frame by frame: if the connection drops after the first frame, ZeroMQ discards the
+    rest of the message only once all of it has been handed over, so the rest is handed
+    over anyway (and dropped), and the request fails as lost."""
+    send = zmq.Socket.send  # the plain, synchronous send, whatever flavour ``socket`` is
+    last = len(frames) - 1
+    try:
+        send(socket, frames[0], zmq.NOBLOCK | (zmq.SNDMORE if last else 0), copy=False)
+    except zmq.Again:
+        return False
+    broken = False
+    for index in range(1, last + 1):
+        try:
+            send(socket, frames[index], zmq.NOBLOCK | (zmq.SNDMORE if index < last else 0), copy=False)
+        except zmq.Again:
+            broken = True
+    if broken:
+        raise ProtocolError("the connection to the coordinator dropped while the request was being sent")
+    return True
 
 
 def close_monitored(socket: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:

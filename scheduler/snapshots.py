@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ class SnapshotWriter:
         self.error: str | None = None
         self.started = time.monotonic()
         self.finished_at: float | None = None
+        self.token = uuid.uuid4().hex[:12]
         self._thread = threading.Thread(target=self._write_all, name="cohort-snapshot", daemon=True)
 
     def start(self) -> SnapshotWriter:
@@ -62,9 +64,12 @@ class SnapshotWriter:
         try:
             for path, tensors in self.files:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".safetensors.tmp")
-                save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp))
-                tmp.replace(path)
+                tmp = path.with_name(f".{path.name}.{self.token}.tmp")  # this writer's own: never shared
+                try:
+                    save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp))
+                    tmp.replace(path)
+                finally:
+                    tmp.unlink(missing_ok=True)
                 self.done += 1
                 self.done_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
         except Exception as exc:  # reported to whoever asked for the snapshot

@@ -34,6 +34,9 @@ log = logging.getLogger("cohort.worker")
 # A vmap'd call costs ~140 us of Python on top of its kernels, a plain call ~25 us (measured
 # on a 2-core CPU, torch 2.13): below this many models, one call per model is faster.
 FUSE_MIN_MODELS = 4
+# Call shapes compiled per kind of call, below torch._dynamo's recompile limit (8), past
+# which it would stop compiling without a word.
+MAX_COMPILED_SHAPES = 6
 
 
 def _window(slots: list[int]) -> slice | None:
@@ -55,7 +58,7 @@ class FusedGroup:
         self.on_compile: Callable[[], None] = lambda: None
         self._eager: dict[Any, Callable[..., Any]] = {}
         self._compiled: dict[Any, Callable[..., Any]] = {}
-        self._shapes_seen: set[Any] = set()
+        self._shapes_seen: dict[Any, set[Any]] = {}
 
     def _run(self, kind: Any, make: Callable[[], Callable[..., Any]], signature: Any, *args: Any) -> Any:
         """Call the vmap'd function ``kind`` (made once by ``make``), compiled when the group asks."""
@@ -64,19 +67,27 @@ class FusedGroup:
             eager = self._eager[kind] = make()
         if not self.compile_mode:
             return eager(*args)
-        if (kind, signature) not in self._shapes_seen:  # before anything slow: the first import of
-            self._shapes_seen.add((kind, signature))  # torch's compiler alone takes seconds
-            self.on_compile()
+        shapes = self._shapes_seen.setdefault(kind, set())
+        if signature not in shapes:
+            if len(shapes) >= MAX_COMPILED_SHAPES:  # past this torch would quietly stop compiling anyway
+                if len(shapes) == MAX_COMPILED_SHAPES:
+                    shapes.add(None)  # say it once
+                    log.warning("group %s: %d call shapes compiled; further shapes run eagerly (keep batch "
+                                "sizes steady to stay compiled)", self.rt.spec.name, MAX_COMPILED_SHAPES)
+                return eager(*args)
+            shapes.add(signature)
+            self.on_compile()  # before anything slow: the first import of torch's compiler alone takes seconds
         compiled = self._compiled.get(kind)
         if compiled is None:
             compiled = self._compiled[kind] = torch.compile(eager, mode=self.compile_mode, dynamic=False)
         try:
             return compiled(*args)
-        except Exception as exc:  # the calls are pure functions of their arguments: run them again eagerly
+        except Exception as compile_error:  # the calls are pure functions of their arguments: run again eagerly
+            result = eager(*args)  # bad data raises here, and compiling stays on
             log.warning("group %s: torch.compile(mode=%r) failed, running fused calls eagerly: %s: %s",
-                        self.rt.spec.name, self.compile_mode, type(exc).__name__, exc)
+                        self.rt.spec.name, self.compile_mode, type(compile_error).__name__, compile_error)
             self.compile_mode = ""
-            return eager(*args)
+            return result
 
     def _index(self, slots: list[int]) -> torch.Tensor:
         """``slots`` as an index tensor on the device, copied without a host sync: a pageable

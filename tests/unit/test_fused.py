@@ -99,3 +99,49 @@ def test_initialise_reports_progress_when_it_takes_long(monkeypatch, caplog) -> 
     lines = [r.getMessage() for r in caplog.records]
     assert any("group slow: 2/3 models initialised" in line for line in lines), lines
     assert any("group slow: all 3 models initialised" in line for line in lines), lines
+
+
+MLP_GROUP = {"name": "c", "factory": "examples.models:mlp", "kwargs": {"d_in": 4, "hidden": 8, "d_out": 3},
+             "count": 4, "input": {"shape": [-1, 4], "dtype": "float32"}, "loss": "cross_entropy",
+             "optimizer": {"name": "sgd", "lr": 0.1}, "init": {"seed": 0}}
+
+
+def test_a_compile_failure_falls_back_to_eager_but_bad_data_keeps_compiling(monkeypatch) -> None:
+    from workers import fused as fused_module
+
+    def broken_compile(fn, **_):
+        def run(*args):
+            raise RuntimeError("inductor could not compile this")
+        return run
+
+    monkeypatch.setattr(fused_module.torch, "compile", broken_compile)
+    rt, bank = runtime_for(MLP_GROUP, True)
+    try:
+        rt.fused.compile_mode = "default"
+        with pytest.raises(Exception):  # noqa: B017 - the model's own error for bad data, whatever its type
+            rt.ensemble([0, 1, 2, 3], torch.randn(2, 5))  # wrong width: eager fails too
+        assert rt.fused.compile_mode == "default"  # bad data is not the compiler's fault
+        x = torch.randn(2, 4)
+        got = rt.ensemble([0, 1, 2, 3], x)
+        assert rt.fused.compile_mode == ""  # the compiler's failure: eager from now on
+        torch.testing.assert_close(got, torch.stack([rt.infer(k, x) for k in range(4)]))
+    finally:
+        bank.close()
+
+
+def test_compiled_shapes_are_capped_and_each_new_one_is_announced(monkeypatch) -> None:
+    from workers import fused as fused_module
+
+    compiled_calls = []
+    monkeypatch.setattr(fused_module.torch, "compile", lambda fn, **_: lambda *a: compiled_calls.append(1) or fn(*a))
+    rt, bank = runtime_for(MLP_GROUP, True)
+    try:
+        notices = []
+        rt.fused.compile_mode, rt.fused.on_compile = "default", lambda: notices.append(1)
+        for batch in range(1, fused_module.MAX_COMPILED_SHAPES + 4):
+            rt.ensemble([0, 1, 2, 3], torch.randn(batch, 4))
+            rt.ensemble([0, 1, 2, 3], torch.randn(batch, 4))  # the same shape again: no new notice
+        assert len(notices) == fused_module.MAX_COMPILED_SHAPES
+        assert len(compiled_calls) == 2 * fused_module.MAX_COMPILED_SHAPES  # the rest ran eagerly
+    finally:
+        bank.close()
