@@ -182,6 +182,7 @@ class Client:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._pending: dict[int, _Pending] = {}
+        self._woken = False  # a wake-up byte is in the pipe and the I/O thread has not taken the queue since
         self._closed = False
         self._server_bound: int | None = None
         self._context = zmq.Context()
@@ -375,7 +376,9 @@ class Client:
         future.set_running_or_notify_cancel()
         pending = _Pending(future, op, time.monotonic() + timeout)
         self._outbox.put((req_id, message, buffers, pending))
-        os.write(self._wake_w, b"x")
+        if not self._woken:  # one wake-up covers every request queued before the I/O thread takes them
+            self._woken = True
+            os.write(self._wake_w, b"x")
         return future
 
     def _wait(self, future: Future[Any], timeout: float | None) -> Any:
@@ -421,11 +424,16 @@ class Client:
 
     def _take_outbox(self, unsent: deque[tuple[int, msgspec.Struct, list[Any]]]) -> bool:
         """Move new requests to ``unsent``; False once ``close`` asked the loop to end."""
+        # The pipe is emptied first, then the flag cleared, then the queue read: a request
+        # queued after the clear writes a new byte, which stays for the next pass; one queued
+        # before it is read below. (Clearing before emptying the pipe could swallow the byte
+        # of a request made in between and leave the flag set with nothing to wake us.)
         try:
             while os.read(self._wake_r, 4096):
                 pass
         except BlockingIOError:
             pass
+        self._woken = False
         while True:
             try:
                 item = self._outbox.get_nowait()

@@ -116,6 +116,10 @@ class Coordinator:
         ]
         for w in self.workers:
             w.specs = [self._spec_for_block(b.group, b.indices) for b in w.blocks]
+        # (worker, slot) of every model: placement never changes, a replacement takes the same models.
+        self.slot_of: dict[ModelKey, tuple[int, int]] = {
+            (b.group, i): (w.id, slot) for w in self.workers for b in w.blocks for slot, i in enumerate(b.indices)
+        }
         from scheduler.weights import WeightStore
 
         self.weights = WeightStore(self.specs)
@@ -376,7 +380,7 @@ class Coordinator:
 
     def _admit(self, models: list[ModelKey]) -> None:
         for m in models:
-            w = self.workers[self.weights.location[m].worker] if m in self.weights.location else self._holder(m)
+            w = self.workers[self.slot_of[m][0]]
             if w.state == "failed":
                 raise WorkerDied(f"model {m[0]}/{m[1]} is on worker {w.id}, which kept crashing and is not restarted")
         if len(self.jobs) >= self.cc.max_queued:
@@ -386,29 +390,25 @@ class Coordinator:
                 raise Overloaded(f"model {m[0]}/{m[1]} has {self.queued_per_model[m]} jobs queued (bound "
                                  f"{self.cc.max_queued_per_model}); retry later")
 
-    def _holder(self, model: ModelKey) -> WorkerHandle:
-        return next(w for w in self.workers for b in w.blocks if b.group == model[0] and model[1] in b.indices)
-
     def _split(self, job: Job, msg: SubmitJob, inputs: list[Any], targets: list[Any], stacked: int | None) -> None:
-        """One part per worker holding some of the job's models."""
-        wanted = {i for _, i in job.models}
-        for w in self.workers:
-            for b in w.blocks:
-                if b.group != job.group:
-                    continue
-                slots = [s for s, i in enumerate(b.indices) if i in wanted]
-                if not slots:
-                    continue
-                indices = [b.indices[s] for s in slots]
-                tree_in, buf_in, tree_t, buf_t = msg.inputs, inputs, msg.targets, targets
-                if stacked is not None:
-                    lo, hi = indices[0], indices[-1] + 1
-                    tree_in, buf_in = slice_rows(msg.inputs, inputs, lo, hi)
-                    tree_t, buf_t = slice_rows(msg.targets, targets, lo, hi)
-                part = Part(job, w.id, slots, indices, tree_in, tree_t, [*buf_in, *buf_t])
-                job.parts.append(part)
-                w.pending.append(part)
-        job.parts.sort(key=lambda p: p.indices[0])
+        """One part per worker holding some of the job's models, its slots in ascending order."""
+        by_worker: dict[int, list[tuple[int, int]]] = {}
+        for model in job.models:
+            worker, slot = self.slot_of[model]
+            by_worker.setdefault(worker, []).append((slot, model[1]))
+        for worker, pairs in by_worker.items():
+            pairs.sort()
+            slots, indices = [s for s, _ in pairs], [i for _, i in pairs]
+            tree_in, buf_in, tree_t, buf_t = msg.inputs, inputs, msg.targets, targets
+            if stacked is not None:
+                lo, hi = indices[0], indices[-1] + 1
+                tree_in, buf_in = slice_rows(msg.inputs, inputs, lo, hi)
+                tree_t, buf_t = slice_rows(msg.targets, targets, lo, hi)
+            part = Part(job, worker, slots, indices, tree_in, tree_t, [*buf_in, *buf_t])
+            job.parts.append(part)
+            self.workers[worker].pending.append(part)
+        if len(job.parts) > 1:
+            job.parts.sort(key=lambda p: p.indices[0])
         job.open_parts = len(job.parts)
 
     # ---------------------------------------------------------------- barriers and weights

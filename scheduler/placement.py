@@ -9,6 +9,7 @@ so that the total number of models stays even.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -20,8 +21,8 @@ class Block:
     start: int
     count: int
 
-    @property
-    def indices(self) -> list[int]:
+    @cached_property
+    def indices(self) -> list[int]:  # shared: callers must not change it
         return list(range(self.start, self.start + self.count))
 
 

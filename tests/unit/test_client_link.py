@@ -79,3 +79,65 @@ def test_a_request_that_waited_for_the_coordinator_carries_the_time_it_has_left(
     assert job.timeout_s is not None
     assert job.timeout_s <= TIMEOUT_S - LATE_S + 0.5, job.timeout_s  # not the full timeout it started with
     assert job.timeout_s > 0
+
+
+def _answering_router(address: str, stop: threading.Event) -> threading.Thread:
+    """A stand-in coordinator that answers every job at once with a one-element tensor."""
+    from scheduler.protocol import JobDone, Replies, encode_tensors
+
+    def serve() -> None:
+        context = zmq.Context()
+        router = context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.bind(address)
+        codec = coordinator_client_codec()
+        tree, buffers = encode_tensors(torch.ones(1))
+        try:
+            while not stop.is_set():
+                if not router.poll(50):
+                    continue
+                frames = router.recv_multipart(copy=False)
+                message, own = codec.decode([f.buffer for f in frames[1:]])
+                items = unbundle(message.requests, own) if isinstance(message, Requests) else [(message, own)]
+                replies = [JobDone(m.req_id, tree) for m, _ in items]
+                reply = replies[0] if len(replies) == 1 else Replies(0, replies)
+                router.send_multipart([frames[0].bytes, *codec.encode(reply, buffers * len(replies))])
+        finally:
+            router.close(linger=0)
+            context.term()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_pipelined_submits_from_threads_never_lose_a_wake_up(address: str) -> None:
+    """Submitting threads and the I/O thread race on one wake-up pipe: every request must go out."""
+    stop = threading.Event()
+    server = _answering_router(address, stop)
+    per_thread, window = 4000, 64
+    stuck: list[str] = []
+    try:
+        with Client(address, timeout=30) as client:
+
+            def pipeline(name: str) -> None:
+                slots = threading.Semaphore(window)
+                for i in range(per_thread):
+                    if not slots.acquire(timeout=10):
+                        stuck.append(f"{name} stuck after {i} submits")
+                        return
+                    client.submit("infer", "m/0", torch.zeros(1)).add_done_callback(lambda _: slots.release())
+                for _ in range(window):
+                    if not slots.acquire(timeout=10):
+                        stuck.append(f"{name}: the last answers never came")
+                        return
+
+            threads = [threading.Thread(target=pipeline, args=(f"thread {k}",)) for k in range(3)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+    finally:
+        stop.set()
+        server.join(10)
+    assert stuck == []
