@@ -32,23 +32,25 @@ def address() -> Iterator[str]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _late_router(address: str, received: list[SubmitJob], done: threading.Event) -> threading.Thread:
-    """Bind after ``LATE_S``, record the first job request that arrives, answer nothing; stay up until ``done``."""
+def _recv_requests(router: zmq.Socket, codec) -> tuple[bytes, list]:  # type: ignore[no-untyped-def]
+    """One message from a client: its routing id and the requests in it, bundled or not."""
+    frames = router.recv_multipart(copy=False)
+    message, buffers = codec.decode([f.buffer for f in frames[1:]])
+    items = unbundle(message.requests, buffers) if isinstance(message, Requests) else [(message, buffers)]
+    return frames[0].bytes, [m for m, _ in items]
+
+
+def _serve(address: str, loop, delay_s: float = 0.0) -> threading.Thread:  # type: ignore[no-untyped-def]
+    """On a thread: after ``delay_s``, bind a ROUTER at ``address`` and run ``loop(router, codec)``."""
 
     def serve() -> None:
-        time.sleep(LATE_S)
+        time.sleep(delay_s)
         context = zmq.Context()
         router = context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.bind(address)
-        codec = coordinator_client_codec()
         try:
-            if router.poll(int(TIMEOUT_S * 1000)):
-                frames = router.recv_multipart(copy=False)
-                message, buffers = codec.decode([f.buffer for f in frames[1:]])
-                items = unbundle(message.requests, buffers) if isinstance(message, Requests) else [(message, buffers)]
-                received.extend(m for m, _ in items if isinstance(m, SubmitJob))
-            done.wait(TIMEOUT_S * 2)  # closing earlier would drop the connection under the call
+            loop(router, coordinator_client_codec())
         finally:
             router.close(linger=0)
             context.term()
@@ -56,6 +58,17 @@ def _late_router(address: str, received: list[SubmitJob], done: threading.Event)
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     return thread
+
+
+def _late_router(address: str, received: list[SubmitJob], done: threading.Event) -> threading.Thread:
+    """Bind after ``LATE_S``, record the first job request that arrives, answer nothing; stay up until ``done``."""
+
+    def loop(router: zmq.Socket, codec) -> None:  # type: ignore[no-untyped-def]
+        if router.poll(int(TIMEOUT_S * 1000)):
+            received.extend(m for m in _recv_requests(router, codec)[1] if isinstance(m, SubmitJob))
+        done.wait(TIMEOUT_S * 2)  # closing earlier would drop the connection under the call
+
+    return _serve(address, loop, delay_s=LATE_S)
 
 
 @pytest.mark.parametrize("path", ["blocking", "submit"])
@@ -85,30 +98,17 @@ def _answering_router(address: str, stop: threading.Event) -> threading.Thread:
     """A stand-in coordinator that answers every job at once with a one-element tensor."""
     from scheduler.protocol import JobDone, Replies, encode_tensors
 
-    def serve() -> None:
-        context = zmq.Context()
-        router = context.socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
-        router.bind(address)
-        codec = coordinator_client_codec()
-        tree, buffers = encode_tensors(torch.ones(1))
-        try:
-            while not stop.is_set():
-                if not router.poll(50):
-                    continue
-                frames = router.recv_multipart(copy=False)
-                message, own = codec.decode([f.buffer for f in frames[1:]])
-                items = unbundle(message.requests, own) if isinstance(message, Requests) else [(message, own)]
-                replies = [JobDone(m.req_id, tree) for m, _ in items]
-                reply = replies[0] if len(replies) == 1 else Replies(0, replies)
-                router.send_multipart([frames[0].bytes, *codec.encode(reply, buffers * len(replies))])
-        finally:
-            router.close(linger=0)
-            context.term()
+    tree, buffers = encode_tensors(torch.ones(1))
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    return thread
+    def loop(router: zmq.Socket, codec) -> None:  # type: ignore[no-untyped-def]
+        while not stop.is_set():
+            if router.poll(50):
+                client, requests = _recv_requests(router, codec)
+                replies = [JobDone(m.req_id, tree) for m in requests]
+                reply = replies[0] if len(replies) == 1 else Replies(0, replies)
+                router.send_multipart([client, *codec.encode(reply, buffers * len(replies))])
+
+    return _serve(address, loop)
 
 
 def test_pipelined_submits_from_threads_never_lose_a_wake_up(address: str) -> None:
