@@ -466,8 +466,6 @@ class Coordinator:
         now = time.monotonic()
         if interval <= 0 or now - self._last_snapshot < interval or self._snapshot_pending:
             return
-        if self.cc.snapshot_dir and self._writing(Path(self.cc.snapshot_dir)):
-            return  # the files of the last one are still being written: the next one waits for them
         self._last_snapshot = now
         self._snapshot_pending = True
         models = sorted(self.versions)
@@ -475,6 +473,7 @@ class Coordinator:
         def take() -> None:
             self._snapshot_pending = False
             self._refresh_host_copies(models)
+            # Files only when the last ones are written; the host copies (the restore point) always.
             if self.cc.snapshot_dir and not self._writing(Path(self.cc.snapshot_dir)):
                 held = [m for m in models if m in self.weights.host]
                 self._write_snapshot(Path(self.cc.snapshot_dir), held, None)
@@ -520,15 +519,17 @@ class Coordinator:
         """Whether a snapshot to ``directory`` is being written (two at once would mix their files)."""
         return any(writer.directory == directory for writer, _ in self.snapshot_writers)
 
-    def _on_snapshot(self, client: bytes, msg: SnapshotRequest, _: list[Any]) -> None:
-        directory = Path(msg.path)
-        models = sorted(self.versions)
+    def _refuse_if_writing(self, directory: Path) -> None:
         if self._writing(directory):
             raise Overloaded(f"a snapshot to {directory} is being written; retry once it is done (stats()['snapshots'])")
 
+    def _on_snapshot(self, client: bytes, msg: SnapshotRequest, _: list[Any]) -> None:
+        directory = Path(msg.path)
+        models = sorted(self.versions)
+        self._refuse_if_writing(directory)  # at once, rather than after waiting for a barrier
+
         def save() -> None:
-            if self._writing(directory):  # one asked for while this one waited for its barrier
-                raise Overloaded(f"a snapshot to {directory} is being written; retry once it is done")
+            self._refuse_if_writing(directory)  # one may have started while this one waited for its barrier
             for m in models:  # the consistent copy, taken here at the barrier; files follow
                 self.weights.keep_host_copy(m, self.versions[m])
             self._write_snapshot(directory, models, (client, msg.req_id))

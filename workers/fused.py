@@ -97,12 +97,16 @@ class FusedGroup:
             return index.pin_memory().to(self.rt.device, non_blocking=True)
         return index
 
-    def _take(self, table: dict[str, torch.Tensor], slots: list[int], index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def _select(self, slots: list[int]) -> slice | torch.Tensor:
+        """How to take ``slots`` out of a bank tensor: a view of a contiguous window, else a gather index."""
         window = _window(slots)
-        if window is not None:
-            return {n: t[window] for n, t in table.items()}
-        index = self._index(slots) if index is None else index
-        return {n: t.index_select(0, index) for n, t in table.items()}
+        return window if window is not None else self._index(slots)
+
+    @staticmethod
+    def _take(table: dict[str, torch.Tensor], select: slice | torch.Tensor) -> dict[str, torch.Tensor]:
+        if isinstance(select, slice):
+            return {n: t[select] for n, t in table.items()}
+        return {n: t.index_select(0, select) for n, t in table.items()}
 
     def _call(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: Any) -> Any:
         tensors = {**params, **buffers}
@@ -117,9 +121,9 @@ class FusedGroup:
     def forward(self, slots: list[int], inputs: Any, shared: bool) -> Any:
         """Outputs ``[n, ...]`` of models ``slots``; ``shared``: one input for all, else stacked ``[n, ...]``."""
         self.rt.module.eval()
-        index = None if _window(slots) is not None else self._index(slots)
-        params = self._take(self.rt.params, slots, index)
-        buffers = self._take(self.rt.buffers, slots, index)
+        select = self._select(slots)
+        params = self._take(self.rt.params, select)
+        buffers = self._take(self.rt.buffers, select)
         in_dims = (0, 0, None if shared else 0)
 
         def make() -> Callable[..., Any]:
@@ -132,24 +136,24 @@ class FusedGroup:
         """One optimizer step of every model in ``slots``; inputs and targets stacked ``[n, ...]``; losses ``[n]``."""
         rt = self.rt
         rt.module.train()
-        window = _window(slots)
-        index = None if window is not None else self._index(slots)
-        params = self._take(rt.params, slots, index)
-        buffers = self._take(rt.buffers, slots, index)
+        select = self._select(slots)
+        params = self._take(rt.params, select)
+        buffers = self._take(rt.buffers, select)
+
         def make() -> Callable[..., Any]:
             return vmap(grad_and_value(self._loss_of), randomness="different")
 
         detached = {n: p.detach() for n, p in params.items()}
         signature = (len(slots), _shapes(inputs), _shapes(targets))
         grads, losses = self._run("train", make, signature, detached, buffers, inputs, targets)
-        state = self._take(rt.state, slots, index)
-        hparams = {k: v[window] if index is None else v.index_select(0, index) for k, v in rt.hparams.items()}
+        state = self._take(rt.state, select)
+        hparams = self._take(rt.hparams, select)
         optimizer_step(rt.spec.optimizer, params, grads, state, hparams)
-        if index is not None:  # a gather copied them: write the stepped weights and state back
+        if not isinstance(select, slice):  # a gather copied them: write the stepped weights and state back
             with torch.no_grad():
                 for table, taken in ((rt.params, params), (rt.state, state)):
                     for n, t in taken.items():
-                        table[n].index_copy_(0, index, t)
+                        table[n].index_copy_(0, select, t)
         return losses.detach()
 
 

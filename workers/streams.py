@@ -90,8 +90,7 @@ def failure(job_id: int, exc: BaseException) -> Finished:
     if isinstance(exc, CohortError):
         return Finished(job_id, error=exc, traceback=text)
     message = f"{type(exc).__name__}: {exc}"
-    text = str(exc)
-    fatal = any(m in text for m in FATAL_CUDA_MARKERS) and not any(m in text for m in NOT_FATAL_MARKERS)
+    fatal = any(m in message for m in FATAL_CUDA_MARKERS) and not any(m in message for m in NOT_FATAL_MARKERS)
     return Finished(job_id, error=JobFailed(message), traceback=text, fatal=fatal)
 
 
