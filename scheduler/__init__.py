@@ -9,8 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from scheduler.client import AsyncClient, Client, default_address
-from scheduler.errors import (
+from core.errors import (
     BadInput,
     CohortError,
     ConfigError,
@@ -21,7 +20,8 @@ from scheduler.errors import (
     UnknownModel,
     WorkerDied,
 )
-from scheduler.protocol import ModelInfo
+from core.messages import ModelInfo
+from scheduler.client import AsyncClient, Client, default_address
 
 __all__ = [
     "AsyncClient",

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-ModelKey = tuple[str, int]
+from core.spec import ModelKey
 
 
 @dataclass(eq=False)

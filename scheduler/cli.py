@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from scheduler.errors import CohortError
+from core.errors import CohortError
 
 
 def main(argv: list[str] | None = None) -> int:

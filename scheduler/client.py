@@ -32,12 +32,9 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
-from scheduler import __version__
-from scheduler.config import ADDRESS_ENV, DEFAULT_ADDRESS
-from scheduler.errors import BadInput, CohortError, JobTimeout, ProtocolError, error_from_wire
-from scheduler.link import DROPPED, Link, close_monitored, dealer, try_send
-from scheduler.protocol import (
-    DEFAULT_MAX_MESSAGE_BYTES,
+from core.codec import client_codec, unbundle
+from core.errors import BadInput, CohortError, JobTimeout, ProtocolError, error_from_wire
+from core.messages import (
     Ack,
     BarrierRequest,
     CopyWeights,
@@ -57,11 +54,11 @@ from scheduler.protocol import (
     StatsRequest,
     SubmitJob,
     WeightsReply,
-    client_codec,
-    decode_tensors,
-    encode_tensors,
-    unbundle,
 )
+from core.tensors import DEFAULT_MAX_MESSAGE_BYTES, decode_tensors, encode_tensors
+from scheduler import __version__
+from scheduler.config import ADDRESS_ENV, DEFAULT_ADDRESS
+from scheduler.link import DROPPED, Link, close_monitored, dealer, try_send
 from scheduler.security import CurveClient
 
 DEFAULT_TIMEOUT_S = 60.0

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scheduler.errors import ConfigError
-from scheduler.protocol import DTYPES, BatchingSpec, InputSpec
+from core.errors import ConfigError
+from core.spec import BatchingSpec, GroupConfig, InputSpec
+from core.tensors import DTYPES
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 ADDRESS_ENV = "COHORT_ADDRESS"
@@ -46,22 +47,6 @@ class CoordinatorConfig:
     mps_thread_percentage: int | None = None
     curve_secret_key: str = ""
     curve_allowed_keys: str = ""
-
-
-@dataclass(frozen=True)
-class GroupConfig:
-    name: str
-    factory: str
-    kwargs: dict[str, Any]
-    count: int
-    inputs: list[InputSpec]
-    single_input: bool
-    loss: str
-    optimizer: str
-    hparams: dict[str, list[float]]
-    init_seed: int | None
-    init_safetensors: str | None
-    batching: BatchingSpec = BatchingSpec()
 
 
 @dataclass(frozen=True)

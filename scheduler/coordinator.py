@@ -23,10 +23,16 @@ from typing import Any
 import torch
 import zmq
 
-from scheduler import __version__
-from scheduler.barrier import Barrier, Barriers
-from scheduler.config import Config
-from scheduler.errors import (
+from core.bank import leftover_shm, unlink_shm
+from core.codec import (
+    PROTOCOL_VERSION,
+    coordinator_client_codec,
+    coordinator_worker_codec,
+    unbundle,
+)
+from core.definition import build_definition
+from core.device import resolve_device
+from core.errors import (
     CohortError,
     JobFailed,
     JobTimeout,
@@ -35,17 +41,12 @@ from scheduler.errors import (
     UnknownModel,
     WorkerDied,
 )
-from scheduler.jobs import Job, ModelKey, Part, join_rows, slice_rows
-from scheduler.mps import MpsDaemon
-from scheduler.placement import place
-from scheduler.protocol import (
-    PROTOCOL_VERSION,
+from core.messages import (
     Ack,
     BarrierRequest,
     CopyWeights,
     ErrorReply,
     GetWeights,
-    GroupSpec,
     Heartbeat,
     Hello,
     HelloReply,
@@ -71,21 +72,20 @@ from scheduler.protocol import (
     WorkerFailed,
     WorkerHello,
     WorkerReady,
-    check_buffers,
-    coordinator_client_codec,
-    coordinator_worker_codec,
-    decode_tensors,
-    encode_tensors,
-    unbundle,
 )
+from core.spec import GroupSpec, ModelKey
+from core.tensors import check_buffers, decode_tensors, encode_tensors, join_rows, slice_rows
+from scheduler import __version__
+from scheduler.barrier import Barrier, Barriers
+from scheduler.config import Config
+from scheduler.jobs import Job, Part
+from scheduler.mps import MpsDaemon
+from scheduler.placement import place
 from scheduler.security import CurveServer
 from scheduler.snapshots import SnapshotWriter
 from scheduler.stats import JobStats
 from scheduler.validate import check_inputs, check_op, check_targets, parse_group, parse_model
 from scheduler.workerpool import WorkerHandle, stop_processes
-from workers.bank import leftover_shm, unlink_shm
-from workers.definition import build_definition
-from workers.device import resolve_device
 
 log = logging.getLogger("cohort")
 
@@ -667,7 +667,7 @@ class Coordinator:
         if part is None:
             return
         w.jobs_done += 1
-        from scheduler.errors import error_from_wire
+        from core.errors import error_from_wire
 
         self._finish_part(part, None, error_from_wire(msg.error, msg.message, msg.traceback))
 

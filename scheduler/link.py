@@ -23,7 +23,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from scheduler.errors import ProtocolError
+from core.errors import ProtocolError
 from scheduler.security import CurveClient
 
 DROPPED = zmq.EVENT_DISCONNECTED

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from scheduler.errors import ConfigError
+from core.errors import ConfigError
 
 CONTROL = "nvidia-cuda-mps-control"
 PROBE_TIMEOUT_S = 90.0

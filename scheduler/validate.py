@@ -6,8 +6,10 @@ at once with ``BadInput`` or ``UnknownModel`` and never reaches a worker.
 
 from __future__ import annotations
 
-from scheduler.errors import BadInput, UnknownModel
-from scheduler.protocol import JOB_OPS, GroupSpec, TensorTree
+from core.errors import BadInput, UnknownModel
+from core.messages import JOB_OPS
+from core.spec import GroupSpec
+from core.tensors import TensorTree
 
 
 def parse_model(model: str, groups: dict[str, GroupSpec]) -> tuple[str, int]:

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import torch
 
-from scheduler.errors import BadInput
-from scheduler.protocol import BankHandle, GroupSpec
-from workers.bank import Bank
-
-ModelKey = tuple[str, int]
+from core.bank import Bank, BankHandle
+from core.errors import BadInput
+from core.spec import GroupSpec, ModelKey
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from core.errors import CohortError
 from scheduler.client import Client
-from scheduler.errors import CohortError
 
 POLL_S = 0.25
 

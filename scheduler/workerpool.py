@@ -20,9 +20,9 @@ from typing import Any
 
 import zmq
 
+from core.spec import GroupSpec
 from scheduler.jobs import Part
 from scheduler.placement import Block
-from scheduler.protocol import GroupSpec
 
 STOP_GRACE_S = 5.0
 

@@ -93,8 +93,8 @@ def start_coordinator(config: str, address: str, folder: str) -> subprocess.Pope
 
 
 def wait_until_answering(address: str, coordinator: subprocess.Popen[bytes]) -> None:
+    from core.errors import CohortError
     from scheduler import Client
-    from scheduler.errors import CohortError
 
     deadline = time.monotonic() + 120
     with Client(address, timeout=1.0) as client:

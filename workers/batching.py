@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from scheduler.protocol import BatchingSpec
+from core.spec import BatchingSpec
 
 
 @dataclass

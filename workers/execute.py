@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from scheduler.errors import BadInput, CohortError, ConfigError
-from scheduler.protocol import DTYPES, GroupSpec
-from workers.bank import Bank
-from workers.definition import build_module, call_module
+from core.bank import Bank
+from core.definition import build_module, call_module
+from core.errors import BadInput, CohortError, ConfigError
+from core.spec import GroupSpec
+from core.tensors import DTYPES
 from workers.fused import FUSE_MIN_MODELS, FusedGroup
 from workers.losses import resolve_loss
 from workers.optim import optimizer_step

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from scheduler.errors import BadInput, JobFailed
-from workers.definition import import_object
+from core.definition import import_object
+from core.errors import BadInput, JobFailed
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 

@@ -11,22 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from scheduler.protocol import EntrySpec
-
-
-def state_name(kind: str, param: str) -> str:
-    return f"optim.{kind}.{param}"
-
-
-def optimizer_state_entries(optimizer: str, params: list[EntrySpec]) -> list[EntrySpec]:
-    """The bank entries an optimizer keeps per model, next to the parameters."""
-    kinds = {"sgd": ["momentum"], "adam": ["exp_avg", "exp_avg_sq"], "adamw": ["exp_avg", "exp_avg_sq"]}[optimizer]
-    # One step count per parameter, as torch.optim keeps: a parameter that got no gradient
-    # sits a step out, and its bias correction and momentum start must not move on.
-    entries = [EntrySpec(state_name("step", p.name), "state", (), "float32") for p in params]
-    for kind in kinds:
-        entries += [EntrySpec(state_name(kind, p.name), "state", p.shape, p.dtype) for p in params]
-    return entries
+from core.definition import state_name
 
 
 def _per_model(value: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from scheduler.errors import BadInput, CohortError, JobFailed, JobTimeout
-from scheduler.protocol import RunJob, TensorTree, check_buffers
+from core.errors import BadInput, CohortError, JobFailed, JobTimeout
+from core.messages import RunJob
+from core.tensors import TensorTree, decode_into
 from workers.batching import Ready, Run, plan, run_joined
 from workers.execute import GroupRuntime, index_rows
 from workers.losses import check_target
@@ -95,26 +96,6 @@ def failure(job_id: int, exc: BaseException) -> Finished:
 
 
 Decode = Callable[[TensorTree, list[Any], bool], Any]
-
-
-def decode_into(tree: TensorTree, buffers: list[Any], pinned: bool) -> Any:
-    """Decode tensors, into page-locked memory when they are headed for a GPU."""
-    from scheduler.protocol import DTYPES
-
-    check_buffers(tree, buffers, 1 << 62)
-    made = []
-    for meta, buf in zip(tree.metas, buffers):
-        t = torch.empty(meta.shape, dtype=DTYPES[meta.dtype], pin_memory=pinned)
-        if t.numel():
-            t.reshape(-1).view(torch.uint8).numpy()[:] = memoryview(buf).cast("B")
-        made.append(t)
-    if tree.layout == "none":
-        return None
-    if tree.layout == "tensor":
-        return made[0]
-    if tree.layout == "tuple":
-        return tuple(made)
-    return dict(zip(tree.keys, made))
 
 
 def planned_runs(runtimes: dict[str, GroupRuntime], items: list[tuple[RunJob, list[Any]]], pinned: bool,

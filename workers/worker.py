@@ -20,26 +20,24 @@ from typing import Any
 import torch
 import zmq
 
-from scheduler.errors import CohortError
-from scheduler.protocol import (
+from core.bank import Bank
+from core.codec import unbundle, worker_codec
+from core.device import resolve_device
+from core.errors import CohortError
+from core.messages import (
     Heartbeat,
     InitWorker,
     JobError,
     JobResult,
     JobResults,
-    RestoreWeights,
     RunJob,
     RunJobs,
     Shutdown,
     WorkerFailed,
     WorkerHello,
     WorkerReady,
-    encode_tensors,
-    unbundle,
-    worker_codec,
 )
-from workers.bank import Bank
-from workers.device import resolve_device
+from core.tensors import encode_tensors
 from workers.execute import GroupRuntime
 from workers.streams import Finished, StreamExecutor, SyncExecutor, make_executor
 
@@ -143,8 +141,6 @@ class Worker:
                 jobs.extend(unbundle(message.jobs, buffers))
             elif isinstance(message, Shutdown):
                 self.running = False
-            elif isinstance(message, RestoreWeights):
-                pass  # banks are read on every call; nothing is cached yet
 
     def _reply(self, finished: list[Finished]) -> None:
         """Every finished job in one message: one system call and one wake-up for the coordinator."""
@@ -173,12 +169,12 @@ class Worker:
         if now - self._last_beat >= HEARTBEAT_S:
             self._last_beat = now
             ex = self.executor
-            self._send(Heartbeat(self.worker_id, bool(ex and ex.busy), getattr(ex, "calls", 0), getattr(ex, "joined_jobs", 0)))
+            self._send(Heartbeat(self.worker_id, getattr(ex, "calls", 0), getattr(ex, "joined_jobs", 0)))
 
     def _compiling(self) -> None:
         """Tell the coordinator the next call may keep this worker silent (it compiles)."""
         ex = self.executor
-        self._send(Heartbeat(self.worker_id, True, getattr(ex, "calls", 0), getattr(ex, "joined_jobs", 0),
+        self._send(Heartbeat(self.worker_id, getattr(ex, "calls", 0), getattr(ex, "joined_jobs", 0),
                              quiet_s=COMPILE_QUIET_S))
 
     def _send(self, message: Any, buffers: list[Any] | None = None) -> None:

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.gpu
 
 
 def _export_child(queue, done) -> None:
-    from scheduler.protocol import EntrySpec
-    from workers.bank import Bank
+    from core.bank import Bank
+    from core.spec import EntrySpec
 
     # Something allocated first: the bank then sits inside the allocator's block at an
     # offset, which the importer must apply.
@@ -37,8 +37,8 @@ def _export_child(queue, done) -> None:
 
 def test_bank_cuda_ipc_round_trip_between_processes() -> None:
     """A bank exported by one process is mapped by another: writes are seen both ways, no host copy."""
-    from scheduler.protocol import EntrySpec
-    from workers.bank import Bank
+    from core.bank import Bank
+    from core.spec import EntrySpec
 
     ctx = mp.get_context("spawn")
     queue, done = ctx.Queue(), ctx.Event()

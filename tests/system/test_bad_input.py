@@ -13,8 +13,9 @@ import zmq
 from cohort_harness import ROOT, config_text, mlp_group
 from fixture_models import group
 
+from core.codec import PROTOCOL_VERSION, client_codec
+from core.messages import ListModels
 from scheduler import BadInput, ConfigError, JobFailed, ProtocolError, UnknownModel
-from scheduler.protocol import PROTOCOL_VERSION, ListModels, client_codec
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,8 @@ def test_message_over_the_size_bound(running) -> None:
 
 def test_coordinator_refuses_a_message_over_its_bound(running) -> None:
     # A client that skips the check (another implementation, an old version) is refused too.
-    from scheduler.protocol import SubmitJob, encode_tensors
+    from core.messages import SubmitJob
+    from core.tensors import encode_tensors
 
     tree, buffers = encode_tensors(torch.randn(40_000, 8))  # 1.28 MB: over the bound, under the socket's limit
     s = raw_socket(running)

@@ -18,15 +18,10 @@ import zmq
 from cohort_harness import mlp_group
 from fixture_models import group
 
+from core.codec import client_codec, unbundle
+from core.messages import ErrorReply, Replies, SubmitJob
+from core.tensors import encode_tensors
 from scheduler import JobTimeout
-from scheduler.protocol import (
-    ErrorReply,
-    Replies,
-    SubmitJob,
-    client_codec,
-    encode_tensors,
-    unbundle,
-)
 
 FLOOD = 100_000
 FLOOD_THREADS = 2

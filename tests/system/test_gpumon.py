@@ -29,8 +29,8 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
+from core.errors import CohortError
 from scheduler import Client
-from scheduler.errors import CohortError
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / "tools"

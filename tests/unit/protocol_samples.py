@@ -9,7 +9,7 @@ from typing import Any, get_args
 import msgspec
 import torch
 
-from scheduler import protocol as P
+from tests.unit.wire import P
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,6 @@ def messages(direction: str, rows: int = 4) -> list[tuple[msgspec.Struct, list[A
             (P.RunJob(2, "infer", "mlp", [1], d_tree), d_bufs, [d_tree, none]),
             (P.RunJobs([P.RunJob(3, "infer", "mlp", [0], x_tree), P.RunJob(4, "infer", "mlp", [1], d_tree)]),
              x_bufs + d_bufs, [x_tree, d_tree]),
-            (P.RestoreWeights("mlp"), [], []),
             (P.Shutdown(), [], []),
         ]
     assert direction == "worker->coordinator"
@@ -121,7 +120,7 @@ def messages(direction: str, rows: int = 4) -> list[tuple[msgspec.Struct, list[A
         (P.JobError(1, 5, "JobFailed", "CUDA out of memory", "Traceback ..."), [], []),
         (P.JobResults(1, [P.JobResult(1, 7, x_tree, [0.5]), P.JobError(1, 8, "BadInput", "no"),
                           P.JobResult(1, 9, d_tree)]), x_bufs + d_bufs, [x_tree, d_tree]),
-        (P.Heartbeat(1, True, 10, 4), [], []),
+        (P.Heartbeat(1, 10, 4), [], []),
         (P.WorkerFailed(1, "ConfigError", "bad factory"), [], []),
     ]
 

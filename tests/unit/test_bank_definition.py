@@ -1,4 +1,4 @@
-"""workers/bank.py on the CPU (layout, named shared memory) and workers/definition.py."""
+"""core/bank.py on the CPU (layout, named shared memory) and core/definition.py."""
 
 from __future__ import annotations
 
@@ -9,12 +9,18 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from core import bank as B
+from core.definition import (
+    build_definition,
+    build_module,
+    example_inputs,
+    import_object,
+    state_name,
+)
+from core.errors import ConfigError
+from core.spec import EntrySpec, GroupSpec
+from core.tensors import DTYPES
 from scheduler.config import parse_config
-from scheduler.errors import ConfigError
-from scheduler.protocol import DTYPES, EntrySpec, GroupSpec
-from workers import bank as B
-from workers.definition import build_definition, build_module, example_inputs, import_object
-from workers.optim import state_name
 
 STEP = state_name("step", "w")
 

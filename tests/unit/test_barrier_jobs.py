@@ -7,10 +7,17 @@ from typing import Any
 import pytest
 import torch
 
+from core.tensors import (
+    NO_TENSORS,
+    TensorTree,
+    decode_tensors,
+    encode_tensors,
+    join_rows,
+    slice_rows,
+)
 from scheduler.barrier import Barrier, Barriers
-from scheduler.jobs import Job, join_rows, slice_rows
+from scheduler.jobs import Job
 from scheduler.placement import place
-from scheduler.protocol import NO_TENSORS, TensorTree, decode_tensors, encode_tensors
 
 # --------------------------------------------------------------------------- barriers
 

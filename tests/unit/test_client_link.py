@@ -18,8 +18,9 @@ import pytest
 import torch
 import zmq
 
+from core.codec import coordinator_client_codec, unbundle
+from core.messages import Requests, SubmitJob
 from scheduler import Client, JobTimeout
-from scheduler.protocol import Requests, SubmitJob, coordinator_client_codec, unbundle
 
 TIMEOUT_S = 6.0
 LATE_S = 2.0  # the stand-in coordinator starts listening this long after the call
@@ -96,7 +97,8 @@ def test_a_request_that_waited_for_the_coordinator_carries_the_time_it_has_left(
 
 def _answering_router(address: str, stop: threading.Event) -> threading.Thread:
     """A stand-in coordinator that answers every job at once with a one-element tensor."""
-    from scheduler.protocol import JobDone, Replies, encode_tensors
+    from core.messages import JobDone, Replies
+    from core.tensors import encode_tensors
 
     tree, buffers = encode_tensors(torch.ones(1))
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from core.errors import ConfigError
+from core.spec import InputSpec
 from scheduler.config import (
     BUILTIN_LOSSES,
     OPTIMIZER_DEFAULTS,
@@ -17,8 +19,6 @@ from scheduler.config import (
     load_config,
     parse_config,
 )
-from scheduler.errors import ConfigError
-from scheduler.protocol import InputSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo.toml"

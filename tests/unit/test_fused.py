@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from scheduler.config import GroupConfig, parse_config
-from scheduler.protocol import BatchingSpec
-from workers.bank import Bank
-from workers.definition import build_definition
+from core.bank import Bank
+from core.definition import build_definition
+from core.spec import BatchingSpec, GroupConfig
+from scheduler.config import parse_config
 from workers.execute import GroupRuntime
 
 K = 6

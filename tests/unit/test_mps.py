@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import ConfigError
 from scheduler import mps as mps_module
-from scheduler.errors import ConfigError
 from scheduler.mps import MpsDaemon
 from scheduler.workerpool import allocator_env
 

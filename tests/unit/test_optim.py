@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 import torch
 
+from core.definition import optimizer_state_entries, state_name
+from core.spec import EntrySpec
 from scheduler.config import OPTIMIZER_DEFAULTS
-from scheduler.protocol import EntrySpec
-from workers.optim import optimizer_state_entries, optimizer_step, state_name
+from workers.optim import optimizer_step
 
 K = 3
 STEPS = 6

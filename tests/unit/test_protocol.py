@@ -1,4 +1,4 @@
-"""scheduler/protocol.py: framing, message round trips and the tensor codec.
+"""core/codec.py and core/tensors.py: framing, message round trips and the tensor codec.
 
 The fuzzing (arbitrary bytes, mutated messages) lives in test_protocol_fuzz.py.
 """
@@ -12,8 +12,8 @@ import msgspec
 import pytest
 import torch
 
-from scheduler import protocol as P
-from scheduler.errors import BadInput, ProtocolError
+from core.errors import BadInput, ProtocolError
+from tests.unit.wire import P
 
 from .protocol_samples import CODEC_FACTORIES, DIRECTIONS, messages, union_members
 

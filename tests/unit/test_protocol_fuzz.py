@@ -1,4 +1,4 @@
-"""Fuzzing scheduler/protocol.py: whatever arrives, only ``ProtocolError`` (or ``BadInput``
+"""Fuzzing core/codec.py and core/tensors.py: whatever arrives, only ``ProtocolError`` (or ``BadInput``
 for tensor headers) may come out of decoding, never another exception.
 
 Case counts (each test asserts its own lower bound, so a change shows up here):
@@ -24,8 +24,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler import protocol as P
-from scheduler.errors import BadInput, ProtocolError
+from core.errors import BadInput, ProtocolError
+from tests.unit.wire import P
 
 from .protocol_samples import CODEC_FACTORIES, Direction, all_valid_encodings, union_members
 

@@ -8,7 +8,7 @@ import types
 import pytest
 
 import scheduler
-from scheduler import errors
+from core import errors
 
 DESIGN_ERRORS = ["UnknownModel", "BadInput", "Overloaded", "WorkerDied", "JobTimeout", "ProtocolError", "JobFailed"]
 

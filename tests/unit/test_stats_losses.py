@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.errors import BadInput, ConfigError, JobFailed
 from scheduler import stats as S
-from scheduler.errors import BadInput, ConfigError, JobFailed
 from workers.losses import check_target, resolve_loss
 
 # --------------------------------------------------------------------------- stats

@@ -5,16 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scheduler.errors import BadInput, UnknownModel
-from scheduler.protocol import (
-    JOB_OPS,
-    NO_TENSORS,
-    GroupSpec,
-    InputSpec,
-    TensorMeta,
-    TensorTree,
-    encode_tensors,
-)
+from core.errors import BadInput, UnknownModel
+from core.messages import JOB_OPS
+from core.spec import GroupSpec, InputSpec
+from core.tensors import NO_TENSORS, TensorMeta, TensorTree, encode_tensors
 from scheduler.validate import check_inputs, check_op, check_targets, parse_group, parse_model
 
 

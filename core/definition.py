@@ -16,10 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from scheduler.config import GroupConfig
-from scheduler.errors import ConfigError
-from scheduler.protocol import DTYPE_NAMES, DTYPES, EntrySpec, GroupSpec, InputSpec
-from workers.optim import optimizer_state_entries
+from core.errors import ConfigError
+from core.spec import EntrySpec, GroupConfig, GroupSpec, InputSpec
+from core.tensors import DTYPE_NAMES, DTYPES
 
 
 def import_object(ref: str, what: str) -> Any:
@@ -123,3 +122,18 @@ def _check_forward(module: nn.Module, group: GroupConfig, where: str) -> None:
         raise ConfigError(
             f"{where}.input: a forward pass with inputs of the configured shape failed: {type(exc).__name__}: {exc}"
         ) from None
+
+
+def state_name(kind: str, param: str) -> str:
+    return f"optim.{kind}.{param}"
+
+
+def optimizer_state_entries(optimizer: str, params: list[EntrySpec]) -> list[EntrySpec]:
+    """The bank entries an optimizer keeps per model, next to the parameters."""
+    kinds = {"sgd": ["momentum"], "adam": ["exp_avg", "exp_avg_sq"], "adamw": ["exp_avg", "exp_avg_sq"]}[optimizer]
+    # One step count per parameter, as torch.optim keeps: a parameter that got no gradient
+    # sits a step out, and its bias correction and momentum start must not move on.
+    entries = [EntrySpec(state_name("step", p.name), "state", (), "float32") for p in params]
+    for kind in kinds:
+        entries += [EntrySpec(state_name(kind, p.name), "state", p.shape, p.dtype) for p in params]
+    return entries

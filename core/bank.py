@@ -19,10 +19,13 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import msgspec
 import torch
 
-from scheduler.protocol import DTYPES, BankHandle, CudaIpcHandle, EntrySpec
+from core.spec import EntrySpec
+from core.tensors import DTYPES
 
 ALIGN = 256  # bytes; keeps every entry aligned for vectorised CPU and CUDA kernels
 
@@ -31,6 +34,30 @@ def shm_dir() -> Path:
     """Where named CPU banks live: ``/dev/shm`` on Linux, else the temp dir."""
     path = Path("/dev/shm")
     return path if path.is_dir() else Path(tempfile.gettempdir())
+
+
+class CudaIpcHandle(msgspec.Struct, array_like=True, frozen=True):
+    """The fields ``UntypedStorage._share_cuda_()`` gives, as plain values."""
+
+    device: int
+    handle: bytes
+    storage_size: int
+    storage_offset: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+
+
+class BankHandle(msgspec.Struct, array_like=True, frozen=True):
+    """How another process maps a worker's bank: a shared-memory name or a CUDA IPC handle."""
+
+    group: str
+    kind: Literal["shm", "cuda"]
+    nbytes: int
+    count: int
+    shm_name: str = ""
+    cuda: CudaIpcHandle | None = None
 
 
 @dataclass(frozen=True)

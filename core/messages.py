@@ -1,0 +1,249 @@
+"""Every message cohort's processes exchange, and nothing else.
+
+Three families, each a tagged msgspec union decoded by ``core.codec``:
+client -> coordinator (``ClientRequest``), coordinator -> client (``Reply``),
+coordinator <-> worker (``ToWorker`` / ``FromWorker``). Tensors are not in the
+structs: a ``TensorTree`` header says what buffers follow the message. New fields are
+appended last, with defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+from core.bank import BankHandle
+from core.spec import GroupSpec
+from core.tensors import NO_TENSORS, TensorTree
+
+JOB_OPS: tuple[str, ...] = ("infer", "train_step", "ensemble", "train_round")
+
+
+# --------------------------------------------------------------------------- client -> coordinator
+
+
+class ClientRequest(msgspec.Struct, tag=True, array_like=True):
+    """Base of every request a client sends; ``req_id`` is echoed in the reply."""
+
+    req_id: int
+
+
+class Hello(ClientRequest):
+    client_version: str = ""
+
+
+class SubmitJob(ClientRequest):
+    """A job; ``inputs``' buffers come first, then ``targets``'."""
+
+    op: str
+    target: str
+    inputs: TensorTree
+    targets: TensorTree = NO_TENSORS
+    timeout_s: float | None = None
+
+
+class BarrierRequest(ClientRequest):
+    scope: list[str] | None = None
+    timeout_s: float | None = None
+
+
+class ListModels(ClientRequest):
+    pass
+
+
+class GetWeights(ClientRequest):
+    model: str
+    timeout_s: float | None = None
+
+
+class SetWeights(ClientRequest):
+    model: str
+    weights: TensorTree
+    timeout_s: float | None = None
+
+
+class CopyWeights(ClientRequest):
+    src: str
+    dst: str
+    timeout_s: float | None = None
+
+
+class SnapshotRequest(ClientRequest):
+    path: str
+    timeout_s: float | None = None
+
+
+class StatsRequest(ClientRequest):
+    pass
+
+
+class Requests(ClientRequest):
+    """Several requests in one message (a client's queue, drained at once); buffers follow request by request."""
+
+    requests: list[Union[Hello, SubmitJob, BarrierRequest, ListModels, GetWeights, SetWeights, CopyWeights,
+                         SnapshotRequest, StatsRequest]]
+
+
+ClientMessage = Union[
+    Hello, SubmitJob, BarrierRequest, ListModels, GetWeights, SetWeights, CopyWeights, SnapshotRequest, StatsRequest,
+    Requests,
+]
+
+
+# --------------------------------------------------------------------------- coordinator -> client
+
+
+class ModelInfo(msgspec.Struct, frozen=True):
+    """One model the coordinator serves."""
+
+    id: str
+    group: str
+    index: int
+    worker: int
+    version: int
+    device: str
+
+
+class Reply(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+
+
+class HelloReply(Reply):
+    protocol: int
+    cohort_version: str
+    max_message_bytes: int
+
+
+class JobDone(Reply):
+    """A finished job: output tensors (buffers follow) and, for training, the losses."""
+
+    outputs: TensorTree = NO_TENSORS
+    losses: list[float] | None = None
+
+
+class ErrorReply(Reply):
+    error: str
+    message: str
+    traceback: str = ""
+
+
+class ModelsReply(Reply):
+    models: list[ModelInfo]
+
+
+class Ack(Reply):
+    """Barrier, set/copy weights, snapshot: done; ``detail`` says what was done."""
+
+    detail: dict[str, Any] = {}
+
+
+class WeightsReply(Reply):
+    weights: TensorTree
+
+
+class StatsReply(Reply):
+    stats: dict[str, Any]
+
+
+class Replies(Reply):
+    """Several replies to one client in one message; buffers follow reply by reply."""
+
+    replies: list[Union[HelloReply, JobDone, ErrorReply, ModelsReply, Ack, WeightsReply, StatsReply]]
+
+
+CoordinatorReply = Union[HelloReply, JobDone, ErrorReply, ModelsReply, Ack, WeightsReply, StatsReply, Replies]
+
+
+# --------------------------------------------------------------------------- coordinator <-> worker
+
+
+class ToWorker(msgspec.Struct, tag=True, array_like=True):
+    pass
+
+
+class InitWorker(ToWorker):
+    worker_id: int
+    device: str
+    streams: int
+    groups: list[GroupSpec]
+    shm_prefix: str
+    restore: bool = False
+
+
+class RunJob(ToWorker):
+    """Run ``op`` on the models at ``slots`` of ``group``'s bank; buffers: inputs, then targets."""
+
+    job_id: int
+    op: str
+    group: str
+    slots: list[int]
+    inputs: TensorTree
+    targets: TensorTree = NO_TENSORS
+    # The job's deadline on time.monotonic(), which on Linux is one clock for every process
+    # of the machine: coordinator and workers always share one machine.
+    deadline: float | None = None
+
+
+class Shutdown(ToWorker):
+    pass
+
+
+class RunJobs(ToWorker):
+    """Several jobs in one message (fewer system calls under load); buffers follow job by job."""
+
+    jobs: list[RunJob]
+
+
+WorkerCommand = Union[InitWorker, RunJob, RunJobs, Shutdown]
+
+
+class FromWorker(msgspec.Struct, tag=True, array_like=True):
+    worker_id: int
+
+
+class WorkerHello(FromWorker):
+    pid: int
+
+
+class WorkerReady(FromWorker):
+    device: str
+    banks: list[BankHandle]
+
+
+class JobResult(FromWorker):
+    job_id: int
+    outputs: TensorTree = NO_TENSORS
+    losses: list[float] | None = None
+
+
+class JobError(FromWorker):
+    job_id: int
+    error: str
+    message: str
+    traceback: str = ""
+
+
+class Heartbeat(FromWorker):
+    calls: int = 0  # compute calls made since start
+    joined_jobs: int = 0  # jobs that ran inside a call joined with other jobs
+    quiet_s: float = 0.0  # the next call may keep the worker silent this long (it compiles)
+
+
+class WorkerFailed(FromWorker):
+    """Start-up failed; the worker exits after sending this."""
+
+    error: str
+    message: str
+    traceback: str = ""
+
+
+class JobResults(FromWorker):
+    """Several finished jobs in one message; buffers follow result by result."""
+
+    results: list[Union[JobResult, JobError]]
+
+
+WorkerEvent = Union[WorkerHello, WorkerReady, JobResult, JobError, JobResults, Heartbeat, WorkerFailed]
+
+

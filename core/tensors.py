@@ -1,0 +1,194 @@
+"""Tensors on the wire: a header per tensor (dtype, shape) and its raw bytes as a buffer.
+
+This module and ``core.codec`` are the only places that know how tensor bytes travel.
+A ``TensorTree`` describes a tensor, a tuple of tensors or a dict of named tensors;
+``encode_tensors`` splits a value into that header and zero-copy buffers,
+``decode_tensors``/``decode_into`` rebuild it after checking every size against the
+header, and ``slice_rows``/``join_rows`` cut and join stacked tensors as bytes, so the
+coordinator never decodes a tensor it only forwards.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+import numpy as np
+import torch
+
+from core.errors import BadInput, ProtocolError
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+MAX_TENSORS = 1024
+MAX_NDIM = 8
+MAX_DIM = 1 << 40
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+class TensorMeta(msgspec.Struct, array_like=True, frozen=True):
+    """Header of one tensor; its bytes are the next buffer frame."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class TensorTree(msgspec.Struct, array_like=True, frozen=True):
+    """A tensor, a tuple of tensors, or a dict of named tensors (``layout``)."""
+
+    layout: Literal["tensor", "tuple", "dict", "none"]
+    metas: tuple[TensorMeta, ...] = ()
+    keys: tuple[str, ...] = ()
+
+
+NO_TENSORS = TensorTree("none")
+
+
+def tensor_nbytes(meta: TensorMeta) -> int:
+    """Bytes that a tensor of this header occupies, validating the header first."""
+    dtype = DTYPES.get(meta.dtype)
+    if dtype is None:
+        raise BadInput(f"unsupported dtype {meta.dtype!r}; supported: {', '.join(DTYPES)}")
+    if len(meta.shape) > MAX_NDIM or any(d < 0 or d > MAX_DIM for d in meta.shape):
+        raise BadInput(f"invalid tensor shape {list(meta.shape)}")
+    numel = extent = 1
+    for d in meta.shape:
+        numel *= d
+        extent *= max(d, 1)  # an empty tensor still needs strides torch can represent
+    if extent > MAX_DIM:
+        raise BadInput(f"invalid tensor shape {list(meta.shape)}: too large")
+    return numel * dtype.itemsize
+
+
+def _tensor_buffer(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a CPU tensor, without a copy when it is already contiguous."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _meta(t: torch.Tensor) -> TensorMeta:
+    name = DTYPE_NAMES.get(t.dtype)
+    if name is None:
+        raise BadInput(f"unsupported dtype {t.dtype}; supported: {', '.join(DTYPES)}")
+    return TensorMeta(name, tuple(t.shape))
+
+
+def encode_tensors(value: Any) -> tuple[TensorTree, list[memoryview]]:
+    """Split a tensor, tuple/list of tensors, or dict of tensors into header and buffers."""
+    if value is None:
+        return NO_TENSORS, []
+    if isinstance(value, torch.Tensor):
+        return TensorTree("tensor", (_meta(value),)), [_tensor_buffer(value)]
+    if isinstance(value, (tuple, list)):
+        items = list(value)
+        layout: Literal["tuple", "dict"] = "tuple"
+        keys: tuple[str, ...] = ()
+    elif isinstance(value, dict):
+        keys = tuple(value)
+        if not all(isinstance(k, str) for k in keys):
+            raise BadInput("dict inputs must have string keys")
+        items = [value[k] for k in keys]
+        layout = "dict"
+    else:
+        raise BadInput(f"expected a Tensor, a tuple of Tensors or a dict of Tensors, got {type(value).__name__}")
+    if not all(isinstance(t, torch.Tensor) for t in items):
+        raise BadInput("every element of the input must be a torch.Tensor")
+    return TensorTree(layout, tuple(_meta(t) for t in items), keys), [_tensor_buffer(t) for t in items]
+
+
+def check_buffers(tree: TensorTree, buffers: list[Any], max_bytes: int) -> int:
+    """Check buffer count and sizes against the header before anything is built; return total bytes."""
+    if len(tree.metas) > MAX_TENSORS:
+        raise BadInput(f"too many tensors in one message ({len(tree.metas)} > {MAX_TENSORS})")
+    if len(buffers) != len(tree.metas):
+        raise ProtocolError(f"header announces {len(tree.metas)} tensors but {len(buffers)} buffers followed")
+    if tree.layout == "dict" and (len(tree.keys) != len(tree.metas) or len(set(tree.keys)) != len(tree.keys)):
+        raise ProtocolError("dict layout needs one key per tensor, each key distinct")
+    if tree.layout == "tensor" and len(tree.metas) != 1:
+        raise ProtocolError("tensor layout needs exactly one tensor")
+    total = 0
+    for meta, buf in zip(tree.metas, buffers):
+        need = tensor_nbytes(meta)
+        if need != memoryview(buf).nbytes:
+            raise ProtocolError(f"tensor {list(meta.shape)} {meta.dtype} needs {need} bytes, frame has {memoryview(buf).nbytes}")
+        total += need
+    if total > max_bytes:
+        raise BadInput(f"tensors of {total} bytes exceed the message bound of {max_bytes} bytes")
+    return total
+
+
+def _decode_tensor(meta: TensorMeta, buf: Any) -> torch.Tensor:
+    # Copy into a tensor we own: received frames are read-only and short-lived.
+    out = torch.empty(meta.shape, dtype=DTYPES[meta.dtype])
+    if out.numel():
+        out.reshape(-1).view(torch.uint8).numpy()[:] = np.frombuffer(buf, dtype=np.uint8)
+    return out
+
+
+def decode_tensors(tree: TensorTree, buffers: list[Any], max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
+    """Rebuild what ``encode_tensors`` split: None, a Tensor, a tuple or a dict."""
+    check_buffers(tree, buffers, max_bytes)
+    tensors = [_decode_tensor(m, b) for m, b in zip(tree.metas, buffers)]
+    if tree.layout == "none":
+        return None
+    if tree.layout == "tensor":
+        return tensors[0]
+    if tree.layout == "tuple":
+        return tuple(tensors)
+    return dict(zip(tree.keys, tensors))
+
+
+def decode_into(tree: TensorTree, buffers: list[Any], pinned: bool) -> Any:
+    """Decode tensors, into page-locked memory when they are headed for a GPU."""
+    check_buffers(tree, buffers, 1 << 62)
+    made = []
+    for meta, buf in zip(tree.metas, buffers):
+        t = torch.empty(meta.shape, dtype=DTYPES[meta.dtype], pin_memory=pinned)
+        if t.numel():
+            t.reshape(-1).view(torch.uint8).numpy()[:] = memoryview(buf).cast("B")
+        made.append(t)
+    if tree.layout == "none":
+        return None
+    if tree.layout == "tensor":
+        return made[0]
+    if tree.layout == "tuple":
+        return tuple(made)
+    return dict(zip(tree.keys, made))
+
+
+def slice_rows(tree: TensorTree, buffers: list[Any], lo: int, hi: int) -> tuple[TensorTree, list[Any]]:
+    """Rows ``lo:hi`` of dim 0 of every tensor, as zero-copy views of the frames."""
+    metas, out = [], []
+    for meta, buf in zip(tree.metas, buffers):
+        rows = meta.shape[0]
+        row_bytes = tensor_nbytes(meta) // rows if rows else 0
+        metas.append(TensorMeta(meta.dtype, (hi - lo, *meta.shape[1:])))
+        out.append(memoryview(buf)[lo * row_bytes : hi * row_bytes])
+    return TensorTree(tree.layout, tuple(metas), tree.keys), out
+
+
+def join_rows(pieces: list[tuple[TensorTree, list[Any]]]) -> tuple[TensorTree, list[Any]]:
+    """Concatenate stacked results along dim 0, in the order given."""
+    first = pieces[0][0]
+    metas, out = [], []
+    for i, meta in enumerate(first.metas):
+        rows = sum(tree.metas[i].shape[0] for tree, _ in pieces)
+        metas.append(TensorMeta(meta.dtype, (rows, *meta.shape[1:])))
+        out.append(b"".join(bytes(bufs[i]) for _, bufs in pieces))
+    return TensorTree(first.layout, tuple(metas), first.keys), out
