@@ -2,7 +2,8 @@
 
 A ``GroupRuntime`` owns the module (built once, its own parameters unused) and the
 bank. Every call binds model ``slot``'s views of the bank into the module with
-``torch.func.functional_call``: no weights are copied in or out.
+``torch.func.functional_call``: no weights are copied in or out. The views of each
+model are taken once, when the runtime is built: the bank never moves.
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
 from core.bank import Bank
-from core.definition import build_module, call_module
-from core.errors import BadInput, CohortError, ConfigError
+from core.definition import build_module
+from core.errors import CohortError, ConfigError
 from core.spec import GroupSpec
-from core.tensors import DTYPES
 from workers.fused import FUSE_MIN_MODELS, FusedGroup
 from workers.losses import resolve_loss
+from workers.module import BankTables, GroupModule
 from workers.optim import optimizer_step
+from workers.outcome import AlreadyStepped, is_transient
 
 log = logging.getLogger("cohort.worker")
 PROGRESS_EVERY_S = 2.0
@@ -35,17 +36,15 @@ class GroupRuntime:
         self.spec = spec
         self.bank = bank
         self.device = device
-        self.module: nn.Module = build_module(spec.factory, spec.kwargs, "meta").to_empty(device=device)
+        self.module = GroupModule(build_module(spec.factory, spec.kwargs, "meta").to_empty(device=device))
         self.loss_fn = resolve_loss(spec.loss)
-        self.hparams = {
-            k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in spec.hparams.items()
-        }
-        self.params = bank.role("param")
-        self.buffers = bank.role("buffer")
-        self.state = bank.role("state")
-        self.fused = FusedGroup(self)
+        hparams = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in spec.hparams.items()}
+        self.tables = BankTables(bank.role("param"), bank.role("buffer"), bank.role("state"), hparams)
+        self._views = [self.tables.model(slot) for slot in range(len(spec.indices))]
+        self.fused = FusedGroup(spec.name, self.module, self.loss_fn, spec.optimizer, self.tables, device,
+                                spec.batching.compile)
         self.fused.enabled = spec.batching.fuse
-        self._meta_module: nn.Module | None = None
+        self._meta_module: GroupModule | None = None
         self._meta_outputs: dict[tuple[Any, ...], Any] = {}
 
     # ------------------------------------------------------------------ weights
@@ -105,36 +104,36 @@ class GroupRuntime:
 
     # ------------------------------------------------------------------ jobs
 
-    def _bound(self, slot: int, trainable: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        bound = {n: t[slot] for n, t in self.params.items()}
-        if trainable:
-            bound.update(trainable)
-        bound.update({n: t[slot] for n, t in self.buffers.items()})
-        return bound
-
     def infer(self, slot: int, inputs: Any) -> Any:
-        self.module.eval()
+        self.module.mode(False)
         with torch.no_grad():
-            return call_module(self.module, self._bound(slot), inputs)
+            return self.module(self._views[slot], inputs)
 
     def train_step(self, slot: int, inputs: Any, target: torch.Tensor) -> torch.Tensor:
-        """One optimizer step of model ``slot``; returns the loss (a 0-dim tensor on the device)."""
-        self.module.train()
-        leaves = {n: t[slot].detach().requires_grad_(True) for n, t in self.params.items()}
-        output = call_module(self.module, self._bound(slot, leaves), inputs)
+        """One optimizer step of model ``slot``; returns the loss (a 0-dim tensor on the device).
+
+        The gradient is computed first, touching nothing; a failure once the optimizer
+        step has begun raises ``AlreadyStepped``."""
+        self.module.mode(True)
+        params = self.tables.params
+        leaves = {n: t[slot].detach().requires_grad_(True) for n, t in params.items()}
+        output = self.module({**self._views[slot], **leaves}, inputs)
         loss = self.loss_fn(output, target)  # the target was checked on the host (check_job)
         names = list(leaves)
         grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
         # Like torch.optim, a parameter without a gradient is left alone, state included.
         used = {n: g.unsqueeze(0) for n, g in zip(names, grads) if g is not None}
         window = slice(slot, slot + 1)
-        optimizer_step(
-            self.spec.optimizer,
-            {n: self.params[n][window] for n in used},
-            used,
-            {n: t[window] for n, t in self.state.items()},
-            {k: v[window] for k, v in self.hparams.items()},
-        )
+        try:
+            optimizer_step(
+                self.spec.optimizer,
+                {n: params[n][window] for n in used},
+                used,
+                {n: t[window] for n, t in self.tables.state.items()},
+                {k: v[window] for k, v in self.tables.hparams.items()},
+            )
+        except Exception as exc:
+            raise AlreadyStepped(exc) from exc
         return loss.detach()
 
     def ensemble(self, slots: list[int], inputs: Any) -> Any:
@@ -158,18 +157,34 @@ class GroupRuntime:
         return self._fused_or_loop(
             len(slots),
             lambda: self.fused.train(slots, inputs, targets),
-            lambda: torch.stack([self.train_step(s, index_rows(inputs, j), targets[j]) for j, s in enumerate(slots)]),
+            lambda: self._train_each(slots, inputs, targets),
         )
 
+    def _train_each(self, slots: list[int], inputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        losses = []
+        for j, slot in enumerate(slots):
+            try:
+                losses.append(self.train_step(slot, index_rows(inputs, j), targets[j]))
+            except AlreadyStepped:
+                raise
+            except Exception as exc:
+                if j == 0:
+                    raise
+                raise AlreadyStepped(exc) from exc  # the models before this one have taken their step
+        return torch.stack(losses)
+
     def _fused_or_loop(self, n_models: int, fused: Callable[[], Any], loop: Callable[[], Any]) -> Any:
-        """Run fused; if vmap cannot run this model but the loop can, keep to the loop from now on."""
+        """Run fused. If vmap cannot run this model but the loop can, keep to the loop from now on;
+        a transient error (out of memory) or the model's own error leaves fusion on."""
         if not self.fused.enabled or n_models < FUSE_MIN_MODELS:
             return loop()
         try:
             return fused()
-        except CohortError:
+        except (CohortError, AlreadyStepped):
             raise
         except Exception as fused_error:
+            if is_transient(fused_error):
+                raise
             result = loop()  # the model's own error (bad data) raises here, and fusion stays on
             self.fused.enabled = False
             log.warning("group %s: fused execution unavailable, running models one by one: %s: %s",
@@ -182,26 +197,12 @@ class GroupRuntime:
             else (tuple(inputs.shape), inputs.dtype)
         if key not in self._meta_outputs:
             if self._meta_module is None:
-                self._meta_module = build_module(self.spec.factory, self.spec.kwargs, "meta")
+                self._meta_module = GroupModule(build_module(self.spec.factory, self.spec.kwargs, "meta"))
             meta = {k: torch.empty_like(v, device="meta") for k, v in inputs.items()} if isinstance(inputs, dict) \
                 else torch.empty_like(inputs, device="meta")
             with torch.no_grad():
-                self._meta_outputs[key] = call_module(self._meta_module, {}, meta)
+                self._meta_outputs[key] = self._meta_module({}, meta)
         return self._meta_outputs[key]
-
-    def check_inputs(self, inputs: Any, stacked: int | None = None) -> None:
-        """Check inputs against the spec on the worker too (a direct caller has no coordinator)."""
-        specs = self.spec.inputs
-        given = {"x": inputs} if self.spec.single_input else inputs
-        if not isinstance(given, dict) or set(given) != {s.name for s in specs}:
-            raise BadInput(f"group {self.spec.name!r} expects inputs {[s.name for s in specs]}")
-        for spec in specs:
-            t = given[spec.name]
-            shape = list(t.shape[1:]) if stacked is not None else list(t.shape)
-            if t.dtype != DTYPES[spec.dtype] or len(shape) != len(spec.shape) or any(
-                d != -1 and d != s for d, s in zip(spec.shape, shape)
-            ):
-                raise BadInput(f"input {spec.name!r} must be {spec.dtype} {list(spec.shape)}, got {t.dtype} {list(t.shape)}")
 
 
 def index_rows(inputs: Any, j: int) -> Any:

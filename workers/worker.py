@@ -39,7 +39,8 @@ from core.messages import (
 )
 from core.tensors import encode_tensors
 from workers.execute import GroupRuntime
-from workers.streams import Finished, StreamExecutor, SyncExecutor, make_executor
+from workers.executors import make_executor
+from workers.outcome import Finished
 
 HEARTBEAT_S = 0.25
 INIT_TIMEOUT_S = 60.0
@@ -58,7 +59,7 @@ class Worker:
         self.codec = worker_codec()
         self.banks: list[Bank] = []
         self.runtimes: dict[str, GroupRuntime] = {}
-        self.executor: SyncExecutor | StreamExecutor | None = None
+        self.executor: Any = None
         self.running = True
         self.fatal = False
         self._last_beat = 0.0

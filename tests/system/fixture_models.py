@@ -73,3 +73,28 @@ def group(name: str, factory: str, count: int = 2, d: int = 4) -> dict:
         "optimizer": {"name": "sgd", "lr": 0.01},
         "init": {"seed": 0},
     }
+
+
+class OutOfMemoryOnDemand(nn.Module):
+    """A linear layer that runs out of memory when asked: a transient failure, like CUDA's.
+
+    Asked in process with ``OutOfMemoryOnDemand.fused_calls_fail = True`` (only calls under
+    ``vmap`` fail, as when a fused call needs more memory than one model's), or from a
+    client with a batch of ``OOM_BATCH`` rows (every call fails)."""
+
+    OOM_BATCH = 13
+    fused_calls_fail = False
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batched = torch._C._functorch.is_functorch_wrapped_tensor(self.linear.weight)  # inside vmap or grad
+        if x.device.type != "meta" and (x.shape[0] == self.OOM_BATCH or (batched and self.fused_calls_fail)):
+            raise torch.OutOfMemoryError("out of memory: tried to allocate 20.00 GiB (asked for by the test)")
+        return self.linear(x)
+
+
+def out_of_memory_on_demand(d: int = 4) -> nn.Module:
+    return OutOfMemoryOnDemand(d)

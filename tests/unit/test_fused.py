@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Iterator
-
 import pytest
 import torch
 
-from core.bank import Bank
-from core.definition import build_definition
-from core.spec import BatchingSpec, GroupConfig
-from scheduler.config import parse_config
-from workers.execute import GroupRuntime
+from core.spec import BatchingSpec
+from tests.unit.runtimes import runtime_for
 
 K = 6
-
-
-def runtime_for(group: dict, fuse: bool) -> Iterator[GroupRuntime]:
-    raw = {"coordinator": {"device": "cpu"}, "group": [{**group, "batching": {"fuse": fuse}}]}
-    config: GroupConfig = parse_config(raw, "test.toml").groups[0]
-    spec = build_definition(config)
-    bank = Bank.create(spec.name, spec.entries, len(spec.indices), torch.device("cpu"),
-                       f"cohort-test-{os.getpid()}-{uuid.uuid4().hex[:6]}-{spec.name}")
-    rt = GroupRuntime(spec, bank, torch.device("cpu"))
-    rt.initialise()
-    return rt, bank
 
 
 # Adam's update divides by the root of the gradient's second moment, so where a gradient is
@@ -129,7 +111,7 @@ def test_a_compile_failure_falls_back_to_eager_but_bad_data_keeps_compiling(monk
         bank.close()
 
 
-def test_compiled_shapes_are_capped_and_each_new_one_is_announced(monkeypatch) -> None:
+def test_every_new_call_shape_compiles_and_is_announced(monkeypatch) -> None:
     from workers import fused as fused_module
 
     compiled_calls = []
@@ -138,10 +120,46 @@ def test_compiled_shapes_are_capped_and_each_new_one_is_announced(monkeypatch) -
     try:
         notices = []
         rt.fused.compile_mode, rt.fused.on_compile = "default", lambda: notices.append(1)
-        for batch in range(1, fused_module.MAX_COMPILED_SHAPES + 4):
+        shapes = fused_module.MANY_SHAPES + 3
+        for batch in range(1, shapes + 1):
             rt.ensemble([0, 1, 2, 3], torch.randn(batch, 4))
             rt.ensemble([0, 1, 2, 3], torch.randn(batch, 4))  # the same shape again: no new notice
-        assert len(notices) == fused_module.MAX_COMPILED_SHAPES
-        assert len(compiled_calls) == 2 * fused_module.MAX_COMPILED_SHAPES  # the rest ran eagerly
+        assert len(notices) == shapes
+        assert len(compiled_calls) == 2 * shapes and rt.fused.compiled_calls == 2 * shapes
+        assert rt.fused.eager_calls == 0
     finally:
         bank.close()
+
+
+def test_more_compiled_wrappers_than_dynamos_recompile_limit_all_compile(monkeypatch) -> None:
+    """Every torch.compile(vmap(...)) traces one code object inside torch; dynamo's recompile limit
+    (8) is counted per code object, so without wrappers of their own the 9th shape on ran eagerly."""
+    import torch._dynamo
+
+    from workers import fused as fused_module
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(fused_module.torch, "compile",
+                        lambda fn, **kw: real_compile(fn, backend=counting_backend, dynamic=False))
+    runtimes = [runtime_for({**MLP_GROUP, "name": f"g{i}"}, True) for i in range(3)]
+    try:
+        wanted = 0
+        for rt, _ in runtimes:
+            rt.fused.compile_mode = "default"
+            for batch in range(1, 5):  # 3 groups x 4 shapes: 12 compiled wrappers
+                x = torch.randn(batch, 4)
+                torch.testing.assert_close(rt.ensemble([0, 1, 2, 3], x), torch.stack([rt.infer(k, x) for k in range(4)]))
+                wanted += 1
+        assert len(graphs) == wanted == 12
+        assert all(rt.fused.compiled_calls == 4 and rt.fused.eager_calls == 0 for rt, _ in runtimes)
+    finally:
+        for _, bank in runtimes:
+            bank.close()
+        torch._dynamo.reset()

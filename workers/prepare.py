@@ -1,0 +1,87 @@
+"""From a job as it arrives to the computation it runs: decode, check, plan, call.
+
+Both executors share these steps. Inputs were checked against the group's spec by the
+coordinator, from their headers; what only the worker can check is the targets'
+values against the model's output (a class index out of range would be a device-side
+assert on a GPU), done here on the host before anything reaches the device.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+import torch
+
+from core.errors import BadInput, JobTimeout
+from core.messages import RunJob
+from core.tensors import decode_into
+from workers.batching import Ready, Run, plan, run_joined
+from workers.execute import GroupRuntime, index_rows
+from workers.losses import check_target
+from workers.outcome import Finished, failure
+
+
+def run_job(runtime: GroupRuntime, op: str, slots: list[int], inputs: Any, targets: Any) -> tuple[Any, Any]:
+    """Run one job's computation; return ``(outputs, losses tensor or None)`` on the device."""
+    if op == "infer":
+        return runtime.infer(slots[0], inputs), None
+    if op == "train_step":
+        return None, runtime.train_step(slots[0], inputs, targets).reshape(1)
+    if op == "ensemble":
+        return runtime.ensemble(slots, inputs), None
+    if op == "train_round":
+        return None, runtime.train_round(slots, inputs, targets)
+    raise BadInput(f"unknown op {op!r}")
+
+
+def check_targets(runtime: GroupRuntime, op: str, inputs: Any, targets: Any) -> None:
+    """Training targets against the output's shape on meta and their values, on the host."""
+    if op not in ("train_step", "train_round"):
+        return
+    stacked = op == "train_round"
+    first = index_rows(inputs, 0) if stacked else inputs
+    output = runtime.output_meta(first)
+    for target in (targets.unbind(0) if stacked else (targets,)):
+        check_target(runtime.spec.loss, output, target)
+
+
+def check_deadline(job: RunJob) -> None:
+    """A job whose deadline passed while it waited in the worker is not run."""
+    if job.deadline is not None and time.monotonic() > job.deadline:
+        raise JobTimeout(f"job passed its deadline by {time.monotonic() - job.deadline:.3f} s before it started")
+
+
+def planned_runs(runtimes: dict[str, GroupRuntime], items: list[tuple[RunJob, list[Any]]], pinned: bool,
+                 failed: deque[Finished]) -> list[Run]:
+    """Jobs that arrived together, prepared and split into runs of neighbours that can share one
+    call; a job that fails to prepare goes to ``failed``, its neighbours go on."""
+    ready = []
+    for job, buffers in items:
+        try:
+            ready.append(prepare(runtimes, job, buffers, pinned))
+        except Exception as exc:
+            failed.append(failure(job.job_id, exc))
+    return plan(ready, {name: rt.spec.batching for name, rt in runtimes.items()})
+
+
+def prepare(runtimes: dict[str, GroupRuntime], job: RunJob, buffers: list[Any], pinned: bool) -> Ready:
+    """Decode a job's tensors (into pinned memory when headed for a GPU) and check them on the host."""
+    check_deadline(job)
+    runtime = runtimes[job.group]
+    n_in = len(job.inputs.metas)
+    inputs = decode_into(job.inputs, buffers[:n_in], pinned)
+    targets = decode_into(job.targets, buffers[n_in:], pinned)
+    check_targets(runtime, job.op, inputs, targets)
+    return Ready(job.job_id, job.op, job.group, list(job.slots), inputs, targets)
+
+
+def run_on_device(runtime: GroupRuntime, run: Run) -> list[tuple[Any, torch.Tensor | None]]:
+    """A run's computation, ``(outputs, losses)`` per job in order: one joined call, or one job."""
+    if len(run.jobs) > 1:
+        return run_joined(runtime, run)
+    job = run.jobs[0]
+    return [run_job(runtime, job.op, job.slots, job.inputs, job.targets)]
+
+
