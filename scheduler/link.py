@@ -72,6 +72,14 @@ class Link:
     def try_send(self, frames: list[Any]) -> bool:
         return try_send(self.socket, frames)
 
+    def receive(self) -> list[Any] | None:
+        """The frames of one message waiting, as buffers; None if none waits."""
+        try:
+            frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        return [f.buffer for f in frames]
+
     def close(self) -> None:
         close_monitored(self.socket, self.monitor)
 

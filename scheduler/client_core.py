@@ -1,0 +1,328 @@
+"""The client's side of the protocol, without I/O: requests become frames, frames become results.
+
+Like h11's ``Connection``, nothing here owns a socket, sends, waits or starts a thread:
+``Client`` (threads) and ``AsyncClient`` (asyncio) do their own I/O and hand this module
+the frames they receive. Three pieces:
+
+- ``Call``: one call as a public method declares it (the op, its request message, the
+  tensor buffers that follow it, how its reply becomes what the API returns), and its
+  state on the way (deadline, whether it went out, the flavour's future).
+- ``ClientCore``: what all of a client's sockets share: request ids, the timeout stamped
+  on each request, and the size check against the message bound.
+- ``Connection``: the calls in flight on one socket. It encodes them (one alone, or
+  several bundled, each with the time it has left), decodes replies (``Replies``
+  bundles too), matches each reply to its call and turns it into a result or a
+  ``CohortError``, and fails calls at their deadline or when their connection drops.
+  Its results come out as ``Settled`` values, which the flavour hands to its waiters.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import msgspec
+
+from core.codec import client_codec, unbundle
+from core.errors import BadInput, CohortError, JobTimeout, ProtocolError, error_from_wire
+from core.messages import (
+    JOB_OPS,
+    Ack,
+    ErrorReply,
+    Hello,
+    HelloReply,
+    JobDone,
+    ModelInfo,
+    ModelsReply,
+    Replies,
+    Requests,
+    StatsReply,
+    SubmitJob,
+    WeightsReply,
+)
+from core.tensors import DEFAULT_MAX_MESSAGE_BYTES, decode_tensors, encode_tensors
+from scheduler import __version__
+
+DEFAULT_TIMEOUT_S = 60.0
+# Messages up to this size are always answered by the coordinator (its socket limit is its
+# bound plus 1 MiB); a larger one is checked against the coordinator's bound first.
+ALWAYS_ANSWERED_BYTES = 1 << 20
+# A request sent at the very end of its call's time still carries a positive timeout.
+MIN_TIME_LEFT_S = 0.001
+
+Returns = Callable[[Any, list[Any]], Any]
+
+
+# --------------------------------------------------------------------------- replies -> results
+# Each takes a reply that is not an ErrorReply, and its buffers.
+
+
+def _expect(reply: Any, kind: type[msgspec.Struct]) -> Any:
+    if not isinstance(reply, kind):
+        raise ProtocolError(f"expected {kind.__name__}, got {type(reply).__name__}")
+    return reply
+
+
+def as_outputs(reply: Any, buffers: list[Any]) -> Any:
+    return decode_tensors(_expect(reply, JobDone).outputs, buffers)
+
+
+def as_loss(reply: Any, buffers: list[Any]) -> float:
+    losses = _expect(reply, JobDone).losses
+    return float(losses[0]) if losses else float("nan")
+
+
+def as_losses(reply: Any, buffers: list[Any]) -> list[float]:
+    return list(_expect(reply, JobDone).losses or [])
+
+
+def as_weights(reply: Any, buffers: list[Any]) -> dict[str, Any]:
+    return decode_tensors(_expect(reply, WeightsReply).weights, buffers)
+
+
+def as_models(reply: Any, buffers: list[Any]) -> list[ModelInfo]:
+    return list(_expect(reply, ModelsReply).models)
+
+
+def as_stats(reply: Any, buffers: list[Any]) -> dict[str, Any]:
+    return _expect(reply, StatsReply).stats
+
+
+def as_detail(reply: Any, buffers: list[Any]) -> dict[str, Any]:
+    return _expect(reply, Ack).detail
+
+
+def as_none(reply: Any, buffers: list[Any]) -> None:
+    _expect(reply, Ack)
+
+
+def as_bound(reply: Any, buffers: list[Any]) -> int:
+    return _expect(reply, HelloReply).max_message_bytes
+
+
+JOB_RESULTS: dict[str, Returns] = {
+    "infer": as_outputs,
+    "ensemble": as_outputs,
+    "train_step": as_loss,
+    "train_round": as_losses,
+}
+TRAINING_OPS = ("train_step", "train_round")
+
+
+# --------------------------------------------------------------------------- calls
+
+
+class Call:
+    """One call: its request, how its reply becomes the result, and where it stands.
+
+    A public method makes the request message with ``req_id`` 0 and no ``timeout_s``;
+    ``ClientCore.start`` stamps the call's own id, timeout and deadline.
+    """
+
+    __slots__ = ("buffers", "deadline", "future", "message", "op", "returns", "sent")
+
+    def __init__(self, op: str, message: msgspec.Struct, returns: Returns, buffers: list[Any] | None = None) -> None:
+        self.op = op
+        self.message: Any = message
+        self.returns = returns
+        self.buffers = buffers or []
+        self.deadline = 0.0
+        self.sent = False  # on a connection: lost with it if that connection drops
+        self.future: Any = None  # the flavour's waiter, when it has one
+
+    @property
+    def req_id(self) -> int:
+        return self.message.req_id
+
+    @property
+    def size(self) -> int:
+        return sum(memoryview(b).nbytes for b in self.buffers)
+
+    def __repr__(self) -> str:
+        return f"Call({self.op!r}, req_id={self.req_id})"
+
+
+def job(op: str, target: str, inputs: Any, targets: Any = None) -> Call:
+    """The call of a job (one of ``JOB_OPS``) on a model or group; ``BadInput`` if it cannot be one."""
+    if op not in JOB_OPS:
+        raise BadInput(f"unknown op {op!r}; ops: {', '.join(JOB_OPS)}")
+    if op in TRAINING_OPS and targets is None:
+        raise BadInput(f"{op} needs targets")
+    tree_in, buf_in = encode_tensors(inputs)
+    tree_t, buf_t = encode_tensors(targets)
+    return Call(op, SubmitJob(0, op, target, tree_in, tree_t), JOB_RESULTS[op], [*buf_in, *buf_t])
+
+
+class Settled(NamedTuple):
+    """A call's outcome: its result, or the error it raises."""
+
+    call: Call
+    value: Any = None
+    error: CohortError | None = None
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    def resolve(self) -> None:
+        """Hand the outcome to the call's future (``concurrent`` or ``asyncio``), unless it is done."""
+        future = self.call.future
+        if future is None or future.done():
+            return
+        if self.error is None:
+            future.set_result(self.value)
+        else:
+            future.set_exception(self.error)
+
+
+class ClientCore:
+    """What all of one client's sockets share: request ids and the message bound.
+
+    Safe to share between threads: ``next`` on a counter is atomic, and the bound is
+    written once with a value every writer agrees on.
+    """
+
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.max_message_bytes = max_message_bytes
+        self.server_bound: int | None = None  # the coordinator's, once a Hello has told it
+        self._ids = itertools.count(1)
+
+    def start(self, call: Call, timeout: float, now: float | None = None) -> Call:
+        """Give ``call`` its id, timeout and deadline; it is then ready to go on a connection."""
+        call.message.req_id = next(self._ids)
+        if hasattr(call.message, "timeout_s"):
+            call.message.timeout_s = timeout
+        call.deadline = (time.monotonic() if now is None else now) + timeout
+        return call
+
+    def needs_bound(self, call: Call) -> bool:
+        """Whether ``call`` is large enough that the coordinator's bound must be asked first (``hello``)."""
+        return self.server_bound is None and call.size > ALWAYS_ANSWERED_BYTES
+
+    @staticmethod
+    def hello() -> Call:
+        """The call that asks the coordinator for its bound; its result is the bound in bytes."""
+        return Call("hello", Hello(0, __version__), as_bound)
+
+    def check_size(self, call: Call) -> None:
+        """Refuse a message over the bound here, rather than have the coordinator's socket drop it."""
+        size = call.size
+        if size <= ALWAYS_ANSWERED_BYTES:
+            return
+        if self.server_bound is None:
+            raise RuntimeError("check_size before the coordinator's bound is known; ask it with hello() first")
+        bound = min(self.max_message_bytes, self.server_bound)
+        if size > bound:
+            raise BadInput(f"tensors of {size} bytes exceed the message bound of {bound} bytes")
+
+
+class Connection:
+    """The calls in flight on one socket: frames out, replies matched to calls in.
+
+    One per socket, used by one thread at a time (its codec keeps buffers between uses).
+    """
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._codec = client_codec()
+        self._pending: dict[int, Call] = {}
+
+    def __contains__(self, call: Call) -> bool:
+        return self._pending.get(call.req_id) is call
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, call: Call) -> None:
+        """Wait for ``call``'s reply on this connection."""
+        call.sent = False
+        self._pending[call.req_id] = call
+
+    def forget(self, call: Call) -> None:
+        """Stop waiting for ``call``; a reply that still comes for it is ignored."""
+        if call in self:
+            del self._pending[call.req_id]
+
+    def frames(self, calls: list[Call], now: float | None = None) -> list[Any]:
+        """The frames that carry ``calls``: one message, bundled if several.
+
+        Each request carries the time its call has left: one that waited for a
+        connection must not run longer than its caller waits (the coordinator counts a
+        job's deadline from receipt)."""
+        now = time.monotonic() if now is None else now
+        for call in calls:
+            if getattr(call.message, "timeout_s", None) is not None:
+                call.message.timeout_s = max(MIN_TIME_LEFT_S, call.deadline - now)
+        if len(calls) == 1:
+            return self._codec.encode(calls[0].message, calls[0].buffers)
+        bundle = Requests(0, [c.message for c in calls])
+        return self._codec.encode(bundle, [b for c in calls for b in c.buffers])
+
+    def sent(self, calls: list[Call]) -> None:
+        for call in calls:
+            call.sent = True
+
+    def receive(self, frames: list[Any]) -> list[Settled]:
+        """Settle the calls whose replies ``frames`` (one message) carries.
+
+        A message that cannot be read is dropped: it cannot be matched to a call either,
+        and that call fails at its deadline. A reply to no pending call is a late answer to
+        a call that timed out, and is dropped too."""
+        try:
+            reply, buffers = self._codec.decode(frames)
+            replies = unbundle(reply.replies, buffers) if isinstance(reply, Replies) else [(reply, buffers)]
+        except ProtocolError:
+            return []
+        settled = []
+        for reply, reply_buffers in replies:
+            call = self._pending.pop(reply.req_id, None)
+            if call is not None:
+                settled.append(_outcome(call, reply, reply_buffers))
+        return settled
+
+    def fail(self, call: Call, error: CohortError) -> Settled:
+        self.forget(call)
+        return Settled(call, error=error)
+
+    def dropped(self) -> list[Settled]:
+        """The connection dropped: fail every call that went out on it (not those still to go)."""
+        lost = [call for call in self._pending.values() if call.sent]
+        return [self.fail(call, self.lost(call)) for call in lost]
+
+    def expire(self, call: Call) -> Settled:
+        """``call`` passed its deadline."""
+        what = "no answer from" if call.sent else "could not reach the coordinator at"
+        return self.fail(call, JobTimeout(f"{call.op}: {what} {self.address} within the timeout"))
+
+    def close(self) -> list[Settled]:
+        """Fail every call still waiting: the client is closing."""
+        calls = list(self._pending.values())
+        return [self.fail(call, ProtocolError("the client was closed before the answer came")) for call in calls]
+
+    # The errors a flavour raises itself, worded the same in both.
+
+    def lost(self, call: Call) -> ProtocolError:
+        return ProtocolError(f"{call.op}: the connection to the coordinator at {self.address} dropped while the call "
+                             "was in flight (did it stop or restart?); the job may or may not have run")
+
+    def not_reached(self, call: Call, timeout: float) -> JobTimeout:
+        return JobTimeout(f"{call.op}: could not reach the coordinator at {self.address} within {timeout} s; "
+                          "is it running?")
+
+    def no_answer(self, call: Call, timeout: float) -> JobTimeout:
+        return JobTimeout(f"{call.op}: no answer from {self.address} within {timeout} s")
+
+
+def _outcome(call: Call, reply: Any, buffers: list[Any]) -> Settled:
+    """A reply as what the API returns, or the error it raises."""
+    try:
+        if isinstance(reply, ErrorReply):
+            raise error_from_wire(reply.error, reply.message, reply.traceback)
+        return Settled(call, call.returns(reply, buffers))
+    except CohortError as exc:
+        return Settled(call, error=exc)
+    except Exception as exc:  # an unreadable reply fails its call, never the reader
+        return Settled(call, error=ProtocolError(f"bad reply: {type(exc).__name__}: {exc}"))
