@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 CONFIG ?= examples/demo.toml
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup run test demo bench bench-quick monitor soak clean
+.PHONY: setup run test demo bench bench-quick gpu-check monitor soak clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ bench: setup
 
 bench-quick: setup
 	$(PY) tools/bench.py --quick --out /tmp/cohort-bench-quick.json
+
+# Everything only a GPU can show (tests/gpu, the benchmark's quick set on cuda, NVML); on a
+# machine without a GPU it says so and exits 0. Uses the Python that has torch (no venv needed).
+gpu-check:
+	@$$(test -x $(PY) && echo $(PY) || echo $(PYTHON)) tools/gpu_check.py
 
 monitor: setup
 	$(PY) tools/gpumon.py

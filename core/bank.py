@@ -108,6 +108,16 @@ class Bank:
     def device(self) -> torch.device:
         return self._raw.device
 
+    @property
+    def raw(self) -> torch.Tensor:
+        """The whole buffer as bytes: what a bulk copy between a bank and its host copy moves."""
+        return self._raw
+
+    def entries(self, everything: bool) -> list[str]:
+        """Parameters and buffers (what ``get_weights`` returns), or every entry (optimizer state too)."""
+        roles = ("param", "buffer", "state") if everything else ("param", "buffer")
+        return [n for n, s in self.layout.slots.items() if s.entry.role in roles]
+
     def role(self, role: str) -> dict[str, torch.Tensor]:
         """The entries of one role (``param``, ``buffer``, ``state``), in definition order."""
         return {n: self.tensors[n] for n, s in self.layout.slots.items() if s.entry.role == role}
@@ -198,6 +208,8 @@ def unlink_shm(name: str) -> None:
 
 def leftover_shm(prefix: str) -> list[str]:
     """Shared-memory names that start with ``prefix`` (what a clean shutdown must leave: none)."""
+    if not prefix.startswith("cohort-"):  # never a pattern that could match another program's memory
+        raise ValueError(f"not a cohort shared-memory prefix: {prefix!r}")
     return sorted(p.name for p in shm_dir().glob(f"{prefix}*"))
 
 

@@ -18,6 +18,10 @@ from core.spec import GroupSpec
 from core.tensors import NO_TENSORS, TensorTree
 
 JOB_OPS: tuple[str, ...] = ("infer", "train_step", "ensemble", "train_round")
+# Operations on a model's bank slot that the coordinator asks of a worker, ordered with its
+# jobs: "read" (a model's entries out), "write" (in), "copy" (slot to slot), "mirror" (to
+# the host copy that a replacement worker is restored from).
+BANK_OPS: tuple[str, ...] = ("read", "write", "copy", "mirror")
 
 
 # --------------------------------------------------------------------------- client -> coordinator
@@ -168,7 +172,8 @@ class InitWorker(ToWorker):
     streams: int
     groups: list[GroupSpec]
     shm_prefix: str
-    restore: bool = False
+    restore: bool = False  # fill the banks from the host copies instead of initialising them
+    mirrors: list[str] = []  # per group: the shared-memory name of its host copy, laid out as its bank
 
 
 class RunJob(ToWorker):
@@ -183,6 +188,8 @@ class RunJob(ToWorker):
     # The job's deadline on time.monotonic(), which on Linux is one clock for every process
     # of the machine: coordinator and workers always share one machine.
     deadline: float | None = None
+    option: str = ""  # "read"/"write": "weights" (parameters and buffers) or "all" (optimizer state too)
+    source: list[int] = []  # "copy": the slots copied from, one per slot of ``slots``
 
 
 class Shutdown(ToWorker):
@@ -225,9 +232,9 @@ class JobError(FromWorker):
 
 
 class Heartbeat(FromWorker):
-    calls: int = 0  # compute calls made since start
-    joined_jobs: int = 0  # jobs that ran inside a call joined with other jobs
-    quiet_s: float = 0.0  # the next call may keep the worker silent this long (it compiles)
+    """The worker's counts, sent while its loop is free (liveness itself is stamped into a file)."""
+
+    counters: dict[str, int] = {}  # calls, joined_jobs, compiled_calls, eager_calls, ...
 
 
 class WorkerFailed(FromWorker):

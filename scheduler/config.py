@@ -117,7 +117,9 @@ def _coordinator(raw: Any, path: str) -> CoordinatorConfig:
         raise ConfigError(f"{path}: coordinator.device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.mps not in ("auto", "on", "off"):
         raise ConfigError(f"{path}: coordinator.mps must be auto, on or off, got {cfg.mps!r}")
-    for key in ("streams", "max_queued", "max_queued_per_model", "window", "max_message_bytes"):
+    if not 1 <= cfg.streams <= 32:  # torch's pool holds 32 streams per priority; more would share
+        raise ConfigError(f"{path}: coordinator.streams must be between 1 and 32, got {cfg.streams}")
+    for key in ("max_queued", "max_queued_per_model", "window", "max_message_bytes"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{path}: coordinator.{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.mps_thread_percentage is not None and not 1 <= cfg.mps_thread_percentage <= 100:

@@ -3,14 +3,17 @@
 A job on one model is one ``Part``; a job on a whole group (``ensemble``,
 ``train_round``) has one part per worker that holds some of the group's models. The
 coordinator never decodes tensor bytes: a stacked input is split by slicing its
-frames, and stacked results are joined by concatenating theirs.
+frames, and stacked results are joined by concatenating theirs. The coordinator's own
+bank operations are jobs too (``on_done`` answers them instead of a reply to a client).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.errors import CohortError
 from core.spec import ModelKey
 from core.tensors import TensorTree
 from scheduler.barrier import Barrier
@@ -45,6 +48,10 @@ class Job:
     results: dict[int, tuple[TensorTree, list[Any], list[float] | None]] = field(default_factory=dict)
     open_parts: int = 0
     answered: bool = False
+    on_done: Callable[[Job, CohortError | None], None] | None = None  # the coordinator's own job: called, no reply
+    blocked: bool = False  # waits for another job's result before it may be sent
+    option: str = ""  # bank operations: see core.messages.RunJob
+    source: list[int] = field(default_factory=list)
 
     def fenced(self) -> bool:
         """True while a barrier accepted before this job has not completed."""

@@ -7,8 +7,10 @@ its pipe even when its server cannot start, and every worker would then fail); i
 of that fails it goes on without MPS and says why. ``"on"`` makes any failure an
 error; ``"off"`` never starts it. Only a daemon cohort started is ever stopped.
 
-The coordinator itself has initialised CUDA before the daemon starts, so it is not an
-MPS client: it maps the workers' banks through CUDA IPC from outside MPS.
+The coordinator itself never initialises CUDA (``scheduler.gpu``): after a fatal fault
+the MPS server takes no new client until every client has exited, and a coordinator
+holding a CUDA context would keep the GPU's workers from ever coming back. The daemon
+sees only the chosen GPU, named by UUID; its clients run without ``CUDA_VISIBLE_DEVICES``.
 """
 
 from __future__ import annotations
@@ -42,17 +44,20 @@ class MpsDaemon:
     def state(self) -> dict[str, object]:
         return {"mode": self.mode, "requested": self.requested, "reason": self.reason, "pipe_dir": self.pipe_dir}
 
-    def start(self, device_type: str) -> None:
+    def start(self, device_type: str, daemon_env: dict[str, str] | None = None, parent_dir: str | None = None) -> None:
+        """Start the daemon (seeing ``daemon_env``'s GPUs) and prove it serves a client, or say why not.
+
+        Its pipe and log directories go under ``parent_dir`` (the run directory), so that a
+        later start finds a killed run's daemon there (``scheduler.leftovers``)."""
         if self.requested == "off":
             self.reason = "mps = off in the config"
             return
         problem = self._precondition(device_type)
         if problem is None:
-            problem = self._start_daemon()
+            problem = self._start_daemon(daemon_env or {}, parent_dir)
         if problem is None:
             self.mode = "on"
             self.reason = "started by cohort"
-            os.environ.update(self._client_env())
             return
         self.stop()  # a daemon that started but cannot serve is not left behind
         if self.requested == "on":
@@ -66,16 +71,21 @@ class MpsDaemon:
             return f"{CONTROL} not found on PATH"
         return None
 
-    def _start_daemon(self) -> str | None:
-        self.pipe_dir = tempfile.mkdtemp(prefix="cohort-mps-pipe-")
-        self.log_dir = tempfile.mkdtemp(prefix="cohort-mps-log-")
+    def _start_daemon(self, daemon_env: dict[str, str], parent_dir: str | None) -> str | None:
+        if parent_dir is None:
+            self.pipe_dir = tempfile.mkdtemp(prefix="cohort-mps-pipe-")
+            self.log_dir = tempfile.mkdtemp(prefix="cohort-mps-log-")
+        else:
+            self.pipe_dir, self.log_dir = os.path.join(parent_dir, "mps-pipe"), os.path.join(parent_dir, "mps-log")
+            os.makedirs(self.pipe_dir, mode=0o700)
+            os.makedirs(self.log_dir, mode=0o700)
         self._owned_dirs = [self.pipe_dir, self.log_dir]
         errors = os.path.join(self.log_dir, "control-start.err")
         try:
             # Output to a file, not a pipe: the daemon may keep inherited pipes open, and
             # reading one to its end would wait for the daemon to exit.
             with open(errors, "w+") as err:
-                result = subprocess.run([CONTROL, "-d"], env={**os.environ, **self._client_env()},
+                result = subprocess.run([CONTROL, "-d"], env={**os.environ, **self._client_env(), **daemon_env},
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, timeout=20)
                 err.seek(0)
                 text = err.read().strip()
@@ -91,7 +101,8 @@ class MpsDaemon:
     def _probe(self) -> str | None:
         """Start one CUDA client under the daemon; why it failed, or None."""
         try:
-            result = subprocess.run([sys.executable, "-c", PROBE], env={**os.environ, **self._client_env()},
+            client = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}  # MPS clients must not set it
+            result = subprocess.run([sys.executable, "-c", PROBE], env={**client, **self._client_env()},
                                     stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"a CUDA client could not start under the MPS daemon: {exc}"

@@ -1,9 +1,9 @@
 """Snapshot files written in the background, so a large snapshot never stalls the coordinator.
 
-A snapshot is taken at a barrier: the coordinator copies every model's weights to
-host memory there (fast, and consistent across models). Writing the files is the
-slow part; a ``SnapshotWriter`` does it on a thread from those host copies while the
-coordinator goes on serving, and reports its progress (``stats()["snapshots"]``,
+A snapshot is a host copy of every model taken in the workers' queues (a consistent
+cut, see ``scheduler.host_copies``). A ``SnapshotWriter`` first copies what it needs out
+of the host copies, on its thread (the coordinator sends no worker a new host copy to
+make until then), and then writes the files while the coordinator goes on serving, and reports its progress (``stats()["snapshots"]``,
 ``cohort snapshot`` shows it as a progress bar). Each file is written under a
 temporary name and renamed, so a crash never leaves a torn file under the final name.
 """
@@ -33,6 +33,7 @@ class SnapshotWriter:
         self.started = time.monotonic()
         self.finished_at: float | None = None
         self.token = uuid.uuid4().hex[:12]
+        self.taken = threading.Event()  # set once the tensors are copied out of the host copies
         self._thread = threading.Thread(target=self._write_all, name="cohort-snapshot", daemon=True)
 
     def start(self) -> SnapshotWriter:
@@ -62,6 +63,10 @@ class SnapshotWriter:
         from safetensors.torch import save_file
 
         try:
+            try:
+                self.files = [(path, {n: t.clone() for n, t in tensors.items()}) for path, tensors in self.files]
+            finally:
+                self.taken.set()
             for path, tensors in self.files:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(f".{path.name}.{self.token}.tmp")  # this writer's own: never shared

@@ -3,13 +3,16 @@
 Each worker has its own ZeroMQ PAIR socket on a private ``ipc://`` path (a new one
 for every replacement, so a late message from a dead worker never reaches its
 successor). Death is noticed from the process itself (``poll()``, checked every loop
-turn) and from silence (no heartbeat within the configured timeout).
+turn) and from silence: a thread in the worker stamps the time into a small file every
+quarter second, whatever the worker is running, so a long job is never taken for a
+death, and the coordinator's own pauses never count as a worker's silence.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -20,11 +23,13 @@ from typing import Any
 
 import zmq
 
+from core.bank import leftover_shm, unlink_shm
 from core.spec import GroupSpec
 from scheduler.jobs import Part
 from scheduler.placement import Block
 
 STOP_GRACE_S = 5.0
+BEAT = struct.Struct("<d")  # time.monotonic() of the worker's last heartbeat
 
 
 ALLOC_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch >= 2.9 reads the first, older the second
@@ -51,20 +56,18 @@ class WorkerHandle:
     state: str = "new"  # new -> starting -> ready -> dead (-> starting ...) ; stopping
     generation: int = 0
     address: str = ""
+    beat_path: str = ""
     socket: zmq.Socket | None = None
     process: subprocess.Popen[bytes] | None = None
     pid: int = 0
     device: str = ""
     pending: deque[Part] = field(default_factory=deque)
     in_flight: dict[int, Part] = field(default_factory=dict)
-    last_seen: float = 0.0
-    quiet_until: float = 0.0  # the worker said it may be silent until then (compiling)
     started_at: float = 0.0
     jobs_done: int = 0
     restarts: int = 0
     deaths: list[float] = field(default_factory=list)  # monotonic times of recent deaths
-    calls: int = 0  # compute calls, and jobs that shared one, as of the last heartbeat
-    joined_jobs: int = 0
+    counters: dict[str, int] = field(default_factory=dict)  # the worker's counts as of its last heartbeat
     restore: bool = False
     shm_prefix: str = ""
 
@@ -76,28 +79,40 @@ class WorkerHandle:
         return [f"{b.group}/{i}" for b in self.blocks for i in b.indices]
 
     def spawn(self, context: zmq.Context[Any], run_dir: str, run_id: str, env: dict[str, str]) -> None:
-        """Start (or restart) the process on a fresh socket."""
+        """Start (or restart) the process on a fresh socket, with exactly the environment ``env``."""
         self.generation += 1
         self.address = f"ipc://{run_dir}/worker-{self.id}-{self.generation}.sock"
+        self.beat_path = f"{run_dir}/worker-{self.id}-{self.generation}.beat"
+        with open(self.beat_path, "wb") as beat:
+            beat.write(BEAT.pack(0.0))
         self.shm_prefix = f"cohort-{run_id}-w{self.id}g{self.generation}-"
         self.socket = context.socket(zmq.PAIR)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, 0)
         self.socket.bind(self.address)
-        worker_env = {**os.environ, **env}
+        worker_env = dict(env)  # complete: the supervisor decides what the worker sees
         worker_env.update(allocator_env(worker_env))
         path = [os.getcwd(), *filter(None, worker_env.get("PYTHONPATH", "").split(os.pathsep))]
         worker_env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "workers", "--address", self.address, "--worker-id", str(self.id)],
+            [sys.executable, "-m", "workers", "--address", self.address, "--worker-id", str(self.id),
+             "--beat", self.beat_path],
             env=worker_env,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches the coordinator only; it stops workers in order
         )
         self.pid = self.process.pid
         self.state = "starting"
-        self.started_at = self.last_seen = time.monotonic()
-        self.quiet_until = 0.0
+        self.started_at = time.monotonic()
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since the worker's last heartbeat (or since it was started, before its first)."""
+        try:
+            with open(self.beat_path, "rb") as beat:
+                (last,) = BEAT.unpack(beat.read(BEAT.size))
+        except (OSError, struct.error):
+            last = 0.0
+        return now - max(last, self.started_at)
 
     def exited(self) -> int | None:
         return None if self.process is None else self.process.poll()
@@ -120,15 +135,23 @@ class WorkerHandle:
                 pass
             self.process.wait()
 
+    def remove_shm(self) -> None:
+        """The shared memory of this worker's banks: a dead worker cannot remove its own."""
+        if not self.shm_prefix:  # never started
+            return
+        for name in leftover_shm(self.shm_prefix):
+            unlink_shm(name)
+
     def close_socket(self) -> None:
         if self.socket is not None:
             self.socket.close(linger=0)
             self.socket = None
-        if self.address.startswith("ipc://"):
-            try:
-                os.unlink(self.address[len("ipc://"):])
-            except OSError:
-                pass
+        for path in (self.address[len("ipc://"):] if self.address.startswith("ipc://") else "", self.beat_path):
+            if path:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
 
 
 def stop_processes(workers: list[WorkerHandle], grace_s: float = STOP_GRACE_S,

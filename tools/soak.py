@@ -63,7 +63,7 @@ import torch  # noqa: E402
 from scheduler import BadInput, Client, CohortError, UnknownModel  # noqa: E402
 
 try:  # the coordinator's crash-loop policy: more than MAX_RESTARTS deaths within RESTART_WINDOW_S
-    from scheduler.coordinator import MAX_RESTARTS, RESTART_WINDOW_S  # noqa: E402
+    from scheduler.supervisor import MAX_RESTARTS, RESTART_WINDOW_S  # noqa: E402
 except ImportError:  # pragma: no cover - an older or newer coordinator
     MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0
 

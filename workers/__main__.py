@@ -11,5 +11,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m workers", description="cohort worker (started by the coordinator)")
     parser.add_argument("--address", required=True)
     parser.add_argument("--worker-id", type=int, required=True)
+    parser.add_argument("--beat", required=True, help="file the worker stamps its heartbeat into")
     args = parser.parse_args()
-    sys.exit(main(args.address, args.worker_id))
+    sys.exit(main(args.address, args.worker_id, args.beat))

@@ -34,6 +34,8 @@ class Ready:
     slots: list[int]
     inputs: Any
     targets: Any
+    option: str = ""
+    source: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -44,6 +44,7 @@ class GroupRuntime:
         self.fused = FusedGroup(spec.name, self.module, self.loss_fn, spec.optimizer, self.tables, device,
                                 spec.batching.compile)
         self.fused.enabled = spec.batching.fuse
+        self.mirror: Bank | None = None  # the coordinator's host copy of this bank
         self._meta_module: GroupModule | None = None
         self._meta_outputs: dict[tuple[Any, ...], Any] = {}
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from core.messages import RunJob
+from core.messages import JOB_OPS, RunJob
 from workers.batching import Run
 from workers.execute import GroupRuntime
 from workers.outcome import AlreadyStepped, Finished, failure
@@ -38,6 +38,10 @@ class SyncExecutor:
     def busy(self) -> bool:
         return bool(self._done)
 
+    def wake_fds(self) -> list[int]:
+        """File descriptors the worker's loop also waits on (none: nothing finishes behind its back)."""
+        return []
+
     def wait_ms(self) -> int | None:
         """How long the worker's loop may wait for messages: 0 with results to send, else no limit."""
         return 0 if self._done else None
@@ -60,7 +64,8 @@ class SyncExecutor:
             else:
                 self._done.extend(failure(job.job_id, exc) for job in run.jobs)
             return
-        self.calls += 1
+        if run.jobs[0].op in JOB_OPS:  # compute calls; bank operations are not counted
+            self.calls += 1
         if len(run.jobs) > 1:
             self.joined_jobs += len(run.jobs)
         for job, (outputs, losses) in zip(run.jobs, results):

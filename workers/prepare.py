@@ -17,22 +17,37 @@ import torch
 from core.errors import BadInput, JobTimeout
 from core.messages import RunJob
 from core.tensors import decode_into
+from workers import bank_ops
 from workers.batching import Ready, Run, plan, run_joined
 from workers.execute import GroupRuntime, index_rows
 from workers.losses import check_target
 from workers.outcome import Finished, failure
 
 
-def run_job(runtime: GroupRuntime, op: str, slots: list[int], inputs: Any, targets: Any) -> tuple[Any, Any]:
+def run_job(runtime: GroupRuntime, job: Ready) -> tuple[Any, Any]:
     """Run one job's computation; return ``(outputs, losses tensor or None)`` on the device."""
+    op, slots = job.op, job.slots
     if op == "infer":
-        return runtime.infer(slots[0], inputs), None
+        return runtime.infer(slots[0], job.inputs), None
     if op == "train_step":
-        return None, runtime.train_step(slots[0], inputs, targets).reshape(1)
+        return None, runtime.train_step(slots[0], job.inputs, job.targets).reshape(1)
     if op == "ensemble":
-        return runtime.ensemble(slots, inputs), None
+        return runtime.ensemble(slots, job.inputs), None
     if op == "train_round":
-        return None, runtime.train_round(slots, inputs, targets)
+        return None, runtime.train_round(slots, job.inputs, job.targets)
+    if op == "read":
+        return bank_ops.read(runtime.bank, slots[0], job.option == "all"), None
+    if op == "write":
+        bank_ops.write(runtime.bank, slots[0], job.inputs, job.option == "all")
+        return None, None
+    if op == "copy":
+        bank_ops.copy(runtime.bank, slots, job.source)
+        return None, None
+    if op == "mirror":
+        if runtime.mirror is None:
+            raise BadInput(f"group {job.group!r} has no host copy on this worker")
+        bank_ops.mirror(runtime.bank, runtime.mirror, slots)
+        return None, None
     raise BadInput(f"unknown op {op!r}")
 
 
@@ -74,14 +89,13 @@ def prepare(runtimes: dict[str, GroupRuntime], job: RunJob, buffers: list[Any], 
     inputs = decode_into(job.inputs, buffers[:n_in], pinned)
     targets = decode_into(job.targets, buffers[n_in:], pinned)
     check_targets(runtime, job.op, inputs, targets)
-    return Ready(job.job_id, job.op, job.group, list(job.slots), inputs, targets)
+    return Ready(job.job_id, job.op, job.group, list(job.slots), inputs, targets, job.option, list(job.source))
 
 
 def run_on_device(runtime: GroupRuntime, run: Run) -> list[tuple[Any, torch.Tensor | None]]:
     """A run's computation, ``(outputs, losses)`` per job in order: one joined call, or one job."""
     if len(run.jobs) > 1:
         return run_joined(runtime, run)
-    job = run.jobs[0]
-    return [run_job(runtime, job.op, job.slots, job.inputs, job.targets)]
+    return [run_job(runtime, run.jobs[0])]
 
 

@@ -8,16 +8,18 @@ memory, and ``poll`` checks CUDA events.
 
 from __future__ import annotations
 
-import time
+import os
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from core.messages import RunJob
-from workers.batching import Ready, Run
+from core.messages import JOB_OPS, RunJob
+from workers.batching import Run
 from workers.execute import GroupRuntime
 from workers.executors import rerun_singly
 from workers.outcome import Finished, failure
@@ -34,9 +36,43 @@ class _InFlight:
     keep: list[Any] = field(default_factory=list)  # device tensors that must live until ``done``
 
 
-# The loop polls without waiting this long after its last launch or completion (GPU jobs of
-# small models finish within it), then waits 1 ms at a time instead of spinning a core.
-SPIN_S = 0.002
+# torch hands out CUDA streams from a pool of 32 per priority, round-robin: more compute
+# streams than that would share. The copy stream has the high priority, a pool of its own.
+MAX_STREAMS = 32
+COPY_PRIORITY = -1
+
+
+class EventWaiter:
+    """A thread that waits for CUDA events without spinning a core, and wakes the worker's loop.
+
+    Events are made with ``blocking=True`` (``cudaEventBlockingSync``): waiting on one puts
+    the thread to sleep until the GPU signals, and the GIL is released meanwhile. Each
+    completion writes a byte to a pipe that the loop polls with its socket."""
+
+    def __init__(self) -> None:
+        self._events: queue.SimpleQueue[torch.cuda.Event | None] = queue.SimpleQueue()
+        self.read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        self._thread = threading.Thread(target=self._run, name="cohort-events", daemon=True)
+        self._thread.start()
+
+    def watch(self, event: torch.cuda.Event) -> None:
+        self._events.put(event)
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.read_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _run(self) -> None:
+        while (event := self._events.get()) is not None:
+            try:
+                event.synchronize()
+            except Exception:  # a device fault: the loop's query of the same event reports it
+                pass
+            os.write(self._write_fd, b"x")
 
 
 class StreamExecutor:
@@ -44,20 +80,22 @@ class StreamExecutor:
 
     Jobs are joined as on the CPU (``plan``). A run goes to the stream of its first
     model and waits on the last event of every model it touches, so each model's jobs
-    keep their order while runs of other models overlap.
+    keep their order while runs of other models overlap. Anything that fails while a
+    run is placed (the inputs' copy to the device running out of memory, say) fails that
+    run's jobs and nothing else.
     """
 
     def __init__(self, runtimes: dict[str, GroupRuntime], device: torch.device, streams: int) -> None:
         self.runtimes = runtimes
         self.device = device
-        self.compute = [torch.cuda.Stream(device) for _ in range(max(1, streams))]
-        self.copy = torch.cuda.Stream(device)
+        self.compute = [torch.cuda.Stream(device) for _ in range(min(max(1, streams), MAX_STREAMS))]
+        self.copy = torch.cuda.Stream(device, priority=COPY_PRIORITY)
         # Last event that touched each (group, slot): a run on another stream waits on it.
         self._last: dict[tuple[str, int], tuple[torch.cuda.Stream, torch.cuda.Event]] = {}
         self._stream_of: dict[tuple[str, int], torch.cuda.Stream] = {}
         self._in_flight: deque[_InFlight] = deque()
         self._done: deque[Finished] = deque()
-        self._progress = 0.0
+        self._waiter = EventWaiter()
         self.calls = 0
         self.joined_jobs = 0
 
@@ -65,12 +103,12 @@ class StreamExecutor:
     def busy(self) -> bool:
         return bool(self._in_flight or self._done)
 
+    def wake_fds(self) -> list[int]:
+        return [self._waiter.read_fd]
+
     def wait_ms(self) -> int | None:
-        if self._done:
-            return 0
-        if self._in_flight:
-            return 0 if time.monotonic() - self._progress < SPIN_S else 1
-        return None
+        """0 with results to send; else the loop sleeps until a message or an event wakes it."""
+        return 0 if self._done else None
 
     def stream_for(self, group: str, slot: int) -> torch.cuda.Stream:
         """A model's stream: given round-robin on first use, the same one ever after."""
@@ -80,77 +118,81 @@ class StreamExecutor:
             stream = self._stream_of[key] = self.compute[len(self._stream_of) % len(self.compute)]
         return stream
 
-    def submit(self, job: RunJob, buffers: list[Any]) -> None:
-        self.submit_many([(job, buffers)])
-
     def submit_many(self, items: list[tuple[RunJob, list[Any]]]) -> None:
         for run in planned_runs(self.runtimes, items, True, self._done):
             self._launch(run)
-        self._progress = time.monotonic()
 
     def _launch(self, run: Run) -> None:
         group = run.jobs[0].group
-        slots = sorted({s for job in run.jobs for s in job.slots})
+        slots = sorted({s for job in run.jobs for s in (*job.slots, *job.source)})
         stream = self.stream_for(group, run.jobs[0].slots[0])
-        with torch.cuda.stream(self.copy):
-            moved = Run(run.kind, [Ready(j.job_id, j.op, j.group, j.slots, _to_device(j.inputs, self.device),
-                                         _to_device(j.targets, self.device)) for j in run.jobs])
-            copied = torch.cuda.Event()
-            copied.record(self.copy)
-        stream.wait_event(copied)
-        for slot in slots:
-            previous = self._last.get((group, slot))
-            if previous is not None and previous[0] is not stream:
-                stream.wait_event(previous[1])
-        keep: list[Any] = [value for j in moved.jobs for value in (j.inputs, j.targets)]
+        keep: list[Any] = []
         results: list[tuple[int, Any, torch.Tensor | None]] = []
         error: BaseException | None = None
-        with torch.cuda.stream(stream):
-            _record_stream(keep, stream)
-            try:
+        try:
+            with torch.cuda.stream(self.copy):
+                moved = Run(run.kind, [replace(j, inputs=_to_device(j.inputs, self.device),
+                                               targets=_to_device(j.targets, self.device)) for j in run.jobs])
+                copied = torch.cuda.Event()
+                copied.record(self.copy)
+            keep += [value for j in moved.jobs for value in (j.inputs, j.targets)]
+            stream.wait_event(copied)
+            for slot in slots:
+                previous = self._last.get((group, slot))
+                if previous is not None and previous[0] is not stream:
+                    stream.wait_event(previous[1])
+            with torch.cuda.stream(stream):
+                _record_stream(keep, stream)
                 for job, (outputs, losses) in zip(run.jobs, run_on_device(self.runtimes[group], moved)):
                     keep += [outputs, losses]
                     results.append((job.job_id, _to_host(outputs), _to_host(losses)))
-            except Exception as exc:
-                error = exc
-            # Recorded even after a failure: what the launch queued finishes before the next
-            # job of these models runs, and before its answer lets a barrier through.
-            done = torch.cuda.Event()
-            done.record(stream)
+        except Exception as exc:
+            error = exc
+        # Recorded even after a failure: what the launch queued finishes before the next job
+        # of these models runs, and before its answer lets anything through.
+        done = torch.cuda.Event(blocking=True)
+        done.record(stream)
         for slot in slots:
             self._last[(group, slot)] = (stream, done)
         if error is None:
-            self.calls += 1
+            if run.jobs[0].op in JOB_OPS:  # compute calls; bank operations are not counted
+                self.calls += 1
             if len(run.jobs) > 1:
                 self.joined_jobs += len(run.jobs)
             self._in_flight.append(_InFlight(done, results, keep=keep))
         elif rerun_singly(run, error):
             for job in run.jobs:
                 self._launch(Run("single", [job]))
+            return
         else:
             self._in_flight.append(_InFlight(done, [], [failure(job.job_id, error) for job in run.jobs], keep=keep))
+        self._waiter.watch(done)
 
     def poll(self) -> list[Finished]:
+        """Finished runs, in launch order. Events are queried newest first: a run that waits for an
+        earlier one can only be complete if that one is, so a model's results never overtake each other."""
+        self._waiter.drain()
         finished = list(self._done)
         self._done.clear()
-        still: deque[_InFlight] = deque()
-        for item in self._in_flight:
+        states: list[bool | BaseException] = [False] * len(self._in_flight)
+        for i in range(len(self._in_flight) - 1, -1, -1):
             try:
-                ready = item.done.query()
+                states[i] = self._in_flight[i].done.query()
             except Exception as exc:  # an error from the device itself: the context cannot be trusted
+                states[i] = exc
+        still: deque[_InFlight] = deque()
+        for item, state in zip(self._in_flight, states):
+            if isinstance(state, BaseException):
                 for job_id in [r[0] for r in item.results] + [e.job_id for e in item.errors]:
-                    lost = failure(job_id, exc)
+                    lost = failure(job_id, state)
                     lost.fatal = True
                     finished.append(lost)
-                continue
-            if not ready:
+            elif not state:
                 still.append(item)
-                continue
-            finished.extend(item.errors)
-            for job_id, outputs, losses in item.results:
-                finished.append(Finished(job_id, outputs, None if losses is None else losses.tolist()))
-        if len(still) != len(self._in_flight):
-            self._progress = time.monotonic()
+            else:
+                finished.extend(item.errors)
+                for job_id, outputs, losses in item.results:
+                    finished.append(Finished(job_id, outputs, None if losses is None else losses.tolist()))
         self._in_flight = still
         return finished
 

@@ -1,10 +1,12 @@
 """A worker process: owns the banks of the models placed on it and runs their jobs.
 
 Start-up: connect to the coordinator's socket for this worker, say hello, receive the
-compiled group definitions, allocate and initialise the banks, export them, and say
-ready (or say why start-up failed). Then the loop: receive commands, run jobs, send
-results, heartbeat; it exits when told to, when its socket says the coordinator has
-gone, or when its parent process dies.
+compiled group definitions, allocate the banks and fill them (initialised, then copied
+to their host copies; or, for a replacement, restored from the host copies), and say
+ready (or say why start-up failed). Then the loop, in named steps: receive commands,
+hand the jobs to the executor, send the results, report counts. It exits when told to,
+when a device fault makes its GPU context unusable, or when the coordinator dies (its
+lifeline thread sees to that even mid-job).
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import zmq
 
-from core.bank import Bank
+from core.bank import Bank, BankHandle, bank_layout, unlink_shm
 from core.codec import unbundle, worker_codec
 from core.device import resolve_device
 from core.errors import CohortError
@@ -37,21 +40,25 @@ from core.messages import (
     WorkerHello,
     WorkerReady,
 )
+from core.spec import GroupSpec
 from core.tensors import encode_tensors
+from workers import bank_ops
 from workers.execute import GroupRuntime
 from workers.executors import make_executor
+from workers.lifeline import Lifeline
 from workers.outcome import Finished
 
-HEARTBEAT_S = 0.25
+REPORT_S = 0.25
 INIT_TIMEOUT_S = 60.0
 LOG_LEVEL_ENV = "COHORT_LOG_LEVEL"
-COMPILE_QUIET_S = 600.0  # torch.compile of one call shape: seconds on a GPU, up to minutes on a CPU
+FATAL_DEVICE_EXIT = 3  # the coordinator reads this exit code as "its GPU context was lost" (scheduler.supervisor)
+
+log = logging.getLogger("cohort.worker")
 
 
 class Worker:
     def __init__(self, address: str, worker_id: int) -> None:
         self.worker_id = worker_id
-        self.parent = os.getppid()
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.PAIR)
         self.socket.setsockopt(zmq.LINGER, 1000)
@@ -62,7 +69,12 @@ class Worker:
         self.executor: Any = None
         self.running = True
         self.fatal = False
-        self._last_beat = 0.0
+        self._last_report = 0.0
+        self.handlers: dict[type, Callable[[Any, list[Any], list[tuple[RunJob, list[Any]]]], None]] = {
+            RunJob: lambda m, buffers, jobs: jobs.append((m, buffers)),
+            RunJobs: lambda m, buffers, jobs: jobs.extend(unbundle(m.jobs, buffers)),
+            Shutdown: lambda m, buffers, jobs: setattr(self, "running", False),
+        }
 
     # ------------------------------------------------------------------ start-up
 
@@ -87,13 +99,16 @@ class Worker:
         device = resolve_device(init.device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        for spec in init.groups:
+        for spec, mirror in zip(init.groups, init.mirrors, strict=True):
             bank = Bank.create(spec.name, spec.entries, len(spec.indices), device, f"{init.shm_prefix}{spec.name}")
             self.banks.append(bank)
             runtime = GroupRuntime(spec, bank, device)
-            runtime.fused.on_compile = self._compiling
-            if not init.restore:
+            runtime.mirror = open_host_copy(spec, mirror, device)
+            if init.restore:
+                bank_ops.restore(bank, runtime.mirror)
+            else:
                 runtime.initialise()
+                bank_ops.mirror(bank, runtime.mirror, list(range(len(spec.indices))))  # the first restore point
             self.runtimes[spec.name] = runtime
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -108,15 +123,14 @@ class Worker:
         assert self.executor is not None
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
-        while self.running:
+        for fd in self.executor.wake_fds():
+            poller.register(fd, zmq.POLLIN)
+        while self.running and not self.fatal:
             wait = self.executor.wait_ms()
-            timeout = int(HEARTBEAT_S * 1000) if wait is None else wait
-            if poller.poll(timeout):
+            if any(socket is self.socket for socket, _ in poller.poll(int(REPORT_S * 1000) if wait is None else wait)):
                 self._receive()
             self._reply(self.executor.poll())
-            self._heartbeat()
-            if self.fatal or os.getppid() != self.parent:
-                break
+            self._report()
 
     def _receive(self) -> None:
         """Take every command waiting, then hand the jobs to the executor together, so it can join them."""
@@ -136,12 +150,7 @@ class Worker:
             except zmq.Again:
                 return
             message, buffers = self.codec.decode([f.buffer for f in frames])
-            if isinstance(message, RunJob):
-                jobs.append((message, buffers))
-            elif isinstance(message, RunJobs):
-                jobs.extend(unbundle(message.jobs, buffers))
-            elif isinstance(message, Shutdown):
-                self.running = False
+            self.handlers[type(message)](message, buffers, jobs)
 
     def _reply(self, finished: list[Finished]) -> None:
         """Every finished job in one message: one system call and one wake-up for the coordinator."""
@@ -165,18 +174,24 @@ class Worker:
         elif results:
             self._send(JobResults(self.worker_id, results), buffers)
 
-    def _heartbeat(self) -> None:
+    def _report(self) -> None:
+        """The executor's counts, now and then (liveness is the lifeline's job)."""
         now = time.monotonic()
-        if now - self._last_beat >= HEARTBEAT_S:
-            self._last_beat = now
-            ex = self.executor
-            self._send(Heartbeat(self.worker_id, getattr(ex, "calls", 0), getattr(ex, "joined_jobs", 0)))
+        if now - self._last_report >= REPORT_S:
+            self._last_report = now
+            self._send(Heartbeat(self.worker_id, self.counters()))
 
-    def _compiling(self) -> None:
-        """Tell the coordinator the next call may keep this worker silent (it compiles)."""
+    def counters(self) -> dict[str, int]:
         ex = self.executor
-        self._send(Heartbeat(self.worker_id, getattr(ex, "calls", 0), getattr(ex, "joined_jobs", 0),
-                             quiet_s=COMPILE_QUIET_S))
+        fused = [rt.fused for rt in self.runtimes.values()]
+        return {"calls": getattr(ex, "calls", 0), "joined_jobs": getattr(ex, "joined_jobs", 0),
+                "compiled_calls": sum(f.compiled_calls for f in fused), "eager_calls": sum(f.eager_calls for f in fused)}
+
+    def remove_shm(self) -> None:
+        """Unlink this worker's shared-memory banks by name (safe from another thread: nothing is unmapped)."""
+        for bank in list(self.banks):
+            if bank.handle.kind == "shm":
+                unlink_shm(bank.handle.shm_name)
 
     def _send(self, message: Any, buffers: list[Any] | None = None) -> None:
         self.socket.send_multipart(self.codec.encode(message, buffers), copy=False)
@@ -189,31 +204,31 @@ class Worker:
         self.context.term()
 
 
-def die_with_parent() -> None:
-    """Ask Linux to send SIGTERM when the coordinator dies, so no worker is ever orphaned."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass  # not Linux: the loop's parent check still ends the worker
+def open_host_copy(spec: GroupSpec, name: str, device: torch.device) -> Bank:
+    """Map the coordinator's host copy of this bank; page-locked on a GPU, for asynchronous copies."""
+    layout = bank_layout(spec.entries, len(spec.indices))
+    host = Bank.open(BankHandle(spec.name, "shm", layout.nbytes, len(spec.indices), shm_name=name), spec.entries)
+    if device.type == "cuda":
+        bank_ops.pin(host)
+    return host
 
 
-def main(address: str, worker_id: int) -> int:
-    die_with_parent()
+def main(address: str, worker_id: int, beat_path: str) -> int:
     # The coordinator's log level and format, so a worker's lines read like its own.
     logging.basicConfig(level=os.environ.get(LOG_LEVEL_ENV, "INFO"), stream=sys.stderr,
                         format=f"%(asctime)s cohort worker {worker_id} %(levelname)s %(message)s")
     # Ctrl-C goes to the coordinator, which stops the workers in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     worker = Worker(address, worker_id)
-    stop = lambda *_: setattr(worker, "running", False)
-    signal.signal(signal.SIGTERM, stop)
-    if not worker.start():
-        return 1
+    signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "running", False))
+    lifeline = Lifeline(beat_path, os.getppid(), worker.remove_shm).start()
     try:
-        worker.run()
+        if not worker.start():
+            return 1
+        try:
+            worker.run()
+        finally:
+            worker.close()
     finally:
-        worker.close()
-    return 3 if worker.fatal else 0
+        lifeline.stop()
+    return FATAL_DEVICE_EXIT if worker.fatal else 0

@@ -6,12 +6,12 @@ Marked ``gpu``; they skip cleanly where there is no CUDA.
 from __future__ import annotations
 
 import multiprocessing as mp
-import shutil
+import threading
 import time
 
 import pytest
 import torch
-from cohort_harness import mlp_group, start_cohort, stop_and_check_clean
+from cohort_harness import mlp_group
 from torch import nn
 
 from examples.models import mlp
@@ -60,37 +60,42 @@ def test_bank_cuda_ipc_round_trip_between_processes() -> None:
         child.join(30)
 
 
-@pytest.fixture
-def gpu_cohort(tmp_path):
-    started = []
-
-    def start(groups, **settings):
-        settings.setdefault("device", "cuda")
-        running = start_cohort(tmp_path, groups, name=f"c{len(started)}", **settings)
-        started.append(running)
-        return running
-
-    yield start
-    for running in started:
-        try:
-            stop_and_check_clean(running)
-        except AssertionError:
-            running.stop()
-
-
-def test_weights_written_by_the_coordinator_are_seen_by_the_worker_and_back(gpu_cohort) -> None:
-    running = gpu_cohort([mlp_group("m", 2)], mps="off")
+def test_weights_set_and_copied_while_other_models_train(gpu_cohort) -> None:
+    """Bank operations run in the workers' queues, on their streams, while other models train."""
+    running = gpu_cohort([mlp_group("a", 8), mlp_group("b", 4)], mps="off", workers=2, streams=4)
     x = torch.randn(3, 8)
-    with running.client(timeout=60) as c:
-        assert {m.device for m in c.models()} == {"cuda:0"}
-        zero = {k: torch.zeros_like(v) for k, v in c.get_weights("m/0").items()}
-        c.set_weights("m/0", zero)  # written through the coordinator's IPC mapping
-        assert torch.count_nonzero(c.infer("m/0", x)) == 0  # read by the worker's next job
-        c.train_step("m/1", x, torch.zeros(3, dtype=torch.int64))  # written by the worker
-        before = c.get_weights("m/1")  # read through the mapping
-        c.train_step("m/1", x, torch.zeros(3, dtype=torch.int64))
-        after = c.get_weights("m/1")
-        assert any(not torch.equal(before[k], after[k]) for k in before)
+    g = torch.Generator().manual_seed(0)
+    with running.client(timeout=120) as c:
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def train() -> None:
+            try:
+                while not stop.is_set():
+                    c.train_round("a", torch.randn(8, 4, 8, generator=g), torch.randint(0, 4, (8, 4), generator=g))
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        trainer = threading.Thread(target=train)
+        trainer.start()
+        try:
+            for _ in range(10):
+                zero = {k: torch.zeros_like(v) for k, v in c.get_weights("b/0").items()}
+                c.set_weights("b/0", zero)
+                assert torch.count_nonzero(c.infer("b/0", x)) == 0
+                c.train_step("b/1", x, torch.zeros(3, dtype=torch.int64))
+                c.copy_weights("b/1", "b/3")  # b/1 and b/3 sit on different workers
+                c.copy_weights("b/1", "b/0")
+                want = c.get_weights("b/1")
+                for other in ("b/0", "b/3"):
+                    got = c.get_weights(other)
+                    for name in want:
+                        assert torch.equal(got[name], want[name]), (other, name)
+        finally:
+            stop.set()
+            trainer.join(60)
+        assert not errors, errors
+        assert c.stats()["jobs"]["failed"] == 0
 
 
 def test_training_on_cuda_matches_plain_pytorch(gpu_cohort) -> None:
@@ -163,20 +168,3 @@ def test_fused_calls_on_cuda_equal_per_model_calls(gpu_cohort) -> None:
         worker = c.stats()["workers"][0]
     print(f"calls {worker['calls']}, joined jobs {worker['joined_jobs']}")
     assert worker["joined_jobs"] > 0
-
-
-def test_mps_mode_is_reported(gpu_cohort) -> None:
-    running = gpu_cohort([mlp_group("m", 2)], mps="auto", workers=2)
-    with running.client(timeout=60) as c:
-        mps = c.stats()["mps"]
-        x = torch.randn(2, 8)
-        assert c.infer("m/1", x).shape == (2, 4)
-        # CUDA IPC between the workers (MPS clients when MPS is on) and the coordinator.
-        zero = {k: torch.zeros_like(v) for k, v in c.get_weights("m/0").items()}
-        c.set_weights("m/0", zero)
-        assert torch.count_nonzero(c.infer("m/0", x)) == 0
-    print("MPS:", mps)
-    assert mps["mode"] in ("on", "off") and mps["reason"]
-    if shutil.which("nvidia-cuda-mps-control") is None:
-        assert mps["mode"] == "off"
-    assert "MPS" in running.log()

@@ -98,3 +98,49 @@ class OutOfMemoryOnDemand(nn.Module):
 
 def out_of_memory_on_demand(d: int = 4) -> nn.Module:
     return OutOfMemoryOnDemand(d)
+
+
+class DeviceFaultOnDemand(nn.Module):
+    """A linear layer that makes a CUDA device-side fault when its batch has ``FAULT_BATCH`` rows."""
+
+    FAULT_BATCH = 7
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.shape[0] == self.FAULT_BATCH:
+            bad = torch.full((1,), 1 << 40, dtype=torch.int64, device=x.device)
+            x = x + x.new_zeros(4)[bad]  # an index far out of bounds: an illegal memory access or an assert
+        return self.linear(x)
+
+
+def device_fault_on_demand(d: int = 4) -> nn.Module:
+    return DeviceFaultOnDemand(d)
+
+
+class TightMemory(nn.Linear):
+    """A linear layer that, at its first call on a GPU, lets its worker use only ``fraction`` of the
+    GPU's memory: a large input then runs out of memory while it is copied to the device."""
+
+    def __init__(self, d: int = 4, fraction: float = 1e-4) -> None:
+        super().__init__(d, d)
+        self.fraction = fraction
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and not getattr(TightMemory, "capped", False):
+            torch.cuda.set_per_process_memory_fraction(self.fraction, x.device)
+            TightMemory.capped = True
+        return super().forward(x)
+
+
+def tight_memory(d: int = 4, fraction: float = 1e-4) -> nn.Module:
+    return TightMemory(d, fraction)
+
+
+def mlp_bf16(d_in: int = 8, hidden: int = 16, d_out: int = 4) -> nn.Module:
+    """The examples' MLP with bfloat16 weights."""
+    from examples.models import mlp
+
+    return mlp(d_in, hidden, d_out).to(torch.bfloat16)

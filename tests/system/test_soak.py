@@ -14,7 +14,7 @@ import torch
 from cohort_harness import mlp_group, stop_and_check_clean
 
 from scheduler import WorkerDied
-from scheduler.coordinator import MAX_RESTARTS
+from scheduler.supervisor import MAX_RESTARTS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 

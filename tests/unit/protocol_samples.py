@@ -120,7 +120,7 @@ def messages(direction: str, rows: int = 4) -> list[tuple[msgspec.Struct, list[A
         (P.JobError(1, 5, "JobFailed", "CUDA out of memory", "Traceback ..."), [], []),
         (P.JobResults(1, [P.JobResult(1, 7, x_tree, [0.5]), P.JobError(1, 8, "BadInput", "no"),
                           P.JobResult(1, 9, d_tree)]), x_bufs + d_bufs, [x_tree, d_tree]),
-        (P.Heartbeat(1, 10, 4), [], []),
+        (P.Heartbeat(1, {"calls": 10, "joined_jobs": 4}), [], []),
         (P.WorkerFailed(1, "ConfigError", "bad factory"), [], []),
     ]
 

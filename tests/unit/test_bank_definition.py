@@ -251,3 +251,9 @@ def test_import_object() -> None:
     assert import_object("torch:nn.Linear", "x") is torch.nn.Linear
     with pytest.raises(ConfigError, match="factory 'torch:nope'"):
         import_object("torch:nope", "factory")
+
+
+@pytest.mark.parametrize("prefix", ["", "torch_", "*"])
+def test_leftover_shm_never_takes_a_prefix_that_is_not_cohorts(prefix: str) -> None:
+    with pytest.raises(ValueError):
+        B.leftover_shm(prefix)

@@ -226,6 +226,11 @@ def test_counts_must_be_positive(key: str) -> None:
     expect_error(with_(f"coordinator.{key}", 0), f"coordinator.{key}")
 
 
+def test_streams_stay_within_torchs_pool_of_32() -> None:
+    expect_error(with_("coordinator.streams", 33), "between 1 and 32")
+    assert parse_config(with_("coordinator.streams", 32)).coordinator.streams == 32
+
+
 @pytest.mark.parametrize("value", [0, 101])
 def test_mps_thread_percentage_range(value: int) -> None:
     expect_error(with_("coordinator.mps_thread_percentage", value), "coordinator.mps_thread_percentage")

@@ -1,0 +1,214 @@
+"""The workers' lives as the coordinator runs them: start, restore, watch, replace, recycle.
+
+Start-up waits for every worker with a deadline and notices one that dies or fails on
+the way. A worker that exits, or whose heartbeat stops, is buried: its jobs that may
+have run fail with ``WorkerDied``, those that surely did not go back to the front of its
+queue, and a replacement starts on the same models, filled from their host copies.
+A worker that keeps dying (more than ``MAX_RESTARTS`` in ``RESTART_WINDOW_S``) is given
+up. Under MPS a worker killed by a CUDA fault takes the whole GPU's clients with it (the
+server refuses new ones until all have exited), so every worker is recycled then.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from core.codec import Codec
+from core.errors import CohortError, WorkerDied
+from core.messages import Heartbeat, InitWorker, WorkerFailed, WorkerHello, WorkerReady
+from core.spec import GroupSpec, ModelKey
+from scheduler.config import CoordinatorConfig
+from scheduler.host_copies import HostCopies
+from scheduler.jobs import Part
+from scheduler.mps import MpsDaemon
+from scheduler.workerpool import WorkerHandle, stop_processes
+
+log = logging.getLogger("cohort")
+
+MAX_RESTARTS = 5  # deaths of one worker within RESTART_WINDOW_S before cohort stops restarting it
+RESTART_WINDOW_S = 60.0
+STARTUP_PROGRESS_S = 5.0
+FATAL_DEVICE_EXIT = 3  # a worker's exit code after a fault that leaves its device unusable (workers.worker)
+
+
+class StartupError(CohortError):
+    """The coordinator could not start (a worker failed, or did not answer in time)."""
+
+
+class Supervisor:
+    def __init__(self, config: CoordinatorConfig, workers: list[WorkerHandle], host: HostCopies,
+                 versions: dict[ModelKey, int], mps: MpsDaemon, device: str, env: dict[str, str], codec: Codec,
+                 finish_part: Callable[[Part, Any, CohortError | None], None]) -> None:
+        self.config = config
+        self.workers = workers
+        self.host = host
+        self.versions = versions
+        self.mps = mps
+        self.device = device
+        self.env = env  # what every worker process gets on top of the coordinator's environment
+        self.codec = codec
+        self.finish_part = finish_part
+        self.recycles: list[dict[str, Any]] = []
+        self.handlers: dict[type, Callable[[WorkerHandle, Any, list[Any]], None]] = {
+            WorkerHello: self.on_hello,
+            WorkerReady: self.on_ready,
+            Heartbeat: self.on_heartbeat,
+            WorkerFailed: self.on_failed,
+        }
+        self._specs: dict[int, list[GroupSpec]] = {}
+        self._mirrors: dict[int, list[str]] = {}
+
+    # ------------------------------------------------------------------ start
+
+    def prepare(self, w: WorkerHandle, specs: list[GroupSpec]) -> None:
+        """What worker ``w`` is given: its groups' specs and their host-copy segments (made here, once)."""
+        self._specs[w.id] = specs
+        self._mirrors[w.id] = [self.host.create(w.id, spec) for spec in specs]
+
+    def spawn(self, w: WorkerHandle, context: zmq.Context[Any], run_dir: str, run_id: str) -> None:
+        w.spawn(context, run_dir, run_id, self.env)
+
+    def wait_until_ready(self, receive: Callable[[int], None], stopping: Callable[[], bool]) -> None:
+        """Serve worker messages until every worker is ready; ``StartupError`` naming the reason if not."""
+        began = shown = time.monotonic()
+        deadline = began + self.config.start_timeout_s
+        while not all(w.state == "ready" for w in self.workers):
+            if time.monotonic() - shown > STARTUP_PROGRESS_S:  # big models or many of them: say it is working
+                shown = time.monotonic()
+                ready = sum(w.state == "ready" for w in self.workers)
+                log.info("starting: %d/%d workers ready after %.0f s (timeout %.0f s)", ready, len(self.workers),
+                         shown - began, self.config.start_timeout_s)
+            if stopping():
+                raise StartupError("interrupted during start-up")
+            if time.monotonic() > deadline:
+                slow = [w.id for w in self.workers if w.state != "ready"]
+                raise StartupError(f"worker(s) {slow} not ready within {self.config.start_timeout_s} s")
+            receive(50)
+            for w in self.workers:
+                code = w.exited()
+                if code is not None and w.state != "ready":
+                    raise StartupError(f"worker {w.id} exited with code {code} during start-up (its output is above)")
+
+    # ------------------------------------------------------------------ messages
+
+    def on_hello(self, w: WorkerHandle, msg: WorkerHello, _: list[Any]) -> None:
+        w.pid = msg.pid
+        init = InitWorker(w.id, self.device, self.config.streams, self._specs[w.id], w.shm_prefix, restore=w.restore,
+                          mirrors=self._mirrors[w.id])
+        w.send(self.codec.encode(init))
+
+    def on_ready(self, w: WorkerHandle, msg: WorkerReady, _: list[Any]) -> None:
+        w.device = msg.device
+        models = [(b.group, i) for b in w.blocks for i in b.indices]
+        if w.restore:
+            for m in models:
+                self.versions[m] = self.host.version.get(m, 0)
+            log.warning("worker %d restarted (pid %d); models restored: %s", w.id, w.pid,
+                        ", ".join(f"{g}/{i}@v{self.versions[(g, i)]}" for g, i in models))
+        else:  # the worker copied its freshly initialised banks to their host copies before saying ready
+            self.host.mirrored(models, self.versions)
+        w.state = "ready"
+
+    def on_heartbeat(self, w: WorkerHandle, msg: Heartbeat, _: list[Any]) -> None:
+        w.counters = dict(msg.counters)
+
+    def on_failed(self, w: WorkerHandle, msg: WorkerFailed, _: list[Any]) -> None:
+        if w.state == "starting" and not w.restore:
+            raise StartupError(f"worker {w.id} failed to start: {msg.error}: {msg.message}")
+        log.error("worker %d failed to restart: %s: %s", w.id, msg.error, msg.message)
+        self.died(w, f"restart failed: {msg.message}")
+
+    # ------------------------------------------------------------------ health
+
+    def check(self, respawn: Callable[[WorkerHandle], None]) -> None:
+        now = time.monotonic()
+        for w in self.workers:
+            if w.state not in ("ready", "starting"):
+                continue
+            code = w.exited()
+            if code is not None:
+                if code == FATAL_DEVICE_EXIT and self.mps.mode == "on":
+                    self.recycle(w, respawn)
+                    return
+                self.died(w, f"process exited with code {code}", respawn)
+            elif w.state == "ready" and w.silent_for(now) > self.config.heartbeat_timeout_s:
+                self.died(w, f"no heartbeat for {w.silent_for(now):.1f} s", respawn)
+            elif w.state == "starting" and now - w.started_at > self.config.start_timeout_s:
+                self.died(w, f"not ready within {self.config.start_timeout_s} s", respawn)
+
+    def died(self, w: WorkerHandle, reason: str, respawn: Callable[[WorkerHandle], None] | None = None) -> None:
+        """Bury the worker, then start its replacement (unless it keeps dying)."""
+        self.bury(w, reason)
+        if w.state == "dead" and respawn is not None:
+            respawn(w)
+
+    def bury(self, w: WorkerHandle, reason: str) -> None:
+        """Stop it for good, fail what it may have run, keep what it surely did not."""
+        log.error("worker %d (pid %d) died: %s", w.id, w.pid, reason)
+        self.mps.terminate_client(w.pid)
+        w.kill()
+        w.close_socket()
+        w.remove_shm()
+        in_flight = list(w.in_flight.values())
+        w.in_flight.clear()
+        started, unstarted = maybe_started(w, in_flight)
+        for part in started:
+            self.finish_part(part, None, WorkerDied(f"worker {w.id} died while running the job: {reason}"))
+        for part in reversed(unstarted):  # back to the front of the queue, in their order
+            part.sent = False
+            w.pending.appendleft(part)
+        w.state = "dead"
+        w.restarts += 1
+        now = time.monotonic()
+        w.deaths = [t for t in w.deaths if now - t < RESTART_WINDOW_S] + [now]
+        if len(w.deaths) > MAX_RESTARTS:  # a crash loop: restarting again would only fail again
+            log.error("worker %d died %d times in %.0f s; not restarting it", w.id, len(w.deaths), RESTART_WINDOW_S)
+            w.state = "failed"
+            for part in list(w.pending):
+                self.finish_part(part, None, WorkerDied(f"worker {w.id} is down after {w.restarts} failures"))
+            w.pending.clear()
+            return
+        w.restore = True
+
+    def recycle(self, faulted: WorkerHandle, respawn: Callable[[WorkerHandle], None]) -> None:
+        """A CUDA fault under MPS: every client of the GPU must exit before the server takes a new one."""
+        reason = f"worker {faulted.id} hit a CUDA fault under MPS; every worker on the GPU is restarted"
+        log.error("%s (restored from their host copies)", reason)
+        self.recycles.append({"at": time.time(), "reason": reason})
+        for w in self.workers:
+            if w.state in ("ready", "starting"):
+                self.bury(w, reason if w is not faulted else "CUDA fault under MPS")
+        for w in self.workers:
+            if w.state == "dead":
+                respawn(w)
+
+    def stop_all(self) -> None:
+        stop_processes(self.workers, before_kill=self.mps.terminate_client)
+        for w in self.workers:
+            w.close_socket()
+            w.remove_shm()
+
+
+def maybe_started(w: WorkerHandle, in_flight: list[Part]) -> tuple[list[Part], list[Part]]:
+    """Split a dead worker's parts into those that may have run and those that surely did not.
+
+    A CPU worker runs its parts one at a time in the order sent, so only the oldest
+    unanswered one can have started; the rest were still in its socket. A GPU worker
+    puts every part it receives on a stream at once, so any of them may have run.
+    """
+    if (w.device or "cpu").startswith("cpu"):
+        return in_flight[:1], in_flight[1:]
+    return in_flight, []
+
+
+def worker_threads(workers: int) -> dict[str, str]:
+    """Workers share the cores instead of each taking all (unless the user set it)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}

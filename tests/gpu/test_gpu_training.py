@@ -1,0 +1,57 @@
+"""Fused training rounds on CUDA (K at the fusion threshold and above) along torch.optim's curves,
+for SGD, Adam and AdamW, in float32 and bfloat16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cohort_harness import mlp_group
+from torch import nn
+
+from examples.models import mlp
+
+pytestmark = pytest.mark.gpu
+
+K = 4  # workers.fused.FUSE_MIN_MODELS: the smallest group that is fused
+OPTIMIZERS = {
+    "sgd": ({"name": "sgd", "lr": [0.05, 0.1, 0.2, 0.3], "momentum": 0.9},
+            lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9)),
+    "adam": ({"name": "adam", "lr": [1e-3, 3e-3, 1e-2, 3e-2]}, lambda p, lr: torch.optim.Adam(p, lr=lr)),
+    "adamw": ({"name": "adamw", "lr": [1e-3, 3e-3, 1e-2, 3e-2], "weight_decay": 0.1},
+              lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.1)),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_fused_rounds_follow_torch_optim(gpu_cohort, name: str, dtype: str) -> None:
+    table, make_optimizer = OPTIMIZERS[name]
+    bf16 = dtype == "bfloat16"
+    factory = "fixture_models:mlp_bf16" if bf16 else "examples.models:mlp"
+    group = mlp_group("m", K, factory=factory, optimizer=table, init={"seed": 3},
+                      input={"shape": [-1, 8], "dtype": dtype})
+    running = gpu_cohort([group], mps="off", workers=1)
+    torch_dtype = getattr(torch, dtype)
+    models, opts = [], []
+    for k in range(K):
+        torch.manual_seed(3 + k)
+        model = mlp(d_in=8, hidden=16, d_out=4).to(torch_dtype).cuda()
+        models.append(model)
+        opts.append(make_optimizer(model.parameters(), table["lr"][k]))
+    g = torch.Generator().manual_seed(0)
+    tolerance = dict(rel=3e-2, abs=3e-2) if bf16 else dict(rel=1e-4, abs=1e-5)
+    with running.client(timeout=120) as c:
+        for step in range(30):
+            x = torch.randn(16, 8, generator=g).to(torch_dtype)
+            t = torch.randint(0, 4, (16,), generator=g)
+            got = c.train_round("m", torch.stack([x] * K), torch.stack([t] * K))
+            want = []
+            for model, opt in zip(models, opts):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x.cuda()), t.cuda())
+                loss.backward()
+                opt.step()
+                want.append(loss.item())
+            assert got == pytest.approx(want, **tolerance), f"step {step}"
+        worker = c.stats()["workers"][0]
+    assert worker["eager_calls"] >= 30, worker  # every round went through the fused (vmap) path

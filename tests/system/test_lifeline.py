@@ -1,0 +1,53 @@
+"""A worker's lifeline: long jobs are not deaths, orphans end at once, a killed run is cleaned up."""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from cohort_harness import alive, kill_group, leftover_shm, mlp_group, stop_and_check_clean
+from fixture_models import group
+
+
+def test_a_job_longer_than_the_heartbeat_timeout_is_not_a_death(cohort) -> None:
+    """The heartbeat comes from a thread: a 3 s job under a 1 s heartbeat timeout runs to its end."""
+    running = cohort([group("slow", "sleepy", count=1)], workers=1, heartbeat_timeout_s=1.0)
+    with running.client(timeout=30) as c:
+        pid = c.stats()["workers"][0]["pid"]
+        y = c.infer("slow/0", torch.full((1, 4), 3.0))  # the model sleeps x[0, 0] seconds
+        assert y.shape == (1, 4)
+        worker = c.stats()["workers"][0]
+        assert worker["pid"] == pid and worker["restarts"] == 0, worker
+    assert stop_and_check_clean(running) == 0
+
+
+def test_workers_of_a_killed_coordinator_end_at_once_and_the_next_start_cleans_up(cohort) -> None:
+    running = cohort([group("slow", "sleepy", count=2)], workers=2)
+    run_id = running.info["run_id"]
+    with running.client(timeout=30) as c:
+        pids = [w["pid"] for w in c.stats()["workers"]]
+        c.submit("infer", "slow/0", torch.full((1, 4), 20.0))  # a worker busy for 20 s
+        time.sleep(0.5)
+    running.process.send_signal(signal.SIGKILL)
+    running.process.wait(10)
+    killed = time.monotonic()
+    while alive(pids) and time.monotonic() - killed < 10:
+        time.sleep(0.05)
+    took = time.monotonic() - killed
+    assert alive(pids) == [], "workers outlived their coordinator"
+    assert took < 2.0, f"the busy worker took {took:.1f} s to notice its coordinator died"
+    # The coordinator could not remove its run directory or its host copies; the next start does.
+    run_dirs = list(Path(tempfile.gettempdir()).glob(f"cohort-{run_id}-*"))
+    assert run_dirs, "expected the killed run's directory to be left behind"
+    assert leftover_shm(run_id), "expected the killed run's host copies to be left behind"
+    again = cohort([mlp_group("m", 2)], workers=1)
+    try:
+        assert not any(p.exists() for p in run_dirs)
+        assert leftover_shm(run_id) == []
+        assert "run directory of a dead coordinator" in again.log()
+    finally:
+        assert stop_and_check_clean(again) == 0
+        kill_group(running.process.pid)
