@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -25,37 +24,41 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from scheduler.config import parse_config  # noqa: E402
+from scheduler.stats import percentile as stats_percentile  # noqa: E402
 from tools import bench  # noqa: E402
 from tools.bench_baselines import process_count, shards  # noqa: E402
-from tools.bench_cohort import config_text, group_table, toml_value  # noqa: E402
+from tools.bench_cohort import group_table  # noqa: E402
 from tools.bench_control import control_ratios, merge_control_runs, pipelined, round_trips  # noqa: E402
-from tools.bench_measure import MIN_STEPS, best_of, measure_steps, ok, percentile, skipped  # noqa: E402
+from tools.bench_measure import MIN_STEPS, best_of, latency_ms, measure_steps, ok, skipped  # noqa: E402
 from tools.bench_report import add_ratios, device_label, render_markdown, write_plot  # noqa: E402
 from tools.bench_vmap import StackedEnsemble  # noqa: E402
 from tools.bench_workloads import all_workloads, build_models, make_batches, make_optimizer, select  # noqa: E402
+from tools.harness import config_text, toml_value  # noqa: E402
 
 # ---------------------------------------------------------------------- percentiles
 
 
-@pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 99, 100])
-def test_percentile_matches_numpy_linear_interpolation(q: float) -> None:
-    rng = random.Random(q)
+def test_latencies_use_the_coordinators_percentile() -> None:
+    """One percentile for the whole project: scheduler.stats's (nearest rank), as stats() reports."""
+    rng = random.Random(0)
     for size in (1, 2, 3, 10, 101):
-        values = [rng.uniform(0, 100) for _ in range(size)]
-        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+        values = [rng.uniform(0, 1) for _ in range(size)]
+        for q in (0.0, 0.5, 0.9, 0.99, 1.0):
+            assert latency_ms(values, q) == stats_percentile(sorted(values), q) * 1e3
+    assert math.isnan(latency_ms([], 0.5))  # nothing measured: no figure (null in the JSON)
+    assert latency_ms([0.004, 0.001, 0.003, 0.002], 0.5) in (2.0, 3.0)  # unsorted input, a measured value
+    assert latency_ms([0.001, 0.002], 1.0) == 2.0
 
 
-def test_percentile_edges() -> None:
-    assert math.isnan(percentile([], 50))
-    assert percentile([3.0], 99) == 3.0
-    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5  # unsorted input
-    assert percentile([1.0, 2.0], 100) == 2.0
+def test_no_tool_defines_a_percentile_of_its_own() -> None:
+    own = [path.name for path in sorted((ROOT / "tools").glob("*.py")) if "def percentile(" in path.read_text()]
+    assert own == []
 
 
 def test_ok_reports_latencies_in_milliseconds() -> None:
     result = ok(100.0, "samples/s", [0.001, 0.002, 0.003], wall_s=0.006, processes=2)
     assert result["p50_ms"] == pytest.approx(2.0)
-    assert result["p99_ms"] == pytest.approx(2.98)
+    assert result["p99_ms"] == pytest.approx(3.0)
     assert result["steps"] == 3
     assert result["processes"] == 2
 
