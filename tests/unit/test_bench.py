@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import random
 import sys
 import time
@@ -26,7 +27,13 @@ if str(ROOT) not in sys.path:
 from scheduler.config import parse_config  # noqa: E402
 from scheduler.stats import percentile as stats_percentile  # noqa: E402
 from tools import bench  # noqa: E402
-from tools.bench_baselines import process_count, shards  # noqa: E402
+from tools.bench_baselines import (  # noqa: E402
+    process_context,
+    process_count,
+    processes_under_mps,
+    run_processes,
+    shards,
+)
 from tools.bench_cohort import group_table  # noqa: E402
 from tools.bench_control import control_ratios, merge_control_runs, pipelined, round_trips  # noqa: E402
 from tools.bench_measure import MIN_STEPS, best_of, latency_ms, measure_steps, ok, skipped  # noqa: E402
@@ -387,3 +394,62 @@ def test_markdown_lists_the_compiled_groups_check_too() -> None:
     text = render_markdown(report)
     assert "w1_mlp_infer: cohort's ensemble outputs match plain PyTorch, same seeds (max abs diff 0.0e+00)." in text
     assert "w1_mlp_infer: cohort's compiled group's ensemble outputs match" in text and "2.0e-06" in text
+
+
+# ---------------------------------------------------------------------- processes under MPS
+
+# Stand-in for nvidia-cuda-mps-control: "-d" makes the control pipe; "get_client_list"
+# names every process whose start-up environment holds this daemon's pipe directory,
+# which is what makes a CUDA process a client of the real daemon.
+FAKE_MPS_CONTROL = r"""#!/bin/sh
+if [ "$1" = "-d" ]; then : > "$CUDA_MPS_PIPE_DIRECTORY/control"; exit 0; fi
+read -r command argument
+case "$command" in
+  get_server_list) echo 4242 ;;
+  get_client_list)
+    for environ in /proc/[0-9]*/environ; do
+      if tr '\0' '\n' < "$environ" 2>/dev/null | grep -qxF "CUDA_MPS_PIPE_DIRECTORY=$CUDA_MPS_PIPE_DIRECTORY"; then
+        pid=${environ#/proc/}
+        echo "${pid%/environ}"
+      fi
+    done ;;
+esac
+exit 0
+"""
+
+
+@pytest.fixture
+def fake_mps_control(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stand-in first on PATH: bench_mps.mps_daemon starts it, with private (fake) directories."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "nvidia-cuda-mps-control"
+    script.write_text(FAKE_MPS_CONTROL)
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+@pytest.mark.timeout(300)
+def test_processes_mps_children_start_with_the_daemons_variables(fake_mps_control: None) -> None:
+    """The MPS mode's processes must be started after the daemon, with its variables: the
+    forkserver that the ``processes`` mode started earlier hands its children its own
+    environment, without them, so they would not be MPS clients (the bug this pins)."""
+    workload = dataclasses.replace(select(["w1_mlp_infer"], quick=True)[0], count=2, warmup=1, steps=3, budget_s=0.05)
+    assert run_processes(workload, "cpu")["status"] == "ok"  # as in a benchmark run: the forkserver starts here
+
+    result = processes_under_mps(workload, "cpu")
+    assert result["status"] == "ok", result
+    mps = result["mps"]
+    expected = {"CUDA_MPS_PIPE_DIRECTORY": mps["pipe_directory"], "CUDA_MPS_LOG_DIRECTORY": mps["log_directory"]}
+    assert mps["pipe_directory"] and mps["log_directory"]
+    assert len(mps["children"]) == result["processes"] == 2
+    assert [child["env"] for child in mps["children"]] == [expected, expected]
+    assert mps["children_saw_mps_env"] is True
+    assert mps["server"]["servers"] == [4242], mps["server"]
+    assert mps["server"]["children_are_clients"] is True, mps["server"]
+    assert mps["nvml"] == {"skipped": "no GPU"}
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ and not Path(mps["pipe_directory"]).exists()
+
+    # The old way: children of the forkserver started before the daemon. The mode refuses to time them.
+    with pytest.raises(RuntimeError, match="not its clients"):
+        processes_under_mps(workload, "cpu", context=process_context())
