@@ -191,10 +191,11 @@ def test_a_tree_that_ignores_every_signal_is_killed(tmp_path: Path) -> None:
     os.kill(frozen_worker, signal.SIGSTOP)
     os.kill(cohort.process.pid, signal.SIGSTOP)
     began = time.monotonic()
-    stopped = cohort.stop(grace_s=1.0, wait_s=3.0)
-    assert time.monotonic() - began < 20
+    stopped = cohort.stop(grace_s=1.0, wait_s=5.0)
+    assert time.monotonic() - began < 30
     assert stopped.was_running and stopped.needed_sigkill and stopped.exit_code == -signal.SIGKILL
-    assert stopped.processes_left == [frozen_worker]
+    assert frozen_worker in stopped.processes_left  # counted as left, then killed
+    assert harness.alive(tree) == []
     cohort.close()
     _nothing_left(cohort, tree)
 
