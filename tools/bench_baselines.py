@@ -1,8 +1,12 @@
 """What users do without cohort: one process looping over the models, or N processes.
 
 ``sequential`` runs the K models one after another in this process. ``processes``
-splits them over N spawned processes that run side by side; ``processes_mps`` does
-the same under a CUDA MPS daemon started for the occasion (``bench_mps``).
+splits them over N processes that run side by side, forked from a forkserver;
+``processes_mps`` does the same under a CUDA MPS daemon started for the occasion
+(``bench_mps``), with processes of its own: freshly spawned after the daemon is up, so
+its variables are in their environment from the start. The forkserver cannot serve
+that mode: it was started (by ``processes``) before the daemon, and its children get
+its environment, not this process's of now.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 
 from tools.bench_measure import Result, describe, ok, skipped, synchronize, time_steps, warm_up
-from tools.bench_mps import MpsUnavailable, mps_daemon
+from tools.bench_mps import MpsUnavailable, client_evidence, mps_daemon, seen_variables
 from tools.bench_workloads import (
     Batch,
     Workload,
@@ -100,14 +105,22 @@ def process_context() -> Any:
     return context
 
 
+def mps_context() -> Any:
+    """Fresh interpreters for the MPS mode: each starts with this process's environment of
+    the moment it is started (the daemon's variables included), not the forkserver's."""
+    return mp.get_context("spawn")
+
+
 def _process_main(workload: Workload, indices: list[int], device: str, threads: int, go: Any, stop: Any, results: Any) -> None:
-    """Child: build its shard, warm up, say ready, time steps from ``go`` until ``stop``, report."""
+    """Child: build its shard, warm up, say ready (with its pid and the MPS variables it
+    started with), time steps from ``go`` until ``stop``, report."""
+    started_with = seen_variables()  # before anything touches CUDA
     try:
         torch.set_num_threads(threads)
         runner = SequentialRunner(workload, indices, device)
         step = _stepper(runner, make_batches(workload, device))
         warm_up(step, workload.warmup, device)
-        results.put(("ready", None))
+        results.put(("ready", (os.getpid(), started_with)))
         if not go.wait(timeout=START_TIMEOUT_S):
             raise TimeoutError("never told to start")
         durations: list[float] = []
@@ -143,13 +156,19 @@ def _gather(results: Any, kind: str, processes: list[Any], timeout_s: float) -> 
     return payloads
 
 
-def _run_children(workload: Workload, device: str, parts: int) -> tuple[float, list[tuple[list[float], int]]]:
-    """Start ``parts`` spawned processes, run them together for the budget, always reap them.
+OnReady = Callable[[list[Any]], None]  # every child's ready payload: (pid, MPS variables it started with)
 
-    The measured phase runs from ``go`` until every child has reported; children stop
-    at ``workload.steps`` steps or at ``stop``, set once the time budget has passed.
+
+def _run_children(
+    workload: Workload, device: str, parts: int, context: Any, on_ready: OnReady | None = None
+) -> tuple[float, list[tuple[list[float], int]]]:
+    """Start ``parts`` processes from ``context``, run them together for the budget, always reap them.
+
+    ``on_ready`` sees what every child said when it was ready, before the measured
+    phase; raising there fails the mode. The measured phase runs from ``go`` until
+    every child has reported; children stop at ``workload.steps`` steps or at
+    ``stop``, set once the time budget has passed.
     """
-    context = process_context()
     go, stop, results = context.Event(), context.Event(), context.Queue()
     threads = max(1, (os.cpu_count() or 1) // parts)
     processes = [
@@ -160,7 +179,9 @@ def _run_children(workload: Workload, device: str, parts: int) -> tuple[float, l
         process.start()
     timer = threading.Timer(workload.budget_s, stop.set)
     try:
-        _gather(results, "ready", processes, START_TIMEOUT_S)
+        ready = _gather(results, "ready", processes, START_TIMEOUT_S)
+        if on_ready is not None:
+            on_ready(ready)
         start = time.perf_counter()
         go.set()
         timer.start()
@@ -180,10 +201,13 @@ def _reap(processes: list[Any]) -> None:
             process.join(timeout=10)
 
 
-def run_processes(workload: Workload, device: str) -> Result:
-    """N plain processes, each looping over its K/N models; throughput = all samples / wall."""
+def run_processes(workload: Workload, device: str, context: Any = None, on_ready: OnReady | None = None) -> Result:
+    """N plain processes, each looping over its K/N models; throughput = all samples / wall.
+
+    The processes come from ``context`` (default: the forkserver of ``process_context``).
+    """
     parts = process_count(workload, device)
-    wall, reports = _run_children(workload, device, parts)
+    wall, reports = _run_children(workload, device, parts, context or process_context(), on_ready)
     samples = sum(len(durations) * per_step for durations, per_step in reports)
     common = min(len(durations) for durations, _ in reports)
     slowest = [max(durations[i] for durations, _ in reports) for i in range(common)]
@@ -197,13 +221,41 @@ def run_processes(workload: Workload, device: str) -> Result:
 
 
 def run_processes_mps(workload: Workload, device: str) -> Result:
-    """The same N processes as clients of a private CUDA MPS daemon."""
+    """The same N processes as clients of a private CUDA MPS daemon (GPU only)."""
     if not device.startswith("cuda"):
         return skipped("no GPU")
+    return processes_under_mps(workload, device)
+
+
+def processes_under_mps(
+    workload: Workload,
+    device: str,
+    daemon: Callable[[], AbstractContextManager[dict[str, str]]] = mps_daemon,
+    context: Any = None,
+) -> Result:
+    """N processes started once ``daemon`` is up, from ``context`` (default: fresh spawned
+    interpreters, ``mps_context``), with the daemon's variables in their environment.
+
+    Before the measured phase every child reports the MPS variables it started with; if
+    one did not see the daemon's, it is no MPS client and the mode fails rather than
+    time plain processes under the MPS label. The record's ``mps`` holds the evidence
+    (``bench_mps.client_evidence``): each child's variables, the daemon's server and
+    client pids, and on a GPU the processes NVML sees.
+    """
+    evidence: dict[str, Any] = {}
     try:
-        with mps_daemon():
-            result = run_processes(workload, device)
+        with daemon() as variables:
+
+            def check(ready: list[Any]) -> None:
+                evidence.update(client_evidence(variables, [(pid, seen) for pid, seen in ready], device))
+                if not evidence["children_saw_mps_env"]:
+                    raise RuntimeError(f"benchmark processes started without the MPS daemon's variables, so they "
+                                       f"are not its clients: they saw {evidence['children'][:2]}, the daemon has "
+                                       f"{variables}")
+
+            result = run_processes(workload, device, context or mps_context(), check)
     except MpsUnavailable as exc:
         return skipped(f"MPS unavailable: {exc}")
-    result["notes"] = result.get("notes", "") + "; under CUDA MPS"
+    result["notes"] = result.get("notes", "") + "; under CUDA MPS (processes spawned after the daemon started)"
+    result["mps"] = evidence
     return result

@@ -1,9 +1,9 @@
 """cohort itself under the benchmark: a real coordinator, driven through the public Client.
 
-``coordinator()`` writes a TOML config into a private temporary directory, starts
-``python -m scheduler run --config FILE`` on an ``ipc://`` address inside it, waits
-until ``Client.models()`` answers, and always stops the process tree again (SIGINT,
-then SIGTERM, then SIGKILL), whatever happened in between.
+``coordinator()`` starts ``python -m scheduler run`` through ``tools/harness.py``: a
+TOML config in a private temporary directory, an ``ipc://`` address inside it, ready
+once ``stats()`` answers; and it always stops the process tree again (SIGINT, then
+SIGKILL) and removes what it left, whatever happened in between.
 
 ``run_cohort`` measures workloads (each one group, named after the workload) on one
 coordinator in two modes: ``cohort_per_model`` (K concurrent ``submit("infer" |
@@ -14,14 +14,7 @@ coordinator in two modes: ``cohort_per_model`` (K concurrent ``submit("infer" |
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,51 +22,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
-from scheduler import Client, CohortError
+from scheduler import Client
+from tools import harness
 from tools.bench_measure import Result, describe, error, time_steps, with_gpu_metrics
 from tools.bench_workloads import Batch, Workload, build_models, loss_function, make_batches
 
-ROOT = Path(__file__).resolve().parents[1]
 COHORT_MODES = ("cohort_per_model", "cohort_fused", "cohort_fused_compiled")
 COMPILED_MODE = "cohort_fused_compiled"
 READY_TIMEOUT_S = 180.0
-STOP_GRACE_S = 15.0
 JOB_TIMEOUT_S = 300.0
-LOG_TAIL_CHARS = 600
 MAX_CPU_WORKERS = 8
 
 OnResult = Callable[[str, str, Result], None]  # (workload, mode, result)
 
 
 # ---------------------------------------------------------------------- config
-
-
-def toml_value(value: Any) -> str:
-    """One TOML value: strings, numbers, booleans, lists and inline tables."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"TOML cannot hold {value!r}")
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"no TOML form for {type(value).__name__}")
-
-
-def config_text(coordinator: dict[str, Any], groups: list[dict[str, Any]]) -> str:
-    """A cohort config file: one ``[coordinator]`` table and one ``[[group]]`` per group."""
-    lines = ["[coordinator]", *(f"{k} = {toml_value(v)}" for k, v in coordinator.items())]
-    for group in groups:
-        lines += ["", "[[group]]", *(f"{k} = {toml_value(v)}" for k, v in group.items())]
-    return "\n".join(lines) + "\n"
 
 
 def group_name(workload: Workload, mode: str) -> str:
@@ -130,103 +95,23 @@ class Running:
     log_path: Path
 
 
-def _log_tail(path: Path, lines: int = 3) -> str:
-    """The coordinator's last words on one line: the end of a traceback names the cause."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    kept = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
-    return " | ".join(kept)[-LOG_TAIL_CHARS:] or "(empty log)"
-
-
-def _wait_ready(address: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
-    """Poll ``models()`` with a short timeout until it answers; fail fast if the process exits."""
-    deadline = time.monotonic() + timeout_s
-    with Client(address, timeout=1.0) as client:
-        while True:
-            code = process.poll()
-            if code is not None:
-                raise RuntimeError(f"coordinator exited with code {code} at start-up: {_log_tail(log_path)}")
-            try:
-                client.models(timeout=0.5)
-                return
-            except CohortError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"coordinator not ready within {timeout_s:.0f} s: {_log_tail(log_path)}")
-            time.sleep(0.1)
-
-
-def _descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []
-
-
-def stop_process_tree(process: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
-    """SIGINT (the coordinator's clean stop), then SIGTERM, then SIGKILL; then any child left over."""
-    children = _descendants(process.pid)
-    for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        if process.poll() is not None:
-            break
-        try:
-            process.send_signal(sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-    _, alive = psutil.wait_procs(children, timeout=5.0)
-    for child in alive:  # workers die with their parent; this is the belt to those braces
-        try:
-            child.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5.0)
-
-
 @contextmanager
 def coordinator(
     groups: list[dict[str, Any]], device: str, workers: int | None = None, ready_timeout_s: float = READY_TIMEOUT_S
 ) -> Iterator[Running]:
-    """A real coordinator on a private ``ipc://`` address for the duration of the block."""
+    """A real coordinator on a private ``ipc://`` address for the duration of the block
+    (``tools/harness.py`` starts it, and stops it and everything it started afterwards)."""
     workers = workers or cohort_workers(device)
-    root = Path(tempfile.mkdtemp(prefix="cohort-bench-"))
-    address = f"ipc://{root}/coordinator.sock"
     settings = {
-        "address": address,
         "workers": workers,
         "device": "cuda" if device.startswith("cuda") else "cpu",
         "mps": "auto" if device.startswith("cuda") else "off",
     }
-    config = root / "cohort.toml"
-    config.write_text(config_text(settings, groups))
-    env = dict(os.environ)
     threads = worker_threads(device, workers)
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    log_path = root / "coordinator.log"
-    process: subprocess.Popen[bytes] | None = None
-    try:
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "scheduler", "run", "--config", str(config), "--log-level", "WARNING"],
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C on the benchmark must not reach it half-way
-            )
-        _wait_ready(address, process, log_path, ready_timeout_s)
-        yield Running(address, process.pid, workers, threads, log_path)
-    finally:
-        if process is not None:
-            stop_process_tree(process)
-        shutil.rmtree(root, ignore_errors=True)
+    env = {} if threads is None else {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with harness.start(groups, settings, prefix="cohort-bench-", env=env, args=["--log-level", "WARNING"],
+                       ready_timeout_s=ready_timeout_s) as running:
+        yield Running(running.address, running.process.pid, workers, threads, running.log_path)
 
 
 # ---------------------------------------------------------------------- modes

@@ -26,7 +26,7 @@ from typing import Any
 
 import zmq
 
-from tools.bench_measure import Result, describe, error, percentile
+from tools.bench_measure import Result, describe, error, latency_ms
 from tools.bench_workloads import ControlPlane
 
 ECHO_SCRIPT = Path(__file__).resolve().with_name("bench_echo.py")
@@ -88,8 +88,8 @@ def summarize(latencies_s: list[float], jobs: int, seconds: float, **extra: Any)
     """One system's control-plane figures."""
     return {
         "status": "ok",
-        "p50_ms": percentile(latencies_s, 50) * 1e3,
-        "p99_ms": percentile(latencies_s, 99) * 1e3,
+        "p50_ms": latency_ms(latencies_s, 0.5),
+        "p99_ms": latency_ms(latencies_s, 0.99),
         "round_trips": len(latencies_s),
         "jobs_s": jobs / seconds,
         "pipelined_jobs": jobs,

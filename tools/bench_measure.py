@@ -17,15 +17,16 @@ Result = dict[str, Any]
 MIN_STEPS = 5  # a time budget never cuts a mode below this many timed steps
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) by linear interpolation, as numpy's default does."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100.0
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+def latency_ms(latencies_s: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of latencies in seconds, in milliseconds; NaN when there are none.
+
+    Taken with the coordinator's own ``percentile`` (``scheduler.stats``: the nearest
+    rank), so a benchmark figure and ``stats()`` mean the same thing. Imported here, not
+    at the top: ``scheduler`` loads torch.
+    """
+    from scheduler.stats import percentile
+
+    return percentile(sorted(latencies_s), q) * 1e3 if latencies_s else math.nan
 
 
 def ok(throughput: float, unit: str, latencies_s: list[float], wall_s: float, **extra: Any) -> Result:
@@ -34,8 +35,8 @@ def ok(throughput: float, unit: str, latencies_s: list[float], wall_s: float, **
         "status": "ok",
         "throughput": throughput,
         "unit": unit,
-        "p50_ms": percentile(latencies_s, 50) * 1e3,
-        "p99_ms": percentile(latencies_s, 99) * 1e3,
+        "p50_ms": latency_ms(latencies_s, 0.5),
+        "p99_ms": latency_ms(latencies_s, 0.99),
         "steps": len(latencies_s),
         "wall_s": wall_s,
     }

@@ -5,12 +5,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cohort_harness import RunningCohort, kill_group, start_cohort
+from cohort_harness import RunningCohort, start_cohort
 
 
 @pytest.fixture
 def cohort(tmp_path: Path) -> Iterator[Callable[..., RunningCohort]]:
-    """Start coordinators with ``cohort(groups, **coordinator_settings)``; all are stopped at the end."""
+    """Start coordinators with ``cohort(groups, **coordinator_settings)``; all are stopped at the end,
+    and whatever they left (processes, shared memory, run directories) is removed."""
     started: list[RunningCohort] = []
 
     def start(groups: list[dict[str, Any]], **settings: Any) -> RunningCohort:
@@ -20,9 +21,4 @@ def cohort(tmp_path: Path) -> Iterator[Callable[..., RunningCohort]]:
 
     yield start
     for running in started:
-        try:
-            running.stop()
-        except AssertionError:
-            pass
-        finally:
-            kill_group(running.process.pid)
+        running.close()

@@ -20,16 +20,13 @@ from scheduler import BadInput, ConfigError, JobFailed, ProtocolError, UnknownMo
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory):
-    from cohort_harness import kill_group, start_cohort
+    from cohort_harness import start_cohort
 
     tmp = tmp_path_factory.mktemp("bad")
     r = start_cohort(tmp, [mlp_group("mlp", 2), group("faulty", "faulty")], workers=1,
                      max_message_bytes=1 << 20)
     yield r
-    try:
-        r.stop()
-    finally:
-        kill_group(r.process.pid)
+    r.close()
 
 
 def still_serving(running) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from cohort_harness import RunningCohort, alive, kill_group, leftover_shm, start_cohort
+from cohort_harness import RunningCohort, alive, leftover_shm, start_cohort
 from fixture_models import group
 
 from scheduler import AsyncClient, Client, JobTimeout, ProtocolError
@@ -29,7 +29,7 @@ SLEEP_S = 8.0  # the in-flight job sleeps this long in the worker: far longer th
 
 @pytest.fixture
 def restartable(tmp_path: Path) -> Any:
-    """``start()`` starts a coordinator on the same private address each time; all are killed at the end."""
+    """``start()`` starts a coordinator on the same private address each time; all are stopped at the end."""
     started: list[RunningCohort] = []
 
     def start() -> RunningCohort:
@@ -39,7 +39,7 @@ def restartable(tmp_path: Path) -> Any:
 
     yield start
     for running in started:
-        kill_group(running.process.pid)
+        running.close()
 
 
 def _sleepy_input(seconds: float) -> torch.Tensor:
@@ -99,7 +99,7 @@ def test_calls_while_no_coordinator_listens_time_out_and_never_run_later(restart
     first = restartable()
     with Client(first.address, timeout=30) as c:
         c.models()
-        assert first.stop() == 0
+        assert first.stop().exit_code == 0
         assert leftover_shm(first.info["run_id"]) == []
 
         began = time.monotonic()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import random
 import sys
 import time
@@ -16,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -25,37 +25,47 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from scheduler.config import parse_config  # noqa: E402
+from scheduler.stats import percentile as stats_percentile  # noqa: E402
 from tools import bench  # noqa: E402
-from tools.bench_baselines import process_count, shards  # noqa: E402
-from tools.bench_cohort import config_text, group_table, toml_value  # noqa: E402
+from tools.bench_baselines import (  # noqa: E402
+    process_context,
+    process_count,
+    processes_under_mps,
+    run_processes,
+    shards,
+)
+from tools.bench_cohort import group_table  # noqa: E402
 from tools.bench_control import control_ratios, merge_control_runs, pipelined, round_trips  # noqa: E402
-from tools.bench_measure import MIN_STEPS, best_of, measure_steps, ok, percentile, skipped  # noqa: E402
+from tools.bench_measure import MIN_STEPS, best_of, latency_ms, measure_steps, ok, skipped  # noqa: E402
 from tools.bench_report import add_ratios, device_label, render_markdown, write_plot  # noqa: E402
 from tools.bench_vmap import StackedEnsemble  # noqa: E402
 from tools.bench_workloads import all_workloads, build_models, make_batches, make_optimizer, select  # noqa: E402
+from tools.harness import config_text, toml_value  # noqa: E402
 
 # ---------------------------------------------------------------------- percentiles
 
 
-@pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 99, 100])
-def test_percentile_matches_numpy_linear_interpolation(q: float) -> None:
-    rng = random.Random(q)
+def test_latencies_use_the_coordinators_percentile() -> None:
+    """One percentile for the whole project: scheduler.stats's (nearest rank), as stats() reports."""
+    rng = random.Random(0)
     for size in (1, 2, 3, 10, 101):
-        values = [rng.uniform(0, 100) for _ in range(size)]
-        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+        values = [rng.uniform(0, 1) for _ in range(size)]
+        for q in (0.0, 0.5, 0.9, 0.99, 1.0):
+            assert latency_ms(values, q) == stats_percentile(sorted(values), q) * 1e3
+    assert math.isnan(latency_ms([], 0.5))  # nothing measured: no figure (null in the JSON)
+    assert latency_ms([0.004, 0.001, 0.003, 0.002], 0.5) in (2.0, 3.0)  # unsorted input, a measured value
+    assert latency_ms([0.001, 0.002], 1.0) == 2.0
 
 
-def test_percentile_edges() -> None:
-    assert math.isnan(percentile([], 50))
-    assert percentile([3.0], 99) == 3.0
-    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5  # unsorted input
-    assert percentile([1.0, 2.0], 100) == 2.0
+def test_no_tool_defines_a_percentile_of_its_own() -> None:
+    own = [path.name for path in sorted((ROOT / "tools").glob("*.py")) if "def percentile(" in path.read_text()]
+    assert own == []
 
 
 def test_ok_reports_latencies_in_milliseconds() -> None:
     result = ok(100.0, "samples/s", [0.001, 0.002, 0.003], wall_s=0.006, processes=2)
     assert result["p50_ms"] == pytest.approx(2.0)
-    assert result["p99_ms"] == pytest.approx(2.98)
+    assert result["p99_ms"] == pytest.approx(3.0)
     assert result["steps"] == 3
     assert result["processes"] == 2
 
@@ -384,3 +394,62 @@ def test_markdown_lists_the_compiled_groups_check_too() -> None:
     text = render_markdown(report)
     assert "w1_mlp_infer: cohort's ensemble outputs match plain PyTorch, same seeds (max abs diff 0.0e+00)." in text
     assert "w1_mlp_infer: cohort's compiled group's ensemble outputs match" in text and "2.0e-06" in text
+
+
+# ---------------------------------------------------------------------- processes under MPS
+
+# Stand-in for nvidia-cuda-mps-control: "-d" makes the control pipe; "get_client_list"
+# names every process whose start-up environment holds this daemon's pipe directory,
+# which is what makes a CUDA process a client of the real daemon.
+FAKE_MPS_CONTROL = r"""#!/bin/sh
+if [ "$1" = "-d" ]; then : > "$CUDA_MPS_PIPE_DIRECTORY/control"; exit 0; fi
+read -r command argument
+case "$command" in
+  get_server_list) echo 4242 ;;
+  get_client_list)
+    for environ in /proc/[0-9]*/environ; do
+      if tr '\0' '\n' < "$environ" 2>/dev/null | grep -qxF "CUDA_MPS_PIPE_DIRECTORY=$CUDA_MPS_PIPE_DIRECTORY"; then
+        pid=${environ#/proc/}
+        echo "${pid%/environ}"
+      fi
+    done ;;
+esac
+exit 0
+"""
+
+
+@pytest.fixture
+def fake_mps_control(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stand-in first on PATH: bench_mps.mps_daemon starts it, with private (fake) directories."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "nvidia-cuda-mps-control"
+    script.write_text(FAKE_MPS_CONTROL)
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+@pytest.mark.timeout(300)
+def test_processes_mps_children_start_with_the_daemons_variables(fake_mps_control: None) -> None:
+    """The MPS mode's processes must be started after the daemon, with its variables: the
+    forkserver that the ``processes`` mode started earlier hands its children its own
+    environment, without them, so they would not be MPS clients (the bug this pins)."""
+    workload = dataclasses.replace(select(["w1_mlp_infer"], quick=True)[0], count=2, warmup=1, steps=3, budget_s=0.05)
+    assert run_processes(workload, "cpu")["status"] == "ok"  # as in a benchmark run: the forkserver starts here
+
+    result = processes_under_mps(workload, "cpu")
+    assert result["status"] == "ok", result
+    mps = result["mps"]
+    expected = {"CUDA_MPS_PIPE_DIRECTORY": mps["pipe_directory"], "CUDA_MPS_LOG_DIRECTORY": mps["log_directory"]}
+    assert mps["pipe_directory"] and mps["log_directory"]
+    assert len(mps["children"]) == result["processes"] == 2
+    assert [child["env"] for child in mps["children"]] == [expected, expected]
+    assert mps["children_saw_mps_env"] is True
+    assert mps["server"]["servers"] == [4242], mps["server"]
+    assert mps["server"]["children_are_clients"] is True, mps["server"]
+    assert mps["nvml"] == {"skipped": "no GPU"}
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ and not Path(mps["pipe_directory"]).exists()
+
+    # The old way: children of the forkserver started before the daemon. The mode refuses to time them.
+    with pytest.raises(RuntimeError, match="not its clients"):
+        processes_under_mps(workload, "cpu", context=process_context())
