@@ -16,7 +16,14 @@ only the result it stores. Here the hyperparameters differ between models, so th
 Adam's second moment would never move). Every result torch.optim stores in the
 parameter's dtype (the moments, the weight-decayed gradient, Adam's denominator, the
 parameter) is rounded to that dtype at the same point of the same op order, so bf16 and
-fp16 training follows torch.optim up to how an op's float32 intermediate is rounded.
+fp16 training follows torch.optim up to how an op's float32 intermediate is rounded
+(tests/unit/test_optim_dtypes.py: bit for bit on the CPU).
+
+One difference is torch's, between its own devices: on the CPU, ``add`` rounds its
+scalar (``alpha``, or a number added such as Adam's ``eps``) to the tensor's dtype, where
+the CUDA kernel keeps it in float32. Cohort keeps float32 on both, so on the CPU a bf16
+or fp16 run differs from torch.optim's where SGD's lr, momentum, dampening or weight
+decay, or Adam's L2 weight decay or eps, is not exact in that dtype.
 
 Nothing here reads a tensor's value on the host: no branch on a hyperparameter or a
 step count (on a GPU that would wait for the device); ``torch.where`` selects instead.
@@ -55,8 +62,9 @@ def _up(t: torch.Tensor) -> torch.Tensor:
 def _add_scaled(y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """``y.add(x, alpha=alpha)`` in opmath, the result not yet rounded to ``y``'s dtype.
 
-    torch's ``add`` with ``alpha`` is a fused multiply-add (one rounding); ``addcmul``
-    with ``value=1`` is one too, so fp32 results match torch's bit for bit."""
+    torch's ``add`` with ``alpha`` is a fused multiply-add (one rounding) in its vector
+    kernels; ``addcmul`` (``y + x * alpha``) rounds the same way, where ``y + alpha * x``
+    as two ops would round twice (measured: float32 results bit for bit on the CPU)."""
     return torch.addcmul(_up(y), _up(x), alpha)
 
 
