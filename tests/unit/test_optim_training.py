@@ -185,7 +185,7 @@ def test_per_model_training_is_torch_optim(make_runtime, kind: str, dtype: torch
         ref_losses, ref_weights = torch_optim_run(dtype, kind, {h: v[k] for h, v in hp.items()}, k, xs[k], ts[k])
         compare(losses[:, k], ref_losses, dtype, f"model {k} losses")
         for n, w in ref_weights.items():
-            compare(rt.params[n][k], w, dtype, f"model {k} {n}")
+            compare(rt.tables.params[n][k], w, dtype, f"model {k} {n}")
     assert_trained(losses)
 
 
@@ -213,7 +213,7 @@ def test_fused_training_follows_torch_optim(make_runtime, monkeypatch, kind: str
         compare_losses(losses[:, k], ref_losses, dtype, f"model {k} losses")
         _, replayed = torch_optim_run(dtype, kind, hp_k, k, xs[k], ts[k], grads=[{n: g[k] for n, g in s.items()} for s in stepped])
         for n, w in replayed.items():
-            compare(rt.params[n][k], w, dtype, f"model {k} {n} (torch.optim given the fused gradients)")
+            compare(rt.tables.params[n][k], w, dtype, f"model {k} {n} (torch.optim given the fused gradients)")
     assert_trained(losses)
 
 
