@@ -59,12 +59,14 @@ class ListModels(ClientRequest):
 class GetWeights(ClientRequest):
     model: str
     timeout_s: float | None = None
+    optimizer_state: bool = False  # the optimizer's entries too (what copy_weights moves)
 
 
 class SetWeights(ClientRequest):
     model: str
     weights: TensorTree
     timeout_s: float | None = None
+    optimizer_state: bool = False  # ``weights`` holds the optimizer's entries too: kept, not reset
 
 
 class CopyWeights(ClientRequest):

@@ -133,15 +133,22 @@ class BaseClient:
         return self._call(Call("barrier", BarrierRequest(0, items), as_none), timeout)
 
     @public_call
-    def get_weights(self, model: str, *, timeout: float | None = None) -> dict[str, torch.Tensor]:
-        """A consistent copy of one model's parameters and buffers, taken at a barrier of that model."""
-        return self._call(Call("get_weights", GetWeights(0, model), as_weights), timeout)
+    def get_weights(self, model: str, *, optimizer_state: bool = False,
+                    timeout: float | None = None) -> dict[str, torch.Tensor]:
+        """A consistent copy of one model's parameters and buffers (after every job on it accepted
+        before), with its optimizer's entries (``optim.<kind>.<param>``) too if ``optimizer_state``."""
+        return self._call(Call("get_weights", GetWeights(0, model, optimizer_state=optimizer_state), as_weights),
+                          timeout)
 
     @public_call
-    def set_weights(self, model: str, weights: dict[str, torch.Tensor], *, timeout: float | None = None) -> None:
-        """Replace one model's parameters and buffers, and reset its optimizer state."""
+    def set_weights(self, model: str, weights: dict[str, torch.Tensor], *, optimizer_state: bool = False,
+                    timeout: float | None = None) -> None:
+        """Replace one model's parameters and buffers and reset its optimizer state; with
+        ``optimizer_state``, ``weights`` holds every entry ``get_weights(optimizer_state=True)`` gives,
+        and the optimizer state is set from it instead."""
         tree, buffers = encode_tensors(dict(weights))
-        return self._call(Call("set_weights", SetWeights(0, model, tree), as_none, buffers), timeout)
+        request = SetWeights(0, model, tree, optimizer_state=optimizer_state)
+        return self._call(Call("set_weights", request, as_none, buffers), timeout)
 
     @public_call
     def copy_weights(self, src: str, dst: str, *, timeout: float | None = None) -> None:

@@ -83,11 +83,13 @@ class WeightOps:
             tree, buffers, _ = next(iter(job.results.values()))
             self.reply(client, WeightsReply(msg.req_id, tree), buffers)
 
-        self.queue.bank_job("read", [model], done, option="weights", timeout=msg.timeout_s)
+        option = "all" if msg.optimizer_state else "weights"
+        self.queue.bank_job("read", [model], done, option=option, timeout=msg.timeout_s)
 
     def on_set_weights(self, client: bytes, msg: SetWeights, buffers: list[Any]) -> None:
         model = parse_model(msg.model, self.specs)
-        check_weights(self.specs[model[0]], msg.weights, buffers, self.config.max_message_bytes, f"set_weights {msg.model}")
+        check_weights(self.specs[model[0]], msg.weights, buffers, self.config.max_message_bytes, f"set_weights {msg.model}",
+                      msg.optimizer_state)
 
         def done(job: Job, error: CohortError | None) -> None:
             if error is not None:
@@ -95,8 +97,8 @@ class WeightOps:
             self.versions[model] += 1
             self.reply(client, Ack(msg.req_id, {"version": self.versions[model]}), None)
 
-        self.queue.bank_job("write", [model], done, option="weights", inputs=msg.weights, buffers=buffers,
-                            timeout=msg.timeout_s)
+        self.queue.bank_job("write", [model], done, option="all" if msg.optimizer_state else "weights",
+                            inputs=msg.weights, buffers=buffers, timeout=msg.timeout_s)
 
     def on_copy_weights(self, client: bytes, msg: CopyWeights, _: list[Any]) -> None:
         src, dst = parse_model(msg.src, self.specs), parse_model(msg.dst, self.specs)
@@ -255,12 +257,14 @@ def scope_models(scope: list[str], specs: dict[str, GroupSpec]) -> list[ModelKey
     return models
 
 
-def check_weights(spec: GroupSpec, tree: TensorTree, buffers: list[Any], max_bytes: int, what: str) -> None:
-    """A model's parameters and buffers, by name, shape and dtype, from the headers alone."""
+def check_weights(spec: GroupSpec, tree: TensorTree, buffers: list[Any], max_bytes: int, what: str,
+                  optimizer_state: bool = False) -> None:
+    """A model's parameters and buffers (and optimizer entries), by name, shape and dtype, from the headers."""
     if tree.layout != "dict":
         raise ProtocolError(f"{what} needs a dict of tensors")
     check_buffers(tree, buffers, max_bytes)
-    want = {e.name: e for e in spec.entries if e.role in ("param", "buffer")}
+    roles = ("param", "buffer", "state") if optimizer_state else ("param", "buffer")
+    want = {e.name: e for e in spec.entries if e.role in roles}
     given = dict(zip(tree.keys, tree.metas))
     missing, extra = sorted(set(want) - set(given)), sorted(set(given) - set(want))
     if missing or extra:
