@@ -17,11 +17,12 @@ from core.bank import BankHandle
 from core.spec import GroupSpec
 from core.tensors import NO_TENSORS, TensorTree
 
-JOB_OPS: tuple[str, ...] = ("infer", "train_step", "ensemble", "train_round")
-# Operations on a model's bank slot that the coordinator asks of a worker, ordered with its
+JOB_OPS: tuple[str, ...] = ("infer", "train_step", "ensemble", "train_round", "evaluate")
+# Operations on models' bank slots that the coordinator asks of a worker, ordered with its
 # jobs: "read" (a model's entries out), "write" (in), "copy" (slot to slot), "mirror" (to
-# the host copy that a replacement worker is restored from).
-BANK_OPS: tuple[str, ...] = ("read", "write", "copy", "mirror")
+# the host copy that a replacement worker is restored from), "set_hparams", "get_hparams",
+# "reset" (weights as the factory makes them, optimizer state cleared).
+BANK_OPS: tuple[str, ...] = ("read", "write", "copy", "mirror", "set_hparams", "get_hparams", "reset")
 
 
 # --------------------------------------------------------------------------- client -> coordinator
@@ -84,16 +85,37 @@ class StatsRequest(ClientRequest):
     pass
 
 
+class SetHparams(ClientRequest):
+    """New hyperparameters for a model (one value each) or a group (one value, or one per model)."""
+
+    target: str
+    values: dict[str, list[float]]
+    timeout_s: float | None = None
+
+
+class GetHparams(ClientRequest):
+    model: str
+    timeout_s: float | None = None
+
+
+class ResetModel(ClientRequest):
+    """A new trial in a model's slot: weights as the factory makes them after ``manual_seed(seed)``."""
+
+    model: str
+    seed: int | None = None  # None: the group's own rule (its init seed plus the index, or its file)
+    timeout_s: float | None = None
+
+
 class Requests(ClientRequest):
     """Several requests in one message (a client's queue, drained at once); buffers follow request by request."""
 
     requests: list[Union[Hello, SubmitJob, BarrierRequest, ListModels, GetWeights, SetWeights, CopyWeights,
-                         SnapshotRequest, StatsRequest]]
+                         SnapshotRequest, StatsRequest, SetHparams, GetHparams, ResetModel]]
 
 
 ClientMessage = Union[
     Hello, SubmitJob, BarrierRequest, ListModels, GetWeights, SetWeights, CopyWeights, SnapshotRequest, StatsRequest,
-    Requests,
+    SetHparams, GetHparams, ResetModel, Requests,
 ]
 
 
@@ -192,6 +214,9 @@ class RunJob(ToWorker):
     deadline: float | None = None
     option: str = ""  # "read"/"write": "weights" (parameters and buffers) or "all" (optimizer state too)
     source: list[int] = []  # "copy": the slots copied from, one per slot of ``slots``
+    shared: bool = False  # train_round/evaluate: one batch (inputs and targets) for every model, not stacked
+    hparams: dict[str, list[float]] = {}  # "set_hparams": values, one per slot of ``slots``
+    seed: int | None = None  # "reset": the seed (None: the group's own rule)
 
 
 class Shutdown(ToWorker):

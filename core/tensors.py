@@ -3,7 +3,7 @@
 This module and ``core.codec`` are the only places that know how tensor bytes travel.
 A ``TensorTree`` describes a tensor, a tuple of tensors or a dict of named tensors;
 ``encode_tensors`` splits a value into that header and zero-copy buffers,
-``decode_tensors``/``decode_into`` rebuild it after checking every size against the
+``decode_tensors`` rebuilds it (in page-locked memory for a GPU) after checking every size against the
 header, and ``slice_rows``/``join_rows`` cut and join stacked tensors as bytes, so the
 coordinator never decodes a tensor it only forwards.
 """
@@ -133,18 +133,20 @@ def check_buffers(tree: TensorTree, buffers: list[Any], max_bytes: int) -> int:
     return total
 
 
-def _decode_tensor(meta: TensorMeta, buf: Any) -> torch.Tensor:
+def _decode_tensor(meta: TensorMeta, buf: Any, pinned: bool) -> torch.Tensor:
     # Copy into a tensor we own: received frames are read-only and short-lived.
-    out = torch.empty(meta.shape, dtype=DTYPES[meta.dtype])
+    out = torch.empty(meta.shape, dtype=DTYPES[meta.dtype], pin_memory=pinned)
     if out.numel():
         out.reshape(-1).view(torch.uint8).numpy()[:] = np.frombuffer(buf, dtype=np.uint8)
     return out
 
 
-def decode_tensors(tree: TensorTree, buffers: list[Any], max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
-    """Rebuild what ``encode_tensors`` split: None, a Tensor, a tuple or a dict."""
+def decode_tensors(tree: TensorTree, buffers: list[Any], max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                   pinned: bool = False) -> Any:
+    """Rebuild what ``encode_tensors`` split: None, a Tensor, a tuple or a dict; in page-locked
+    memory with ``pinned`` (tensors headed for a GPU)."""
     check_buffers(tree, buffers, max_bytes)
-    tensors = [_decode_tensor(m, b) for m, b in zip(tree.metas, buffers)]
+    tensors = [_decode_tensor(m, b, pinned) for m, b in zip(tree.metas, buffers)]
     if tree.layout == "none":
         return None
     if tree.layout == "tensor":
@@ -152,24 +154,6 @@ def decode_tensors(tree: TensorTree, buffers: list[Any], max_bytes: int = DEFAUL
     if tree.layout == "tuple":
         return tuple(tensors)
     return dict(zip(tree.keys, tensors))
-
-
-def decode_into(tree: TensorTree, buffers: list[Any], pinned: bool) -> Any:
-    """Decode tensors, into page-locked memory when they are headed for a GPU."""
-    check_buffers(tree, buffers, 1 << 62)
-    made = []
-    for meta, buf in zip(tree.metas, buffers):
-        t = torch.empty(meta.shape, dtype=DTYPES[meta.dtype], pin_memory=pinned)
-        if t.numel():
-            t.reshape(-1).view(torch.uint8).numpy()[:] = memoryview(buf).cast("B")
-        made.append(t)
-    if tree.layout == "none":
-        return None
-    if tree.layout == "tensor":
-        return made[0]
-    if tree.layout == "tuple":
-        return tuple(made)
-    return dict(zip(tree.keys, made))
 
 
 def slice_rows(tree: TensorTree, buffers: list[Any], lo: int, hi: int) -> tuple[TensorTree, list[Any]]:

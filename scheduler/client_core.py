@@ -107,8 +107,14 @@ JOB_RESULTS: dict[str, Returns] = {
     "ensemble": as_outputs,
     "train_step": as_loss,
     "train_round": as_losses,
+    "evaluate": as_losses,  # of a group; of one model, as_loss (see ``job``)
 }
-TRAINING_OPS = ("train_step", "train_round")
+TARGETED_OPS = ("train_step", "train_round", "evaluate")
+
+
+def is_model_id(target: str) -> bool:
+    """``"group/index"`` names one model; a group's name has no ``/``."""
+    return "/" in target.rstrip("/")
 
 
 # --------------------------------------------------------------------------- calls
@@ -148,11 +154,12 @@ def job(op: str, target: str, inputs: Any, targets: Any = None) -> Call:
     """The call of a job (one of ``JOB_OPS``) on a model or group; ``BadInput`` if it cannot be one."""
     if op not in JOB_OPS:
         raise BadInput(f"unknown op {op!r}; ops: {', '.join(JOB_OPS)}")
-    if op in TRAINING_OPS and targets is None:
+    if op in TARGETED_OPS and targets is None:
         raise BadInput(f"{op} needs targets")
     tree_in, buf_in = encode_tensors(inputs)
     tree_t, buf_t = encode_tensors(targets)
-    return Call(op, SubmitJob(0, op, target, tree_in, tree_t), JOB_RESULTS[op], [*buf_in, *buf_t])
+    returns = as_loss if op == "evaluate" and is_model_id(target) else JOB_RESULTS[op]
+    return Call(op, SubmitJob(0, op, target, tree_in, tree_t), returns, [*buf_in, *buf_t])
 
 
 class Settled(NamedTuple):

@@ -29,8 +29,8 @@ import torch
 from torch.func import grad_and_value, vmap
 
 from workers.module import BankTables, GroupModule
-from workers.optim import optimizer_step
 from workers.outcome import AlreadyStepped, is_transient
+from workers.training import Trainer
 
 log = logging.getLogger("cohort.worker")
 
@@ -65,11 +65,11 @@ class FusedGroup:
     """vmap'd forward and training step over any set of one group's models on this worker."""
 
     def __init__(self, name: str, module: GroupModule, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
-                 optimizer: str, tables: BankTables, device: torch.device, compile_mode: str = "") -> None:
+                 trainer: Trainer, tables: BankTables, device: torch.device, compile_mode: str = "") -> None:
         self.name = name
         self.module = module
         self.loss_fn = loss_fn
-        self.optimizer = optimizer
+        self.trainer = trainer
         self.tables = tables
         self.device = device
         self.enabled = True
@@ -102,20 +102,22 @@ class FusedGroup:
             return forward
 
         signature = (_signature(select), _shapes(inputs))
-        with torch.no_grad():
+        with torch.no_grad(), self.module.compute():
             return self._run(("forward", shared), make, signature, self.tables.params, self.tables.buffers, select,
                              inputs)
 
-    def train(self, slots: list[int], inputs: Any, targets: torch.Tensor) -> torch.Tensor:
-        """One optimizer step of every model in ``slots``; inputs and targets stacked ``[n, ...]``; losses ``[n]``.
+    def train(self, slots: list[int], inputs: Any, targets: torch.Tensor, shared: bool = False) -> torch.Tensor:
+        """One optimizer step of every model in ``slots``, on one batch for all (``shared``) or on
+        stacked ``[n, ...]`` inputs and targets; losses ``[n]``.
 
         Gradients are computed first, touching nothing; a failure after the optimizer
         step has begun raises ``AlreadyStepped``, so that nobody runs these models again."""
         self.module.mode(True)
         select = self._select(slots)
+        data_dims = None if shared else 0
 
         def make() -> Callable[..., Any]:
-            fused = vmap(grad_and_value(self._loss_of), randomness="different")
+            fused = vmap(grad_and_value(self._loss_of), in_dims=(0, 0, data_dims, data_dims), randomness="different")
 
             def gradients(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], select: Any, x: Any,
                           t: torch.Tensor) -> Any:
@@ -125,12 +127,13 @@ class FusedGroup:
             return gradients
 
         signature = (_signature(select), _shapes(inputs), _shapes(targets))
-        grads, losses = self._run("train", make, signature, self.tables.params, self.tables.buffers, select, inputs,
-                                  targets)
+        with self.module.compute():
+            grads, losses = self._run(("train", shared), make, signature, self.tables.params, self.tables.buffers,
+                                      select, inputs, targets)
         try:
             params = _take(self.tables.params, select)
             state = _take(self.tables.state, select)
-            optimizer_step(self.optimizer, params, grads, state, _take(self.tables.hparams, select))
+            self.trainer.step(params, grads, state, _take(self.tables.hparams, select))
             if not isinstance(select, slice):  # a gather copied them: write the stepped weights and state back
                 with torch.no_grad():
                     for table, taken in ((self.tables.params, params), (self.tables.state, state)):
@@ -139,6 +142,26 @@ class FusedGroup:
         except Exception as exc:
             raise AlreadyStepped(exc) from exc
         return losses.detach()
+
+    def evaluate(self, slots: list[int], inputs: Any, targets: torch.Tensor, shared: bool = False) -> torch.Tensor:
+        """Every model's loss without a step, in eval mode: ``[n]`` float32."""
+        self.module.mode(False)
+        select = self._select(slots)
+        data_dims = None if shared else 0
+
+        def make() -> Callable[..., Any]:
+            fused = vmap(self._loss_of, in_dims=(0, 0, data_dims, data_dims), randomness="different")
+
+            def losses(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], select: Any, x: Any,
+                       t: torch.Tensor) -> Any:
+                return fused(_take(params, select), _take(buffers, select), x, t)
+
+            return losses
+
+        signature = (_signature(select), _shapes(inputs), _shapes(targets))
+        with torch.no_grad(), self.module.compute():
+            return self._run(("evaluate", shared), make, signature, self.tables.params, self.tables.buffers, select,
+                             inputs, targets).float()
 
     # ------------------------------------------------------------------ plumbing
 

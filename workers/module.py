@@ -7,6 +7,7 @@ when it differs from the last call's.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,11 +16,19 @@ from torch import nn
 
 
 class GroupModule:
-    """The module of one group, and the mode (train or eval) it was last put in."""
+    """The module of one group, the mode (train or eval) it was last put in, and its autocast."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, autocast: torch.dtype | None = None) -> None:
         self.module = module
         self.training = module.training
+        self.autocast = autocast  # bf16-mixed: forward and loss under torch.autocast in this dtype
+
+    def compute(self) -> contextlib.AbstractContextManager[Any]:
+        """Where a forward (and its loss) runs: under autocast for mixed precision, else as it is."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        device = next((p.device.type for p in self.module.parameters()), "cpu")
+        return torch.autocast(device_type=device, dtype=self.autocast)
 
     def mode(self, training: bool) -> None:
         if training != self.training:
