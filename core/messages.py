@@ -198,6 +198,7 @@ class InitWorker(ToWorker):
     shm_prefix: str
     restore: bool = False  # fill the banks from the host copies instead of initialising them
     mirrors: list[str] = []  # per group: the shared-memory name of its host copy, laid out as its bank
+    compile_cache_dir: str = ""  # where compiled calls are shared ("": the XDG cache directory)
 
 
 class RunJob(ToWorker):
@@ -262,6 +263,7 @@ class Heartbeat(FromWorker):
     """The worker's counts, sent while its loop is free (liveness itself is stamped into a file)."""
 
     counters: dict[str, int] = {}  # calls, joined_jobs, compiled_calls, eager_calls, ...
+    compiled_shapes: list[str] = []  # each compiled call shape: loaded from the cache or compiled here
 
 
 class WorkerFailed(FromWorker):

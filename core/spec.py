@@ -41,6 +41,7 @@ class BatchingSpec(msgspec.Struct, frozen=True):
     max_jobs: int = 64  # at most this many waiting jobs joined into one call; 1 turns coalescing off
     max_wait_ms: float = 0.0  # how long a worker may hold a lone job for others to join it
     compile: str = ""  # torch.compile mode for fused calls ("default", "reduce-overhead", ...); "" = eager
+    buckets: list[int] | None = None  # compiled calls: batch sizes padded up to these; None: powers of two
 
 
 class ScheduleSpec(msgspec.Struct, frozen=True):

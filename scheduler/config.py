@@ -47,6 +47,7 @@ class CoordinatorConfig:
     mps_thread_percentage: int | None = None
     curve_secret_key: str = ""
     curve_allowed_keys: str = ""
+    compile_cache_dir: str = ""  # "": $XDG_CACHE_HOME/cohort, else ~/.cache/cohort
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,7 @@ def _schedule(raw: Any, key: str, path: str) -> ScheduleSpec:
 
 def _batching(raw: Any, key: str, path: str) -> BatchingSpec:
     _expect(raw, dict, key, path)
-    known = {"fuse", "max_jobs", "max_wait_ms", "compile"}
+    known = {"fuse", "max_jobs", "max_wait_ms", "compile", "buckets"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{path}: {key}.{sorted(unknown)[0]} unknown; known: {', '.join(sorted(known))}")
@@ -253,7 +254,13 @@ def _batching(raw: Any, key: str, path: str) -> BatchingSpec:
     if compiled not in ("", *COMPILE_MODES):
         raise ConfigError(f"{path}: {key}.compile must be true, false or one of {', '.join(COMPILE_MODES)}, "
                           f"got {compiled!r}")
-    return BatchingSpec(fuse, max_jobs, float(wait), compiled)
+    buckets = raw.get("buckets")
+    if buckets is not None:
+        _expect(buckets, list, f"{key}.buckets", path)
+        if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in buckets):
+            raise ConfigError(f"{path}: {key}.buckets must be a list of batch sizes (positive integers), got {buckets!r}")
+        buckets = sorted(set(buckets))
+    return BatchingSpec(fuse, max_jobs, float(wait), compiled, buckets)
 
 
 def _input_spec(raw: Any, name: str, key: str, path: str) -> InputSpec:

@@ -615,7 +615,9 @@ class Coordinator:
             {"id": w.id, "pid": w.pid, "state": w.state, "device": w.device or self.device, "models": w.model_ids(),
              "queued": len(w.pending), "in_flight": len(w.in_flight), "jobs_done": w.jobs_done, "restarts": w.restarts,
              "calls": w.counters.get("calls", 0), "joined_jobs": w.counters.get("joined_jobs", 0),
-             "compiled_calls": w.counters.get("compiled_calls", 0), "eager_calls": w.counters.get("eager_calls", 0)}
+             "compiled_calls": w.counters.get("compiled_calls", 0), "eager_calls": w.counters.get("eager_calls", 0),
+             "compile": {"loaded": w.counters.get("compile_loaded", 0), "compiled": w.counters.get("compile_compiled", 0),
+                         "seconds": round(w.counters.get("compile_ms", 0) / 1000, 3), "shapes": w.compiled_shapes}}
             for w in self.workers
         ]
         return {

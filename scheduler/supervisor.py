@@ -100,7 +100,7 @@ class Supervisor:
     def on_hello(self, w: WorkerHandle, msg: WorkerHello, _: list[Any]) -> None:
         w.pid = msg.pid
         init = InitWorker(w.id, self.device, self.config.streams, self._specs[w.id], w.shm_prefix, restore=w.restore,
-                          mirrors=self._mirrors[w.id])
+                          mirrors=self._mirrors[w.id], compile_cache_dir=self.config.compile_cache_dir)
         w.send(self.codec.encode(init))
 
     def on_ready(self, w: WorkerHandle, msg: WorkerReady, _: list[Any]) -> None:
@@ -117,6 +117,7 @@ class Supervisor:
 
     def on_heartbeat(self, w: WorkerHandle, msg: Heartbeat, _: list[Any]) -> None:
         w.counters = dict(msg.counters)
+        w.compiled_shapes = list(msg.compiled_shapes)
 
     def on_failed(self, w: WorkerHandle, msg: WorkerFailed, _: list[Any]) -> None:
         if w.state == "starting" and not w.restore:

@@ -68,6 +68,7 @@ class WorkerHandle:
     restarts: int = 0
     deaths: list[float] = field(default_factory=list)  # monotonic times of recent deaths
     counters: dict[str, int] = field(default_factory=dict)  # the worker's counts as of its last heartbeat
+    compiled_shapes: list[str] = field(default_factory=list)  # its compiled call shapes, and how each came
     restore: bool = False
     shm_prefix: str = ""
 

@@ -16,13 +16,28 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import torch
 
 from core.bank import Bank
-from core.definition import STEPS, build_module, cast_floating, compute_dtype, hparam_name
+from core.definition import (
+    STEPS,
+    build_module,
+    cast_floating,
+    compute_dtype,
+    hparam_name,
+    import_object,
+)
 from core.errors import CohortError, ConfigError
 from core.spec import GroupSpec
 from core.tensors import DTYPES
+from workers import compiled as compiled_module
+from workers import fused as fused_module
+from workers import losses as losses_module
+from workers import module as module_module
+from workers import training as training_module
+from workers.compile_cache import CompileCache, source_hash
+from workers.compiled import CompiledCalls, Padding
 from workers.fused import FUSE_MIN_MODELS, FusedGroup
 from workers.losses import resolve_loss
 from workers.module import BankTables, GroupModule
@@ -48,12 +63,41 @@ class GroupRuntime:
         self.dtype = compute_dtype([DTYPES[e.dtype] for e in spec.entries if e.role == "param"])
         self.trainer = Trainer(spec.optimizer, spec.schedule)
         self._views = [self.tables.model(slot) for slot in range(len(spec.indices))]
-        self.fused = FusedGroup(spec.name, self.module, self.loss_fn, self.trainer, self.tables, device,
-                                spec.batching.compile)
+        self.fused = FusedGroup(spec.name, self.module, self.loss_fn, self.trainer, self.tables, device)
         self.fused.enabled = spec.batching.fuse
         self.mirror: Bank | None = None  # the coordinator's host copy of this bank
         self._meta_module: GroupModule | None = None
         self._meta_outputs: dict[tuple[Any, ...], Any] = {}
+
+    def enable_compile(self, mode: str, cache: CompileCache | None) -> CompiledCalls:
+        """Compile the fused calls in ``mode``, shared through ``cache`` (None: this worker only)."""
+        meta = build_module(self.spec.factory, self.spec.kwargs, "meta")
+        base = {"factory": self.spec.factory, "kwargs": self.spec.kwargs,
+                "factory_source": source_hash(import_object(self.spec.factory, "factory")),
+                "module": repr(meta), "entries": msgspec.to_builtins(self.spec.entries), "loss": self.spec.loss,
+                "loss_source": "" if self.spec.loss in ("cross_entropy", "mse") else source_hash(
+                    import_object(self.spec.loss, "loss")),
+                "precision": self.spec.precision, "inputs": msgspec.to_builtins(self.spec.inputs),
+                "cohort": source_hash(fused_module, module_module, losses_module, compiled_module, training_module),
+                "device": self.device.type}
+        padding = Padding(self.spec.batching.buckets, self._outputs_lead_with_batch(),
+                          self.spec.loss == "cross_entropy" and not _mixes_rows(meta))
+        static = [*self.tables.params.values(), *self.tables.buffers.values()]
+        self.fused.compiled = CompiledCalls(self.spec.name, mode, self.device, len(self.spec.indices), base, padding,
+                                            self.fused, static, cache)
+        return self.fused.compiled
+
+    def _outputs_lead_with_batch(self) -> bool:
+        """Whether every output of one model leads with the batch dim (so padded rows can be cut)."""
+        from core.definition import example_inputs
+
+        for batch in (2, 3):
+            inputs = example_inputs(self.spec.inputs, self.spec.single_input, batch, "cpu")
+            out = self.output_meta(cast_floating(inputs, self.dtype))
+            leaves = out.values() if isinstance(out, dict) else (out if isinstance(out, tuple) else (out,))
+            if not all(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == batch for t in leaves):
+                return False
+        return True
 
     # ------------------------------------------------------------------ weights
 
@@ -251,6 +295,11 @@ class GroupRuntime:
             with torch.no_grad():
                 self._meta_outputs[key] = self._meta_module({}, meta)
         return self._meta_outputs[key]
+
+
+def _mixes_rows(module: torch.nn.Module) -> bool:
+    """A layer whose training step couples the rows of a batch (padding rows would change it)."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
 def _row(inputs: Any, targets: torch.Tensor, j: int, shared: bool) -> tuple[Any, torch.Tensor]:

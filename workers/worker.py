@@ -43,6 +43,7 @@ from core.messages import (
 from core.spec import GroupSpec
 from core.tensors import encode_tensors
 from workers import bank_ops
+from workers.compile_cache import CompileCache
 from workers.execute import GroupRuntime
 from workers.executors import make_executor
 from workers.lifeline import Lifeline
@@ -99,6 +100,7 @@ class Worker:
         device = resolve_device(init.device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        cache = self._compile_cache(init, device)
         for spec, mirror in zip(init.groups, init.mirrors, strict=True):
             bank = Bank.create(spec.name, spec.entries, len(spec.indices), device, f"{init.shm_prefix}{spec.name}")
             self.banks.append(bank)
@@ -110,12 +112,30 @@ class Worker:
                 runtime.initialise()
                 bank_ops.mirror(bank, runtime.mirror, list(range(len(spec.indices))))  # the first restore point
             self.runtimes[spec.name] = runtime
+            if spec.batching.compile:
+                compiled = runtime.enable_compile(spec.batching.compile, cache)
+                if compiled.preload(runtime.fused.eager):  # shapes any worker compiled before: no wait later
+                    log.info("group %s: %d compiled call shapes loaded", spec.name, compiled.loaded)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.executor = make_executor(self.runtimes, device, init.streams)
         self.max_wait_s = max((g.batching.max_wait_ms for g in init.groups), default=0.0) / 1000
         self.max_jobs = max((g.batching.max_jobs for g in init.groups), default=1)
         self._send(WorkerReady(self.worker_id, str(device), [b.handle for b in self.banks]))
+
+    @staticmethod
+    def _compile_cache(init: InitWorker, device: torch.device) -> CompileCache | None:
+        """The machine's cache of compiled calls, when a group compiles; its kernels directory is this
+        worker's TORCHINDUCTOR_CACHE_DIR. None (each worker compiles alone) if it cannot be used."""
+        if not any(g.batching.compile for g in init.groups):
+            return None
+        try:
+            cache = CompileCache(device, init.compile_cache_dir)
+        except OSError as exc:
+            log.warning("compile cache at %r unusable (%s); compiling in this worker only", init.compile_cache_dir, exc)
+            return None
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.inductor_dir
+        return cache
 
     # ------------------------------------------------------------------ loop
 
@@ -179,13 +199,18 @@ class Worker:
         now = time.monotonic()
         if now - self._last_report >= REPORT_S:
             self._last_report = now
-            self._send(Heartbeat(self.worker_id, self.counters()))
+            shapes = [f"{name} {shape}" for name, rt in self.runtimes.items() if rt.fused.compiled is not None
+                      for shape in rt.fused.compiled.shapes]
+            self._send(Heartbeat(self.worker_id, self.counters(), shapes))
 
     def counters(self) -> dict[str, int]:
         ex = self.executor
         fused = [rt.fused for rt in self.runtimes.values()]
+        compiled = [f.compiled for f in fused if f.compiled is not None]
         return {"calls": getattr(ex, "calls", 0), "joined_jobs": getattr(ex, "joined_jobs", 0),
-                "compiled_calls": sum(f.compiled_calls for f in fused), "eager_calls": sum(f.eager_calls for f in fused)}
+                "compiled_calls": sum(f.compiled_calls for f in fused), "eager_calls": sum(f.eager_calls for f in fused),
+                "compile_loaded": sum(c.loaded for c in compiled), "compile_compiled": sum(c.compiled_here for c in compiled),
+                "compile_ms": int(1000 * sum(c.compile_s for c in compiled))}
 
     def remove_shm(self) -> None:
         """Unlink this worker's shared-memory banks by name (safe from another thread: nothing is unmapped)."""
