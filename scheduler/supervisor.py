@@ -209,7 +209,8 @@ def maybe_started(w: WorkerHandle, in_flight: list[Part]) -> tuple[list[Part], l
 
 
 def worker_threads(workers: int) -> dict[str, str]:
-    """Workers share the cores instead of each taking all (unless the user set it)."""
+    """Workers share the cores (unless the user set it), leaving one to the coordinator and the
+    clients: an intra-op thread pool that oversubscribes the cores waits on its slowest thread."""
     if "OMP_NUM_THREADS" in os.environ:
         return {}
-    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+    return {"OMP_NUM_THREADS": str(max(1, ((os.cpu_count() or 1) - 1) // workers))}

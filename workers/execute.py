@@ -40,7 +40,7 @@ from workers.compile_cache import CompileCache, source_hash
 from workers.compiled import CompiledCalls, Padding
 from workers.fused import FUSE_MIN_MODELS, FusedGroup
 from workers.losses import resolve_loss
-from workers.module import BankTables, GroupModule
+from workers.module import BankTables, GroupModule, SlotModules
 from workers.outcome import AlreadyStepped, is_transient
 from workers.training import Trainer
 
@@ -62,7 +62,7 @@ class GroupRuntime:
         self.tables = BankTables(bank.role("param"), bank.role("buffer"), bank.role("state"), hparams)
         self.dtype = compute_dtype([DTYPES[e.dtype] for e in spec.entries if e.role == "param"])
         self.trainer = Trainer(spec.optimizer, spec.schedule)
-        self._views = [self.tables.model(slot) for slot in range(len(spec.indices))]
+        self.slots = SlotModules(build_module(spec.factory, spec.kwargs, "meta"), self.tables)
         self.fused = FusedGroup(spec.name, self.module, self.loss_fn, self.trainer, self.tables, device)
         self.fused.enabled = spec.batching.fuse
         self.mirror: Bank | None = None  # the coordinator's host copy of this bank
@@ -178,26 +178,25 @@ class GroupRuntime:
     # ------------------------------------------------------------------ jobs
 
     def infer(self, slot: int, inputs: Any) -> Any:
-        self.module.mode(False)
+        module = self.slots.get(slot, training=False)
         with torch.no_grad(), self.module.compute():
-            return self.module(self._views[slot], cast_floating(inputs, self.dtype))
+            return _call(module, cast_floating(inputs, self.dtype))
 
     def train_step(self, slot: int, inputs: Any, target: torch.Tensor) -> torch.Tensor:
         """One optimizer step of model ``slot``; returns the loss (a 0-dim tensor on the device).
 
         The gradient is computed first, touching nothing; a failure once the optimizer
         step has begun raises ``AlreadyStepped``."""
-        self.module.mode(True)
-        params = self.tables.params
-        leaves = {n: t[slot].detach().requires_grad_(True) for n, t in params.items()}
+        module = self.slots.get(slot, training=True)
+        leaves = self.slots.parameters(slot)
         with self.module.compute():
-            output = self.module({**self._views[slot], **leaves}, cast_floating(inputs, self.dtype))
-            loss = self.loss_fn(output, target)  # the target was checked on the host (check_targets)
+            loss = self.loss_fn(_call(module, cast_floating(inputs, self.dtype)), target)  # target checked on the host
         names = list(leaves)
         grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
         # Like torch.optim, a parameter without a gradient is left alone, state included.
         used = {n: g.unsqueeze(0) for n, g in zip(names, grads) if g is not None}
         window = slice(slot, slot + 1)
+        params = self.tables.params
         try:
             self.trainer.step(
                 {n: params[n][window] for n in used},
@@ -211,9 +210,9 @@ class GroupRuntime:
 
     def evaluate_one(self, slot: int, inputs: Any, target: torch.Tensor) -> torch.Tensor:
         """The loss of model ``slot`` without a step, in eval mode (a 0-dim tensor)."""
-        self.module.mode(False)
+        module = self.slots.get(slot, training=False)
         with torch.no_grad(), self.module.compute():
-            return self.loss_fn(self.module(self._views[slot], cast_floating(inputs, self.dtype)), target).float()
+            return self.loss_fn(_call(module, cast_floating(inputs, self.dtype)), target).float()
 
     def ensemble(self, slots: list[int], inputs: Any) -> Any:
         """The same inputs through models ``slots``: outputs stacked ``[n, ...]``, fused when it can."""
@@ -295,6 +294,10 @@ class GroupRuntime:
             with torch.no_grad():
                 self._meta_outputs[key] = self._meta_module({}, meta)
         return self._meta_outputs[key]
+
+
+def _call(module: torch.nn.Module, inputs: Any) -> Any:
+    return module(**inputs) if isinstance(inputs, dict) else module(inputs)
 
 
 def _mixes_rows(module: torch.nn.Module) -> bool:
