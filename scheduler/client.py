@@ -22,13 +22,14 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import zmq
 
-from core.errors import JobTimeout, ProtocolError
+from core.errors import BadInput, JobTimeout, ProtocolError
 from core.tensors import DEFAULT_MAX_MESSAGE_BYTES
 from scheduler.client_api import BaseClient, default_address
 from scheduler.client_async import AsyncClient
@@ -72,6 +73,26 @@ class Client(BaseClient):
                 direct.link.close()
             self._direct_sockets.clear()
         self._context.term()
+
+    def map(self, op: str, target: str, inputs: Iterable[Any], targets: Iterable[Any] | None = None, *,
+            depth: int = 4, timeout: float | None = None) -> Iterator[Any]:
+        """Results of ``op`` on ``target`` for each item of ``inputs`` (and ``targets``), in order, with up to
+        ``depth`` calls in flight: the coordinator and workers work on the next batches while this
+        thread handles one. Stops early without leaving calls behind if the loop is left."""
+        if depth < 1:
+            raise BadInput(f"map needs depth >= 1, got {depth}")
+        pairs = zip(inputs, targets) if targets is not None else ((x, None) for x in inputs)
+        in_flight: deque[Future[Any]] = deque()
+        try:
+            for x, t in pairs:
+                in_flight.append(self.submit(op, target, x, t, timeout=timeout))
+                if len(in_flight) >= depth:
+                    yield in_flight.popleft().result()
+            while in_flight:
+                yield in_flight.popleft().result()
+        finally:
+            for future in in_flight:  # the caller stopped early: what is left is answered and dropped
+                future.cancel()
 
     def __enter__(self) -> Client:
         return self

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
+from core.errors import BadInput
 from core.tensors import DEFAULT_MAX_MESSAGE_BYTES
 from scheduler.client_api import BaseClient, coroutine_calls
 from scheduler.client_core import DEFAULT_TIMEOUT_S, Call, Connection
@@ -59,6 +62,25 @@ class AsyncClient(BaseClient):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    async def map(self, op: str, target: str, inputs: Iterable[Any], targets: Iterable[Any] | None = None, *,
+                  depth: int = 4, timeout: float | None = None) -> AsyncIterator[Any]:
+        """Results of ``op`` on ``target`` for each item of ``inputs`` (and ``targets``), in order, with up to
+        ``depth`` calls in flight (``async for y in c.map("infer", "mlp/3", batches): ...``)."""
+        if depth < 1:
+            raise BadInput(f"map needs depth >= 1, got {depth}")
+        pairs = zip(inputs, targets) if targets is not None else ((x, None) for x in inputs)
+        in_flight: deque[asyncio.Task[Any]] = deque()
+        try:
+            for x, t in pairs:
+                in_flight.append(asyncio.ensure_future(self.submit(op, target, x, t, timeout=timeout)))
+                if len(in_flight) >= depth:
+                    yield await in_flight.popleft()
+            while in_flight:
+                yield await in_flight.popleft()
+        finally:
+            for task in in_flight:
+                task.cancel()
 
     async def _call(self, call: Call, timeout: float | None) -> Any:
         t = self._timeout(timeout)
