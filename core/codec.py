@@ -47,15 +47,15 @@ _PACKED_HEAD = struct.Struct("<IH")
 
 
 def tensor_count(message: Any) -> int:
-    """How many buffers belong to one message inside a bundle."""
+    """How many buffers belong to one message inside a bundle (none for tensors in shared memory)."""
     if isinstance(message, (RunJob, SubmitJob)):
-        return len(message.inputs.metas) + len(message.targets.metas)
+        return message.inputs.frames + message.targets.frames
     if isinstance(message, (JobResult, JobDone)):
-        return len(message.outputs.metas)
+        return message.outputs.frames
     if isinstance(message, SetWeights):
-        return len(message.weights.metas)
+        return message.weights.frames
     if isinstance(message, WeightsReply):
-        return len(message.weights.metas)
+        return message.weights.frames
     return 0
 
 

@@ -46,6 +46,7 @@ class SubmitJob(ClientRequest):
     inputs: TensorTree
     targets: TensorTree = NO_TENSORS
     timeout_s: float | None = None
+    shm_results: bool = False  # a client of this machine: large results may come in a worker's arena
 
 
 class BarrierRequest(ClientRequest):
@@ -218,6 +219,7 @@ class RunJob(ToWorker):
     shared: bool = False  # train_round/evaluate: one batch (inputs and targets) for every model, not stacked
     hparams: dict[str, list[float]] = {}  # "set_hparams": values, one per slot of ``slots``
     seed: int | None = None  # "reset": the seed (None: the group's own rule)
+    shm_results: bool = False  # large outputs may go into the worker's arena (the client reads it)
 
 
 class Shutdown(ToWorker):

@@ -49,7 +49,7 @@ from scheduler.client_core import (
     as_weights,
     job,
 )
-from scheduler.config import ADDRESS_ENV, DEFAULT_ADDRESS
+from scheduler.config import ADDRESS_ENV, DEFAULT_ADDRESS, is_private_address
 from scheduler.security import CurveClient
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -78,11 +78,14 @@ class BaseClient:
     """Settings and public calls of both flavours; no I/O."""
 
     def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, curve: CurveClient | None = None) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, curve: CurveClient | None = None,
+                 shm: bool | None = None) -> None:
         self.address = check_address(address or default_address())
         self.timeout = timeout
         self.curve = curve or CurveClient.from_env()
-        self._core = ClientCore(max_message_bytes)
+        # Large tensors through shared memory, when the coordinator is on this machine (None: decide by address).
+        local = is_private_address(self.address)
+        self._core = ClientCore(max_message_bytes, shm=local if shm is None else bool(shm) and local)
 
     @property
     def max_message_bytes(self) -> int:

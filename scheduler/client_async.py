@@ -36,13 +36,14 @@ class AsyncClient(BaseClient):
     """
 
     def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, curve: CurveClient | None = None) -> None:
-        super().__init__(address, timeout=timeout, max_message_bytes=max_message_bytes, curve=curve)
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, curve: CurveClient | None = None,
+                 shm: bool | None = None) -> None:
+        super().__init__(address, timeout=timeout, max_message_bytes=max_message_bytes, curve=curve, shm=shm)
         self._context = zmq.asyncio.Context()
         self._socket = dealer(self._context, self.curve)  # see scheduler/link.py for its settings
         self._monitor = self._socket.get_monitor_socket(DROPPED)
         self._socket.connect(self.address)
-        self._connection = Connection(self.address)
+        self._connection = Connection(self.address, self._core)
         self._reader: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
@@ -56,6 +57,7 @@ class AsyncClient(BaseClient):
             settled.resolve()
         close_monitored(self._socket, self._monitor)
         self._context.term()
+        self._core.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self

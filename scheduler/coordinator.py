@@ -345,7 +345,7 @@ class Coordinator:
 
     def _on_submit(self, client: bytes, msg: SubmitJob, buffers: list[Any]) -> None:
         check_op(msg.op)
-        n_in = len(msg.inputs.metas)
+        n_in = msg.inputs.frames
         size = check_buffers(msg.inputs, buffers[:n_in], self.cc.max_message_bytes)
         check_buffers(msg.targets, buffers[n_in:], self.cc.max_message_bytes - size)
         model = self.model_ids.get(msg.target)
@@ -363,6 +363,7 @@ class Coordinator:
         job = self._new_job(msg.op, group, models, msg.timeout_s, client, msg.req_id)
         job.shared = msg.op in ("train_round", "evaluate") and stacked is None  # one batch for every model
         self._split(job, msg.inputs, buffers[:n_in], msg.targets, buffers[n_in:], stacked)
+        job.shm_results = msg.shm_results and len(job.parts) == 1  # results of several workers are joined here
         self._queue(job)
         self.stats.record_submit()
 
@@ -592,7 +593,8 @@ class Coordinator:
     def _send_parts(self, w: WorkerHandle, parts: list[Part]) -> bool:
         """One message for every part sent to a worker in this step: one system call, one wake-up."""
         commands = [RunJob(p.job.id, p.job.op, p.job.group, p.slots, p.inputs, p.targets, p.job.deadline,
-                           p.job.option, p.job.source, p.job.shared, p.hparams, p.job.seed) for p in parts]
+                           p.job.option, p.job.source, p.job.shared, p.hparams, p.job.seed, p.job.shm_results)
+                    for p in parts]
         buffers = [b for p in parts for b in p.buffers]
         message = commands[0] if len(commands) == 1 else RunJobs(commands)
         if not w.send(self.worker_codec.encode(message, buffers)):

@@ -54,6 +54,7 @@ class Job:
     option: str = ""  # bank operations: see core.messages.RunJob
     source: list[int] = field(default_factory=list)
     shared: bool = False  # one batch for every model of a group call
+    shm_results: bool = False  # a local client: large results may come back in the worker's arena
     seed: int | None = None  # reset
 
     def fenced(self) -> bool:

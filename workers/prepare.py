@@ -95,7 +95,7 @@ def prepare(runtimes: dict[str, GroupRuntime], job: RunJob, buffers: list[Any], 
     """Decode a job's tensors (into pinned memory when headed for a GPU) and check them on the host."""
     check_deadline(job)
     runtime = runtimes[job.group]
-    n_in = len(job.inputs.metas)
+    n_in = job.inputs.frames
     # The coordinator checked the sizes against its bound; these only must match their headers.
     inputs = decode_tensors(job.inputs, buffers[:n_in], 1 << 62, pinned)
     targets = decode_tensors(job.targets, buffers[n_in:], 1 << 62, pinned)
