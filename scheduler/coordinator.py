@@ -30,6 +30,7 @@ from core.codec import (
     coordinator_client_codec,
     coordinator_worker_codec,
     unbundle,
+    zero_copy,
 )
 from core.definition import build_definition
 from core.errors import (
@@ -320,9 +321,9 @@ class Coordinator:
             else:
                 message = Replies(0, [m for m, _ in items])
                 buffers = [b for _, own in items for b in own]
+            frames = self.client_codec.encode(message, buffers)
             try:
-                self.frontend.send_multipart([client, *self.client_codec.encode(message, buffers)], zmq.NOBLOCK,
-                                             copy=False)
+                self.frontend.send_multipart([client, *frames], zmq.NOBLOCK, copy=not zero_copy(frames))
             except zmq.ZMQError:
                 pass  # the client has gone (ROUTER_MANDATORY) or stopped reading: nobody is left to tell
 

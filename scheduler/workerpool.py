@@ -24,6 +24,7 @@ from typing import Any
 import zmq
 
 from core.bank import leftover_shm, unlink_shm
+from core.codec import zero_copy
 from core.spec import GroupSpec
 from scheduler.jobs import Part
 from scheduler.placement import Block
@@ -123,7 +124,7 @@ class WorkerHandle:
         if self.socket is None:
             return False
         try:
-            self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=not zero_copy(frames))
             return True
         except zmq.ZMQError:
             return False

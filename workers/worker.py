@@ -26,7 +26,7 @@ import zmq
 
 from core.arena import Arena, ArenaReader
 from core.bank import Bank, BankHandle, bank_layout, unlink_shm
-from core.codec import unbundle, worker_codec
+from core.codec import unbundle, worker_codec, zero_copy
 from core.device import resolve_device
 from core.errors import CohortError
 from core.messages import (
@@ -261,7 +261,8 @@ class Worker:
                 unlink_shm(bank.handle.shm_name)
 
     def _send(self, message: Any, buffers: list[Any] | None = None) -> None:
-        self.socket.send_multipart(self.codec.encode(message, buffers), copy=False)
+        frames = self.codec.encode(message, buffers)
+        self.socket.send_multipart(frames, copy=not zero_copy(frames))
 
     def close(self) -> None:
         self.arenas.close()
