@@ -65,7 +65,7 @@ MIN_TIME_LEFT_S = 0.001
 # Calls with at least this many tensor bytes go through shared memory when the coordinator is local:
 # below it the sockets cost less than the extra bookkeeping.
 SHM_MIN_BYTES = 256 * 1024
-ARENA_BYTES = 1 << 30  # address space only: pages are allocated as regions are first written
+ARENA_BYTES = 256 << 20  # address space: pages are allocated as regions are first written (an idle ring restarts at 0)
 
 Returns = Callable[[Any, list[Any]], Any]
 

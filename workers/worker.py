@@ -53,7 +53,7 @@ from workers.outcome import Finished
 
 REPORT_S = 0.25
 SHM_MIN_BYTES = 256 * 1024  # results this large go through the arena for a local client
-RESULT_ARENA_BYTES = 1 << 30  # address space only: pages are allocated as results are written
+RESULT_ARENA_BYTES = 256 << 20  # address space: pages are allocated as results are first written
 RESULT_RECLAIM_S = 120.0  # a result its client never read (it died) is given up after this
 INIT_TIMEOUT_S = 60.0
 LOG_LEVEL_ENV = "COHORT_LOG_LEVEL"
