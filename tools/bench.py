@@ -5,8 +5,8 @@
                           [--repeat N] [--device auto|cpu|cuda]
 
 Workloads (``--workload``, default all): w1_mlp_infer, w1_scaling, w2_cnn_train,
-w3_transformer_train, control_plane. Modes (``--mode``, default all), each on the
-same models, seeds and data:
+w3_transformer_train, w4_sweep_train (a sweep: every model trains on one shared batch),
+control_plane. Modes (``--mode``, default all), each on the same models, seeds and data:
 
     sequential        one process looping over the K models (the baseline)
     processes         N plain processes, each with its share of the models, side by side
@@ -14,7 +14,10 @@ same models, seeds and data:
     vmap              raw in-process torch.func.vmap over stacked weights (the reference)
     vmap_compiled     the same through torch.compile
     cohort_per_model  a real coordinator; K concurrent per-model jobs per step
-    cohort_fused      the same coordinator; one ensemble / train_round per step
+    cohort_fused      the same coordinator; one ensemble / train_round per step (a round's
+                      inputs stacked [K, B, ...]: K copies of the batch in a sweep)
+    cohort_fused_shared  w4_sweep_train only: one train_round(group, x, t) per step, the
+                      shared batch sent once for every model
     cohort_fused_compiled  the same with the group's fused calls through torch.compile
                       (batching.compile = true); skipped with --quick
 
@@ -56,10 +59,11 @@ MODES = (
     "vmap_compiled",
     "cohort_per_model",
     "cohort_fused",
+    "cohort_fused_shared",
     "cohort_fused_compiled",
 )
 FULL_REPEAT = 2  # a full run takes each mode's best of two
-WORKLOADS = ("w1_mlp_infer", "w1_scaling", "w2_cnn_train", "w3_transformer_train", "control_plane")
+WORKLOADS = ("w1_mlp_infer", "w1_scaling", "w2_cnn_train", "w3_transformer_train", "w4_sweep_train", "control_plane")
 
 Progress = Callable[[str, str, Result], None]
 
@@ -159,6 +163,7 @@ def workload_record(workload: Any) -> dict[str, Any]:
         "warmup_steps": workload.warmup,
         "max_steps": workload.steps,
         "budget_s": workload.budget_s,
+        "shared_batch": workload.shared,
     }
 
 
@@ -204,13 +209,15 @@ def repeated(run_once: Callable[[Progress], Any], repeat: int, progress: Progres
 
 
 def merge_workload_runs(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Repeats of the same workloads as one record each: every mode's best repeat, then ratios."""
-    from tools.bench_report import add_ratios
+    """Repeats of the same workloads as one record each: every mode's best repeat, then ratios
+    and model-steps/s."""
+    from tools.bench_report import add_model_steps, add_ratios
 
     records = []
     for index, first in enumerate(runs[0]):
         modes = {mode: best_of([run[index]["modes"][mode] for run in runs]) for mode in first["modes"]}
         add_ratios(modes)
+        add_model_steps(modes, first.get("batch"))
         records.append({**first, "modes": modes})
     return records
 

@@ -6,10 +6,14 @@ once ``stats()`` answers; and it always stops the process tree again (SIGINT, th
 SIGKILL) and removes what it left, whatever happened in between.
 
 ``run_cohort`` measures workloads (each one group, named after the workload) on one
-coordinator in two modes: ``cohort_per_model`` (K concurrent ``submit("infer" |
+coordinator in these modes: ``cohort_per_model`` (K concurrent ``submit("infer" |
 "train_step", "g/i", ...)`` per step), ``cohort_fused`` (one ``ensemble`` or
-``train_round`` per step) and ``cohort_fused_compiled`` (the same on a twin group,
-``<workload>_compiled``, whose fused calls go through ``torch.compile``).
+``train_round`` per step; a training round's inputs stacked ``[K, B, ...]``),
+``cohort_fused_shared`` (shared-batch workloads only: one ``train_round(group, x, t)``
+with the batch sent once for every model) and ``cohort_fused_compiled`` (as
+``cohort_fused`` on a twin group, ``<workload>_compiled``, whose fused calls go through
+``torch.compile``). Every cohort mode records the bytes its requests carry per step
+(inputs and targets, as the client encodes them).
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ from typing import Any
 import torch
 
 from scheduler import Client
+from scheduler.client_core import job
 from tools import harness
 from tools.bench_measure import Result, describe, error, time_steps, with_gpu_metrics
 from tools.bench_workloads import Batch, Workload, build_models, loss_function, make_batches
 
-COHORT_MODES = ("cohort_per_model", "cohort_fused", "cohort_fused_compiled")
+COHORT_MODES = ("cohort_per_model", "cohort_fused", "cohort_fused_shared", "cohort_fused_compiled")
 COMPILED_MODE = "cohort_fused_compiled"
+SHARED_MODE = "cohort_fused_shared"  # runs only for shared-batch workloads (``Workload.shared``)
 READY_TIMEOUT_S = 180.0
 JOB_TIMEOUT_S = 300.0
 MAX_CPU_WORKERS = 8
@@ -117,28 +123,50 @@ def coordinator(
 # ---------------------------------------------------------------------- modes
 
 
+Job = tuple[str, str, Any, Any]  # (op, target, inputs, targets): one request, as ``Client.submit`` takes it
+
+
+def step_jobs(mode: str, group: str, workload: Workload, batch: Batch) -> list[Job]:
+    """The requests of one step of ``mode``: what is sent, and what its bytes are counted from.
+
+    ``cohort_per_model``: one job per model, in flight together; the fused modes: one
+    request for the whole group, ``ensemble`` or ``train_round`` with inputs stacked
+    ``[K, B, ...]``, or (``cohort_fused_shared``) the one batch every model trains on.
+    """
+    train = workload.task == "train"
+    if mode == "cohort_per_model":
+        if train:
+            return [("train_step", f"{group}/{k}", batch.xs[k], batch.ts[k]) for k in range(workload.count)]
+        return [("infer", f"{group}/{k}", batch.x, None) for k in range(workload.count)]
+    if mode == SHARED_MODE:
+        if batch.t is None:
+            raise ValueError(f"{mode} needs a shared-batch workload; {workload.name} gives each model its own batch")
+        return [("train_round", group, batch.x, batch.t)]
+    return [("train_round", group, batch.xs, batch.ts) if train else ("ensemble", group, batch.x, None)]
+
+
+def bytes_sent(jobs: list[Job]) -> int:
+    """The tensor bytes the client sends for these jobs (inputs and targets, as it encodes them)."""
+    return sum(job(op, target, inputs, targets).size for op, target, inputs, targets in jobs)
+
+
 def _wait_all(futures: list[Any]) -> list[Any]:
     return [future.result(timeout=JOB_TIMEOUT_S) for future in futures]
 
 
-def per_model_step(client: Client, group: str, workload: Workload, batch: Batch) -> Callable[[], object]:
-    """K jobs, one per model, in flight together; the step ends when all have answered."""
-    models = [f"{group}/{k}" for k in range(workload.count)]
-    if workload.task == "train":
-        return lambda: _wait_all(
-            [client.submit("train_step", m, batch.xs[k], batch.ts[k]) for k, m in enumerate(models)]
-        )
-    return lambda: _wait_all([client.submit("infer", m, batch.x) for m in models])
+def _call(client: Client, op: str, target: str, inputs: Any, targets: Any) -> Any:
+    """One job as a blocking call on this thread's socket (``ensemble``, ``train_round``)."""
+    if targets is None:
+        return getattr(client, op)(target, inputs, timeout=JOB_TIMEOUT_S)
+    return getattr(client, op)(target, inputs, targets, timeout=JOB_TIMEOUT_S)
 
 
-def fused_step(client: Client, group: str, workload: Workload, batch: Batch) -> Callable[[], object]:
-    """One request for the whole group: ``ensemble`` or ``train_round``."""
-    if workload.task == "train":
-        return lambda: client.train_round(group, batch.xs, batch.ts, timeout=JOB_TIMEOUT_S)
-    return lambda: client.ensemble(group, batch.x, timeout=JOB_TIMEOUT_S)
-
-
-STEPS = {"cohort_per_model": per_model_step, "cohort_fused": fused_step, COMPILED_MODE: fused_step}
+def make_step(client: Client, jobs: list[Job]) -> Callable[[], object]:
+    """One step: a lone request as a blocking call; several submitted together, the step
+    ending when all have answered."""
+    if len(jobs) == 1:
+        return lambda: _call(client, *jobs[0])
+    return lambda: _wait_all([client.submit(*j) for j in jobs])
 
 
 def reference_check(client: Client, group: str, workload: Workload, batch: Batch) -> dict[str, Any]:
@@ -164,7 +192,9 @@ def reference_check(client: Client, group: str, workload: Workload, batch: Batch
 
 
 def _measure(client: Client, workload: Workload, mode: str, device: str) -> Result:
-    steps = [STEPS[mode](client, group_name(workload, mode), workload, b) for b in make_batches(workload, "cpu")]
+    group = group_name(workload, mode)
+    jobs = [step_jobs(mode, group, workload, b) for b in make_batches(workload, "cpu")]
+    steps = [make_step(client, j) for j in jobs]
     result = with_gpu_metrics(
         device,
         lambda: time_steps(
@@ -172,10 +202,13 @@ def _measure(client: Client, workload: Workload, mode: str, device: str) -> Resu
             workload.samples_per_step, workload.budget_s,
         ),
     )
-    op = ("train_step" if workload.task == "train" else "infer") if mode == "cohort_per_model" else (
-        "train_round" if workload.task == "train" else "ensemble")
-    count = f"{workload.count} concurrent" if mode == "cohort_per_model" else "one"
-    result["notes"] = f"{count} {op} job(s) per step" + (
+    result["bytes_sent_per_step"] = bytes_sent(jobs[0])
+    op = jobs[0][0][0]
+    count = f"{workload.count} concurrent" if len(jobs[0]) > 1 else "one"
+    how = ""
+    if op == "train_round":
+        how = " on one shared batch, sent once" if mode == SHARED_MODE else " with inputs stacked [K, B, ...]"
+    result["notes"] = f"{count} {op} job(s) per step{how}" + (
         "; fused calls through torch.compile, compiled during the reference check and warm-up"
         if mode == COMPILED_MODE else "")
     return result
@@ -192,6 +225,8 @@ def _run_one(client: Client, workload: Workload, device: str, modes: list[str], 
     results: dict[str, Result] = {}
     checks: dict[str, dict[str, Any]] = {}
     for mode in modes:
+        if mode == SHARED_MODE and not workload.shared:
+            continue  # each model has its own batch: nothing to share
         began = time.monotonic()
         group = group_name(workload, mode)
         if group not in checks:  # once per group, before any of its timing

@@ -88,6 +88,15 @@ def add_ratios(modes: dict[str, Result]) -> None:
                 result[key] = result["throughput"] / reference["throughput"] if ok else None
 
 
+def add_model_steps(modes: dict[str, Result], batch: int | None) -> None:
+    """Give every measured mode its throughput in model-steps/s (one model's step on one batch)."""
+    if not batch:
+        return
+    for result in modes.values():
+        if result.get("status") == "ok" and "throughput" in result:
+            result["model_steps_per_s"] = result["throughput"] / batch
+
+
 # ---------------------------------------------------------------------- markdown
 
 
@@ -146,6 +155,60 @@ def _checks(workloads: list[dict[str, Any]]) -> list[str]:
                 f"- {workload['name']}: {who} {check['compared']} {verdict} {check['against']}"
                 f" (max abs diff {check['max_abs_diff']:.1e})."
             )
+    return lines
+
+
+SWEEP_MODES = {
+    "cohort_per_model": "K train_step jobs",
+    "cohort_fused": "train_round, inputs stacked [K, B, ...]",
+    "cohort_fused_shared": "train_round(group, x, t), one batch",
+    "cohort_fused_compiled": "train_round stacked, compiled",
+}
+
+
+def _bytes(value: Any) -> str:
+    if value is None:
+        return DASH
+    for unit, size in (("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:,.2f} {unit}"
+    return f"{value} B"
+
+
+def _sweeps(workloads: list[dict[str, Any]]) -> list[str]:
+    """Shared-batch workloads: what each cohort mode sends per step, and what it gets done."""
+    sweeps = [w for w in workloads if w.get("shared_batch")]
+    if not sweeps:
+        return []
+    lines = [
+        "## Sweeps: one shared batch against stacked copies",
+        "",
+        "Every model trains on the same batch. `cohort_fused` sends it stacked `[K, B, ...]` (K copies); "
+        "`cohort_fused_shared` sends it once (`train_round(group, x, t)`). Bytes are the inputs and targets "
+        "as the client encodes them, per step of all K models.",
+        "",
+        "| Workload | K | Mode | Request | Sent per step | Model-steps/s | × stacked |",
+        "|---|---:|---|---|---:|---:|---:|",
+    ]
+    for workload in sweeps:
+        modes = workload["modes"]
+        stacked = modes.get("cohort_fused", {})
+        base = stacked.get("model_steps_per_s") if stacked.get("status") == "ok" else None
+        label = f"{workload['name']} (batch {workload['batch']}, input {workload.get('input_shape')})"
+        first = True
+        for mode, request in SWEEP_MODES.items():
+            result = modes.get(mode)
+            if result is None:
+                continue
+            head = f"| {label if first else ''} | {workload['count'] if first else ''} | {mode} | {request} |"
+            first = False
+            if result.get("status") != "ok":
+                reason = str(result.get("reason", "")).replace("|", "/")
+                lines.append(f"{head} {result.get('status')}: {reason} | | |")
+                continue
+            rate = result.get("model_steps_per_s")
+            ratio = rate / base if rate is not None and base else None
+            lines.append(f"{head} {_bytes(result.get('bytes_sent_per_step'))} | {_number(rate)} | {_times(ratio)} |")
     return lines
 
 
@@ -226,6 +289,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         if checks:
             lines += ["", *checks]
         lines.append("")
+        sweeps = _sweeps(workloads)
+        if sweeps:
+            lines += [*sweeps, ""]
     if report.get("control_plane"):
         lines += [*_control_plane(report["control_plane"]), ""]
     return "\n".join(lines)

@@ -39,6 +39,7 @@ class Workload:
     steps: int  # at most this many timed steps per mode ...
     budget_s: float  # ... and no more once this many seconds of timed steps have passed
     seed: int = 0
+    shared: bool = False  # a sweep: every model trains on the same batch (``Batch.x``, ``Batch.t``)
 
     @property
     def samples_per_step(self) -> int:
@@ -66,11 +67,16 @@ class ControlPlane:
 
 @dataclass(frozen=True)
 class Batch:
-    """One step's data: ``x`` shared by all models (inference), ``xs``/``ts`` one per model."""
+    """One step's data: ``x`` shared by all models (inference), ``xs``/``ts`` one per model.
+
+    For a shared-batch workload (a sweep) ``t`` is the one batch's targets, and ``xs``/``ts``
+    hold K real copies of ``x``/``t``: what a client that stacks inputs has to send.
+    """
 
     x: torch.Tensor  # [B, *input_shape]
     xs: torch.Tensor  # [K, B, *input_shape]
     ts: torch.Tensor  # [K, B, *target_shape]
+    t: torch.Tensor | None = None  # [B, *target_shape], shared-batch workloads only
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -138,6 +144,28 @@ def _transformer_train(quick: bool) -> Workload:
     )
 
 
+def _sweep_train(quick: bool) -> Workload:
+    """A learning-rate sweep's step: K CNNs, every one on the same CIFAR-sized batch."""
+    return Workload(
+        name="w4_sweep_train",
+        task="train",
+        factory="examples.models:cnn",
+        kwargs={"channels": 3, "width": 16, "classes": 10},
+        count=4 if quick else 16,
+        batch=32 if quick else 128,
+        input_shape=(3, 32, 32),
+        input_dtype="float32",
+        classes=10,
+        target_shape=(),
+        loss="cross_entropy",
+        optimizer={"name": "sgd", "lr": 0.01},
+        warmup=1 if quick else 2,
+        steps=3 if quick else 60,
+        budget_s=1.0 if quick else 12.0,
+        shared=True,
+    )
+
+
 def _control_plane(quick: bool) -> ControlPlane:
     return ControlPlane(
         name="control_plane",
@@ -161,6 +189,7 @@ def all_workloads(quick: bool) -> dict[str, list[Workload | ControlPlane]]:
         "w1_scaling": [_mlp_infer(f"w1_scaling_k{k}", k, quick) for k in counts],
         "w2_cnn_train": [_cnn_train(quick)],
         "w3_transformer_train": [_transformer_train(quick)],
+        "w4_sweep_train": [_sweep_train(quick)],
         "control_plane": [_control_plane(quick)],
     }
 
@@ -217,12 +246,21 @@ def _draw(shape: tuple[int, ...], dtype: str, classes: int, generator: torch.Gen
 
 
 def make_batches(workload: Workload, device: str, count: int = 2) -> list[Batch]:
-    """A few seeded batches, made before timing starts and reused in turn by every step."""
+    """A few seeded batches, made before timing starts and reused in turn by every step.
+
+    A shared-batch workload's ``xs``/``ts`` are K copies of its ``x``/``t``, so every mode
+    (each model on ``xs[k]``, or all on ``x``) does the same arithmetic.
+    """
     generator = torch.Generator().manual_seed(workload.seed + 10_000)
     k, b = workload.count, workload.batch
     batches = []
     for _ in range(count):
         x = _draw((b, *workload.input_shape), workload.input_dtype, workload.classes, generator)
+        if workload.shared:
+            t = torch.randint(0, workload.classes, (b, *workload.target_shape), generator=generator)
+            xs, ts = torch.stack([x] * k), torch.stack([t] * k)
+            batches.append(Batch(x.to(device), xs.to(device), ts.to(device), t.to(device)))
+            continue
         xs = _draw((k, b, *workload.input_shape), workload.input_dtype, workload.classes, generator)
         ts = torch.randint(0, workload.classes, (k, b, *workload.target_shape), generator=generator)
         batches.append(Batch(x.to(device), xs.to(device), ts.to(device)))

@@ -34,10 +34,16 @@ from tools.bench_baselines import (  # noqa: E402
     run_processes,
     shards,
 )
-from tools.bench_cohort import group_table  # noqa: E402
+from tools.bench_cohort import SHARED_MODE, _run_one, bytes_sent, group_table, step_jobs  # noqa: E402
 from tools.bench_control import control_ratios, merge_control_runs, pipelined, round_trips  # noqa: E402
 from tools.bench_measure import MIN_STEPS, best_of, latency_ms, measure_steps, ok, skipped  # noqa: E402
-from tools.bench_report import add_ratios, device_label, render_markdown, write_plot  # noqa: E402
+from tools.bench_report import (  # noqa: E402
+    add_model_steps,
+    add_ratios,
+    device_label,
+    render_markdown,
+    write_plot,
+)
 from tools.bench_vmap import StackedEnsemble  # noqa: E402
 from tools.bench_workloads import all_workloads, build_models, make_batches, make_optimizer, select  # noqa: E402
 from tools.harness import config_text, toml_value  # noqa: E402
@@ -261,6 +267,12 @@ def test_every_workload_name_is_selectable() -> None:
     assert [full[f"w1_scaling_k{k}"].count for k in (8, 32, 128)] == [8, 32, 128]
     assert full["w2_cnn_train"].count == 16 and full["w2_cnn_train"].input_shape == (3, 32, 32)
     assert full["w3_transformer_train"].count == 8
+    sweep = full["w4_sweep_train"]
+    assert (sweep.count, sweep.batch, sweep.input_shape, sweep.task, sweep.shared) == (16, 128, (3, 32, 32), "train", True)
+    assert sweep.factory == "examples.models:cnn"
+    small = select(["w4_sweep_train"], quick=True)[0]
+    assert small.shared and small.count < sweep.count and small.batch < sweep.batch
+    assert [w.name for w in full.values() if getattr(w, "shared", False)] == ["w4_sweep_train"]
     with pytest.raises(ValueError):
         select(["nope"], quick=True)
 
@@ -276,7 +288,7 @@ def test_toml_values_round_trip() -> None:
         toml_value(math.nan)
 
 
-@pytest.mark.parametrize("name", ["w1_mlp_infer", "w2_cnn_train", "w3_transformer_train", "w1_scaling"])
+@pytest.mark.parametrize("name", ["w1_mlp_infer", "w2_cnn_train", "w3_transformer_train", "w1_scaling", "w4_sweep_train"])
 def test_generated_config_is_accepted_by_cohort(name: str) -> None:
     workloads = select([name], quick=True)
     text = config_text(
@@ -453,3 +465,89 @@ def test_processes_mps_children_start_with_the_daemons_variables(fake_mps_contro
     # The old way: children of the forkserver started before the daemon. The mode refuses to time them.
     with pytest.raises(RuntimeError, match="not its clients"):
         processes_under_mps(workload, "cpu", context=process_context())
+
+
+# ---------------------------------------------------------------------- the sweep workload
+
+
+def test_a_sweeps_batches_are_one_batch_for_every_model() -> None:
+    workload = select(["w4_sweep_train"], quick=True)[0]
+    for batch in make_batches(workload, "cpu"):
+        assert batch.t is not None and batch.t.shape == (workload.batch,)
+        assert batch.xs.shape == (workload.count, workload.batch, *workload.input_shape)
+        for k in range(workload.count):
+            assert torch.equal(batch.xs[k], batch.x) and torch.equal(batch.ts[k], batch.t)
+    assert make_batches(select(["w2_cnn_train"], quick=True)[0], "cpu")[0].t is None
+
+
+def test_shared_batches_send_one_copy_where_stacked_inputs_send_k() -> None:
+    workload = select(["w4_sweep_train"], quick=True)[0]
+    batch = make_batches(workload, "cpu", count=1)[0]
+    one = batch.x.numel() * 4 + batch.t.numel() * 8  # float32 inputs, int64 targets
+    shared = step_jobs(SHARED_MODE, "g", workload, batch)
+    assert [(op, target) for op, target, _, _ in shared] == [("train_round", "g")]
+    assert bytes_sent(shared) == one
+    assert bytes_sent(step_jobs("cohort_fused", "g", workload, batch)) == workload.count * one
+    per_model = step_jobs("cohort_per_model", "g", workload, batch)
+    assert [target for _, target, _, _ in per_model] == [f"g/{k}" for k in range(workload.count)]
+    assert bytes_sent(per_model) == workload.count * one
+    infer = select(["w1_mlp_infer"], quick=True)[0]
+    infer_batch = make_batches(infer, "cpu", count=1)[0]
+    assert bytes_sent(step_jobs("cohort_fused", "g", infer, infer_batch)) == infer_batch.x.numel() * 4
+    with pytest.raises(ValueError, match="shared-batch"):
+        step_jobs(SHARED_MODE, "g", infer, infer_batch)
+
+
+def test_the_shared_mode_runs_only_for_shared_batch_workloads() -> None:
+    workload = select(["w2_cnn_train"], quick=True)[0]
+    seen: list[str] = []
+    assert _run_one(None, workload, "cpu", [SHARED_MODE], {}, lambda w, m, r: seen.append(m)) == {}  # type: ignore[arg-type]
+    assert seen == []
+
+
+def test_model_steps_per_second_divide_the_samples_by_the_batch() -> None:
+    modes = {"a": ok(1280.0, "samples/s", [0.01], 1.0), "b": skipped("no GPU")}
+    add_model_steps(modes, 128)
+    assert modes["a"]["model_steps_per_s"] == pytest.approx(10.0)
+    assert "model_steps_per_s" not in modes["b"]
+    add_model_steps(modes, None)  # a record without a batch size is left as it is
+
+
+def _sweep_report() -> dict[str, Any]:
+    modes = {
+        "sequential": ok(2048.0, "samples/s", [0.5], 1.0),
+        "cohort_per_model": ok(1024.0, "samples/s", [1.0], 1.0, bytes_sent_per_step=26_279_936),
+        "cohort_fused": ok(1280.0, "samples/s", [0.8], 1.0, bytes_sent_per_step=26_279_936),
+        "cohort_fused_shared": ok(1920.0, "samples/s", [0.6], 1.0, bytes_sent_per_step=1_642_496),
+        "cohort_fused_compiled": skipped("--quick: compiling takes longer than the whole quick run"),
+    }
+    add_ratios(modes)
+    add_model_steps(modes, 128)
+    report = _report()
+    report["workloads"].append({"name": "w4_sweep_train", "task": "train", "batch": 128, "count": 16,
+                                "input_shape": [3, 32, 32], "shared_batch": True, "modes": modes})
+    return report
+
+
+def test_markdown_has_a_sweep_table_with_bytes_and_model_steps() -> None:
+    text = render_markdown(_sweep_report())
+    assert "## Sweeps: one shared batch against stacked copies" in text
+    rows = [line for line in text.split("## Sweeps")[1].splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| Workload | K | Mode | Request | Sent per step | Model-steps/s | × stacked |")
+    assert "| cohort_fused | train_round, inputs stacked [K, B, ...] | 26.28 MB | 10.0 | 1.00× |" in text
+    assert "| cohort_fused_shared | train_round(group, x, t), one batch | 1.64 MB | 15.0 | 1.50× |" in text
+    assert "| cohort_per_model | K train_step jobs | 26.28 MB | 8.0 | 0.80× |" in text
+    assert "| cohort_fused_compiled | train_round stacked, compiled | skipped: --quick" in text
+    assert "| w4_sweep_train (train, batch 128) | 16 | sequential |" in text  # and in the main table
+    assert "Sweeps" not in render_markdown(_report())  # no shared-batch workload, no sweep table
+
+
+def test_markdown_tables_with_a_sweep_have_consistent_columns() -> None:
+    tables: list[list[str]] = [[]]
+    for line in render_markdown(_sweep_report()).splitlines():
+        if line.startswith("|"):
+            tables[-1].append(line)
+        elif tables[-1]:
+            tables.append([])
+    for table in (t for t in tables if t):
+        assert len({row.count("|") for row in table}) == 1, table
