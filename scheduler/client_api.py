@@ -15,6 +15,7 @@ every marked method into a coroutine function of ``AsyncClient``.
 
 from __future__ import annotations
 
+import abc
 import functools
 import os
 from collections.abc import Callable
@@ -74,7 +75,7 @@ def check_address(address: str) -> str:
     return address
 
 
-class BaseClient:
+class BaseClient(abc.ABC):
     """Settings and public calls of both flavours; no I/O."""
 
     def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
@@ -94,11 +95,13 @@ class BaseClient:
     def _timeout(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else timeout
 
+    @abc.abstractmethod
     def _call(self, call: Call, timeout: float | None) -> Any:
-        raise NotImplementedError
+        """Carry out ``call`` and return its result (a flavour's own I/O)."""
 
+    @abc.abstractmethod
     def _submit(self, call: Call, timeout: float | None) -> Any:
-        raise NotImplementedError
+        """Start ``call`` and return what waits for its result (a future, or an awaitable)."""
 
     # ------------------------------------------------------------------ public API
 
