@@ -51,3 +51,19 @@ def test_workers_of_a_killed_coordinator_end_at_once_and_the_next_start_cleans_u
     finally:
         assert stop_and_check_clean(again) == 0
         kill_group(running.process.pid)
+
+
+def test_a_stalled_coordinator_does_not_take_its_workers_for_dead(cohort) -> None:
+    """Silence is the worker's own heartbeat: a coordinator that froze for longer than the timeout
+    (a long copy, a debugger, SIGSTOP) finds its workers alive when it resumes."""
+    running = cohort([mlp_group("m", 2)], workers=2, heartbeat_timeout_s=1.0)
+    with running.client(timeout=30) as c:
+        pids = [w["pid"] for w in c.stats()["workers"]]
+        running.process.send_signal(signal.SIGSTOP)
+        time.sleep(2.5)
+        running.process.send_signal(signal.SIGCONT)
+        time.sleep(0.5)
+        workers = c.stats()["workers"]
+        assert [w["pid"] for w in workers] == pids and all(w["restarts"] == 0 for w in workers), workers
+        assert c.infer("m/1", torch.randn(2, 8)).shape == (2, 4)
+    assert stop_and_check_clean(running) == 0
