@@ -47,7 +47,9 @@ class DirectoryState:
         """Take the table for a new cluster; the live owner instead, if there is one (refused)."""
         if self.owner is not None and self.owner_alive(stale_after_s):
             return dict(self.owner)
+        version = self.version
         self.__init__()  # type: ignore[misc]  # a dead cluster's table goes with it
+        self.version = version  # never backwards: a reader compares versions
         self.owner = dict(owner)
         self._beat = time.monotonic()
         self._changed()

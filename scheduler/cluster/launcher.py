@@ -14,8 +14,9 @@ The steps, each undone in reverse order on the way out (Ctrl-C, SIGTERM, or a fa
    before the next node's;
 5. one ``Supervisor`` actor per bundle (named ``cohort-coordinator-<i>``), each starting its
    coordinator; Ray restarts a supervisor whose process dies, up to ``--max-restarts``;
-6. until stopped: a heartbeat into the directory every second (a directory whose owner went
-   silent is a dead cluster's), and a line for every coordinator that restarts or fails.
+6. until stopped, a line for every coordinator that restarts or fails; from step 3 on, a
+   heartbeat into the directory every second (a directory whose owner went silent is a dead
+   cluster's).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 import tomllib
 import uuid
@@ -81,6 +83,26 @@ class Cluster:
     claimed: bool = False
     placement_group: Any = None
     supervisors: list[Any] = field(default_factory=list)
+    heartbeat: Heartbeat | None = None
+
+
+class Heartbeat(threading.Thread):
+    """Tells the directory every second that its owner lives, from the claim on (start-up included)."""
+
+    def __init__(self, directory: Any, owner_id: str) -> None:
+        super().__init__(name="cohort-cluster-heartbeat", daemon=True)
+        self.directory, self.owner_id = directory, owner_id
+        self.lost = False  # the table was taken over
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        import ray
+
+        while not self.halt.wait(HEARTBEAT_S):
+            try:
+                self.lost = not ray.get(self.directory.heartbeat.remote(self.owner_id), timeout=RAY_CALL_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - a slow beat is retried; a lost table is reported
+                log.warning("heartbeat to the directory failed: %s", exc)
 
 
 def say(message: str) -> None:
@@ -215,6 +237,8 @@ def claim_directory(cluster: Cluster, config_path: str, layout: Layout) -> None:
         raise ConfigError(f"a cohort cluster already runs on this Ray cluster (pid {other.get('pid')} on "
                           f"{other.get('host')}, config {other.get('config')}); stop it first")
     cluster.claimed = True
+    cluster.heartbeat = Heartbeat(cluster.directory, cluster.cluster_id)
+    cluster.heartbeat.start()
     ray.get(cluster.directory.set_layout.remote(layout.as_dict()), timeout=RAY_CALL_TIMEOUT_S)
 
 
@@ -284,13 +308,13 @@ def _cause(exc: BaseException) -> str:
 
 
 def watch(cluster: Cluster, layout: Layout) -> None:
-    """Heartbeat the directory; say when a coordinator restarts or fails; until interrupted."""
+    """Say when a coordinator restarts or fails; until interrupted."""
     import ray
 
     seen: dict[int, tuple[int, str]] = {}
     while True:
         time.sleep(HEARTBEAT_S)
-        if not ray.get(cluster.directory.heartbeat.remote(cluster.cluster_id), timeout=RAY_CALL_TIMEOUT_S):
+        if cluster.heartbeat is not None and cluster.heartbeat.lost:
             raise ClusterFailed("the directory no longer belongs to this cluster")
         table = ray.get(cluster.directory.table.remote(), timeout=RAY_CALL_TIMEOUT_S)
         for index, entry in sorted(table["coordinators"].items()):
@@ -320,6 +344,9 @@ def stop(cluster: Cluster) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
 
+        if cluster.heartbeat is not None:
+            cluster.heartbeat.halt.set()
+            cluster.heartbeat.join(RAY_CALL_TIMEOUT_S)
         if cluster.supervisors:
             say("stopping the coordinators")
         local = _local_coordinators(cluster)
