@@ -39,7 +39,13 @@ from typing import Any
 from core.errors import CohortError, ConfigError
 from scheduler.cluster import DIRECTORY_NAME, NAMESPACE, SUPERVISOR_NAME
 from scheduler.cluster.layout import Layout, plan_layout
-from scheduler.cluster.raylocal import LocalHead, answers, existing_address, remove_session, session_dir
+from scheduler.cluster.raylocal import (
+    LocalHead,
+    answers,
+    existing_address,
+    remove_session,
+    session_dir,
+)
 from scheduler.cluster.supervisor import STOP_GRACE_S, cluster_home
 from scheduler.config import Config, parse_config
 
@@ -64,8 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: coordinator.snapshot_interval_s of the config; 0: only the cluster's own "
                              "snapshots, ClusterClient.snapshot)")
     parser.add_argument("--snapshot-dir", default="",
-                        help="where those snapshots go (default: a private directory on each node, removed on "
-                             "exit); use a shared file system to survive the loss of a node")
+                        help="where those snapshots go, DIR/c<index>/<group>/<index>.safetensors (default: "
+                             "coordinator.snapshot_dir of the config, else a private directory on each node, removed "
+                             "on exit); use a shared file system to survive the loss of a node")
     parser.add_argument("--max-restarts", type=int, default=10, help="restarts of each coordinator (default 10)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -158,10 +165,12 @@ def run(cluster: Cluster, args: argparse.Namespace, raw: dict[str, Any], config:
     claim_directory(cluster, args.config, layout)
     bundles = make_placement_group(cluster, count, use_gpu, args.cpus_per_coordinator)
     interval = config.coordinator.snapshot_interval_s if args.snapshot_interval is None else args.snapshot_interval
+    root = args.snapshot_dir or config.coordinator.snapshot_dir
+    snapshot_root = os.path.abspath(root) if root else ""  # each coordinator writes to <root>/c<index>
     specs = [{
         "cluster_id": cluster.cluster_id, "index": i, "raw": raw, "layout": layout.as_dict(),
         "address": config.coordinator.address, "use_gpu": use_gpu, "cpus": args.cpus_per_coordinator,
-        "cwd": os.getcwd(), "snapshot_dir": os.path.abspath(args.snapshot_dir) if args.snapshot_dir else "",
+        "cwd": os.getcwd(), "snapshot_dir": snapshot_root,
         "snapshot_interval_s": float(interval), "start_timeout_s": config.coordinator.start_timeout_s + 60,
         "log_level": args.log_level, "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
     } for i in range(count)]

@@ -26,7 +26,6 @@ import copy
 import math
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,7 +221,3 @@ def _value(value: Any) -> str:
         return "[" + ", ".join(_value(v) for v in value) + "]"
     raise ConfigError(f"no TOML form for {type(value).__name__} {value!r}")
 
-
-def stamp() -> float:
-    """Wall-clock time as file modification times use it."""
-    return time.time()

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO
 
 HEAD_START_TIMEOUT_S = 60.0
 HEAD_STOP_TIMEOUT_S = 40.0
@@ -40,7 +39,9 @@ HEAD_ENV = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_USAGE_STATS_ENABL
 def address_file() -> Path:
     """Where ``ray start`` writes the address ``auto`` reads."""
     try:
-        from ray._common.utils import get_ray_address_file  # private: follow Ray's own rule when it is there
+        from ray._common.utils import (
+            get_ray_address_file,  # private: follow Ray's own rule when it is there
+        )
 
         return Path(get_ray_address_file(None))
     except Exception:  # noqa: BLE001 - an older or newer Ray: the rule it has documented
@@ -91,18 +92,17 @@ class LocalHead:
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         self.address: str | None = None
-        self._log: IO[bytes] | None = None
 
     def start(self, timeout_s: float = HEAD_START_TIMEOUT_S) -> str:
         """Start the head; its address once the address file holds a new one that answers."""
         path = address_file()
         old = _read(path)
-        self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            self.command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            env={**os.environ, **HEAD_ENV}, start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, **HEAD_ENV}, start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -132,9 +132,6 @@ class LocalHead:
                 process.wait(10)
         if self.address is not None and _read(address_file()) == self.address:
             address_file().unlink(missing_ok=True)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
     def log_tail(self, chars: int = 1500) -> str:
         try:

@@ -118,28 +118,10 @@ class Supervisor:
     # ------------------------------------------------------------------ start-up
 
     def _config(self, bind: str) -> dict[str, Any]:
-        spec = self.spec
-        layout = Layout.from_dict(spec["layout"])
-        settings: dict[str, Any] = {"address": bind, "device": "cuda:0" if self.gpu else "cpu"}
-        if spec.get("snapshot_interval_s", 0) > 0:
-            settings["snapshot_interval_s"] = float(spec["snapshot_interval_s"])
-            settings["snapshot_dir"] = self._own_snapshots()
-        inits: dict[str, dict[str, Any]] = {}
-        for group in spec["raw"].get("group", []):
-            name = group["name"]
-            block = layout.blocks_of(self.index).get(name)
-            if block is None:
-                continue
-            if name in self.restored:
-                inits[name] = link_models(self.home / "restore", name, self.restored[name])
-            elif "safetensors" in group.get("init", {}):
-                files = init_files(group["init"]["safetensors"], name, *block, spec.get("cwd") or os.getcwd())
-                inits[name] = link_models(self.home / "init", name, files)
-        return coordinator_config(spec["raw"], layout, self.index, settings, inits)
+        return block_config(self.spec, self.index, bind, self.gpu, self.restored, self.home)
 
     def _own_snapshots(self) -> str:
-        root = self.spec.get("snapshot_dir") or str(self.home.parent / "snapshots")
-        return os.path.join(root, f"c{self.index}")
+        return own_snapshots(self.spec, self.index, self.home)
 
     def _restore_point(self) -> dict[str, dict[int, str]]:
         """Per group of this block: the newest snapshot file of each model, when every model has one."""
@@ -156,21 +138,10 @@ class Supervisor:
         return chosen
 
     def _environment(self) -> dict[str, str]:
-        env = dict(os.environ)
         import scheduler
 
         root = str(Path(scheduler.__file__).resolve().parents[1])  # the cohort this actor runs, for its child
-        paths = [root, *(p for p in [self.spec.get("cwd")] if p), *env.get("PYTHONPATH", "").split(os.pathsep)]
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
-        if self.gpu is not None:
-            env[VISIBLE] = self.gpu.uuid
-            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        if not self.spec.get("omp_num_threads"):  # Ray set it for this actor; the coordinator's workers share the bundle
-            workers = int(self.spec["raw"].get("coordinator", {}).get("workers", 1))
-            env["OMP_NUM_THREADS"] = str(max(1, int(self.spec.get("cpus", 1)) // workers))
-        for key in [k for k in env if k.startswith("RAY_")]:
-            env.pop(key)  # the coordinator is no Ray process
-        return env
+        return child_environment(dict(os.environ), self.spec, self.gpu, root)
 
     # ------------------------------------------------------------------ life
 
@@ -224,6 +195,54 @@ class Supervisor:
 
 
 # ---------------------------------------------------------------------- pieces (tested without Ray)
+
+
+def own_snapshots(spec: dict[str, Any], index: int, home: Path) -> str:
+    """Where coordinator ``index`` writes its periodic snapshots (its own indices)."""
+    root = spec.get("snapshot_dir") or str(home.parent / "snapshots")
+    return os.path.join(root, f"c{index}")
+
+
+def block_config(spec: dict[str, Any], index: int, bind: str, gpu: Gpu | None, restored: dict[str, dict[int, str]],
+                 home: Path) -> dict[str, Any]:
+    """Coordinator ``index``'s config: its blocks, its address, its device (``cuda:0``: the one GPU its
+    ``CUDA_VISIBLE_DEVICES`` shows; else the CPU, never a GPU Ray did not give it), its snapshots, and
+    each group's init (links to the files of its models, or to its restore point)."""
+    layout = Layout.from_dict(spec["layout"])
+    settings: dict[str, Any] = {"address": bind, "device": "cuda:0" if gpu is not None else "cpu"}
+    if spec.get("snapshot_interval_s", 0) > 0:
+        settings["snapshot_interval_s"] = float(spec["snapshot_interval_s"])
+        settings["snapshot_dir"] = own_snapshots(spec, index, home)
+    inits: dict[str, dict[str, Any]] = {}
+    for group in spec["raw"].get("group", []):
+        name = group["name"]
+        block = layout.blocks_of(index).get(name)
+        if block is None:
+            continue
+        if name in restored:
+            inits[name] = link_models(home / "restore", name, restored[name])
+        elif "safetensors" in group.get("init", {}):
+            files = init_files(group["init"]["safetensors"], name, *block, spec.get("cwd") or os.getcwd())
+            inits[name] = link_models(home / "init", name, files)
+    return coordinator_config(spec["raw"], layout, index, settings, inits)
+
+
+def child_environment(env: dict[str, str], spec: dict[str, Any], gpu: Gpu | None, root: str) -> dict[str, str]:
+    """The coordinator's environment: this cohort (``root``) and the driver's directory importable; the GPU
+    by UUID (``CUDA_DEVICE_ORDER=PCI_BUS_ID``: indices, where anything uses them, are NVML's); threads per
+    worker from the bundle's CPUs unless the user set them; none of Ray's variables."""
+    env = {k: v for k, v in env.items() if not k.startswith("RAY_")}  # the coordinator is no Ray process
+    paths = [root, *(p for p in [spec.get("cwd")] if p), *env.get("PYTHONPATH", "").split(os.pathsep)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
+    if gpu is not None:
+        env[VISIBLE] = gpu.uuid
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    if spec.get("omp_num_threads"):
+        env["OMP_NUM_THREADS"] = spec["omp_num_threads"]
+    else:  # Ray set it for this actor; the coordinator's workers share the bundle's CPUs
+        workers = int(spec["raw"].get("coordinator", {}).get("workers", 1))
+        env["OMP_NUM_THREADS"] = str(max(1, int(spec.get("cpus", 1)) // workers))
+    return env
 
 
 def assigned_gpu(env: dict[str, str] | os._Environ[str], gpus: list[Gpu]) -> Gpu:

@@ -12,8 +12,11 @@ no shared memory, no directory and no Ray address file behind.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +26,7 @@ import pytest
 pytest.importorskip("ray", reason="the cluster needs Ray: pip install 'cohort[ray]'")
 
 import torch  # noqa: E402
-from cluster_harness import RunningCluster, cohort_shm, ray_environment  # noqa: E402
+from cluster_harness import ROOT, RunningCluster, cohort_shm, ray_environment  # noqa: E402
 from torch import nn  # noqa: E402
 
 from examples.models import mlp  # noqa: E402
@@ -142,6 +145,18 @@ def test_snapshot_barrier_and_stats_span_the_cluster(client: ClusterClient, tmp_
     assert [e["error"] for e in stats["coordinators"]] == [None, None]
     assert set(stats["models"]) == {m.id for m in client.models()}
     assert stats["models"]["mlp/4"]["coordinator"] == 1
+
+
+def test_the_monitor_watches_the_whole_cluster(cluster: RunningCluster) -> None:
+    command = [sys.executable, "tools/gpumon.py", "--cluster", "--once", "--interval", "2"]
+    out = subprocess.run([*command, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    sample = json.loads(out.stdout.strip().splitlines()[-1])
+    assert sample["error"] is None, sample["error"]
+    assert [(r["index"], r["state"], r["gpu_figures"]) for r in sample["coordinators"]] == [(0, "up", None),
+                                                                                          (1, "up", None)]
+    assert sample["totals"]["up"] == 2 and sample["totals"]["models"] == K + 3
+    view = subprocess.run([*command, "--width", "160"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "2/2 coordinators answering, 8 models" in view.stdout, view.stdout + view.stderr
 
 
 def test_a_killed_coordinator_is_restarted_by_ray_with_its_models_restored(

@@ -94,3 +94,37 @@ def test_one_coordinator_per_gpu_unless_told() -> None:
         coordinator_count(9, config("cuda"), {"GPU": 8.0})
     with pytest.raises(ConfigError, match="has no GPU"):
         coordinator_count(2, config("cuda:0"), {"CPU": 2})
+
+
+def spec(**extra: object) -> dict:
+    raw = {"coordinator": {"address": "tcp://127.0.0.1:5555", "workers": 2, "device": "auto", "mps": "auto"},
+           "group": [{"name": "m", "factory": "examples.models:mlp", "count": 4, "input": {"shape": [-1, 8]},
+                      "init": {"seed": 1}}]}
+    from scheduler.cluster.layout import plan_layout
+
+    return {"raw": raw, "layout": plan_layout(parse_config(raw), 2).as_dict(), "cpus": 8, "cwd": "/work/x", **extra}
+
+
+def test_a_coordinator_on_a_gpu_sees_that_gpu_alone_by_uuid_whatever_index_ray_used(tmp_path: Path) -> None:
+    """Ray wrote "2" (an NVML index) into the actor's CUDA_VISIBLE_DEVICES; the coordinator gets the UUID, and
+    its own plan (scheduler.gpu, as `cohort run` makes it) then picks that GPU as cuda:0, with an MPS daemon
+    of its own on that UUID and MPS clients without the variable."""
+    from scheduler import gpu as gpu_plan
+    from scheduler.cluster.supervisor import block_config, child_environment
+
+    actor_env = {"CUDA_VISIBLE_DEVICES": "2", "RAY_RAYLET_PID": "1", "PYTHONPATH": "/user/lib", "PATH": "/bin"}
+    gpu = assigned_gpu(actor_env, GPUS)
+    env = child_environment(actor_env, spec(), gpu, "/work/cohort")
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-cccc-2222" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert "RAY_RAYLET_PID" not in env and env["PYTHONPATH"] == "/work/cohort:/work/x:/user/lib"
+    assert env["OMP_NUM_THREADS"] == "4"  # 8 CPUs in the bundle, 2 workers
+    config = parse_config(block_config(spec(), 1, "tcp://127.0.0.1:6000", gpu, {}, tmp_path))
+    assert config.coordinator.device == "cuda:0" and config.groups[0].init_seed == 3
+    plan = gpu_plan.plan_device(config.coordinator.device, GPUS, env, cuda_built=True)
+    assert (plan.device, plan.gpu) == ("cuda:0", GPUS[2])
+    assert plan.daemon_env() == {"CUDA_VISIBLE_DEVICES": "GPU-cccc-2222"}
+    assert "CUDA_VISIBLE_DEVICES" not in gpu_plan.client_environment(plan, True, env)
+    cpu = parse_config(block_config(spec(snapshot_interval_s=30.0), 0, "tcp://127.0.0.1:6001", None, {}, tmp_path))
+    assert cpu.coordinator.device == "cpu"  # never a GPU Ray did not give it
+    assert cpu.coordinator.snapshot_interval_s == 30.0 and cpu.coordinator.snapshot_dir.endswith("/snapshots/c0")
+    assert child_environment({"OMP_NUM_THREADS": "1"}, spec(omp_num_threads="3"), None, "/r")["OMP_NUM_THREADS"] == "3"

@@ -1,0 +1,233 @@
+"""What a cohort cluster costs: a per-model call through ``ClusterClient`` against ``Client``, and the rest.
+
+    python tools/bench_cluster.py [--calls N] [--out FILE.json]          # starts its own cluster (local Ray)
+    python tools/bench_cluster.py --ray-address auto --group G --input-shape 32,64   # a cluster that runs
+
+On its own it starts ``python -m scheduler cluster --coordinators 2`` on the CPU under a
+private ``RAY_TMPDIR`` (a local Ray head, as ``cohort cluster`` starts one when none runs)
+and stops it at the end. It measures, interleaving the contenders in rounds so that a
+loaded machine slows them alike:
+
+- ``infer`` on one model: ``Client`` straight to the model's coordinator, against
+  ``ClusterClient`` (the same socket path, plus routing), and ``AsyncClusterClient``;
+  and the routing alone (what ``ClusterClient`` adds to a call, without I/O);
+- ``ensemble`` of the whole group through ``ClusterClient`` (both coordinators at once),
+  against ``Client.ensemble`` of one coordinator's block;
+- what is paid once: the cluster's start (to its ready line), ``ClusterClient()`` (joining
+  Ray, reading the directory), a coordinator's restart after SIGKILL (to answering again),
+  and the memory of the processes Ray adds.
+
+Results are printed as a table and written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+from tools.harness import config_text  # noqa: E402
+
+GROUPS = [{"name": "m", "factory": "examples.models:mlp", "kwargs": {"d_in": 64, "hidden": 128, "d_out": 10},
+           "count": 8, "input": {"shape": [-1, 64], "dtype": "float32"}, "init": {"seed": 0}}]
+SETTINGS = {"address": "tcp://127.0.0.1:5555", "workers": 1, "device": "cpu", "mps": "off"}
+READY = "cohort cluster: ready:"
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50_us": round(pick(0.5) * 1e6, 1), "p90_us": round(pick(0.9) * 1e6, 1),
+            "mean_us": round(statistics.fmean(ordered) * 1e6, 1), "calls": len(ordered)}
+
+
+def timed(call: Any, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        began = time.perf_counter()
+        call()
+        out.append(time.perf_counter() - began)
+    return out
+
+
+class OwnCluster:
+    """``python -m scheduler cluster`` on a private RAY_TMPDIR; stopped by ``close``."""
+
+    def __init__(self, directory: Path, coordinators: int) -> None:
+        self.directory = directory
+        self.ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+        os.environ.update({"RAY_TMPDIR": self.ray_tmp, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+        os.environ.pop("RAY_ADDRESS", None)
+        config = directory / "cluster.toml"
+        config.write_text(config_text(SETTINGS, GROUPS), encoding="ascii")
+        self.log = directory / "cluster.log"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        began = time.monotonic()
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "scheduler", "cluster", "--config", str(config),
+                                             "--coordinators", str(coordinators), "--snapshot-interval", "0"],
+                                            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        while READY not in self.log.read_text(errors="replace"):
+            if self.process.poll() is not None or time.monotonic() - began > 300:
+                raise RuntimeError(f"the cluster did not start:\n{self.log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.1)
+        self.start_s = time.monotonic() - began
+
+    def memory(self) -> dict[str, float]:
+        """RSS in MB of what Ray adds: the Ray head's processes, the supervisors, the directory."""
+        out = {"ray_head_mb": 0.0, "supervisors_mb": 0.0, "directory_mb": 0.0}
+        try:
+            tree = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.Error:
+            return out
+        for p in tree:
+            try:
+                name, rss = " ".join(p.cmdline()), p.memory_info().rss / 1e6
+            except psutil.Error:
+                continue
+            if "ray::Supervisor" in name:
+                out["supervisors_mb"] += rss
+            elif "ray::DirectoryState" in name:
+                out["directory_mb"] += rss
+            elif "ray" in name and "scheduler" not in name and "workers" not in name:
+                out["ray_head_mb"] += rss
+        return {k: round(v) for k, v in out.items()}
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, own: OwnCluster | None) -> dict[str, Any]:
+    from scheduler import AsyncClusterClient, Client, ClusterClient
+
+    began = time.monotonic()
+    cluster = ClusterClient(args.ray_address)
+    connect_s = time.monotonic() - began
+    try:
+        models = [m for m in cluster.models() if m.group == args.group]
+        first = models[0]
+        address = cluster.coordinators()[first.coordinator].address
+        local = f"{first.group}/{first.index - min(m.index for m in models if m.coordinator == first.coordinator)}"
+        block = [m for m in models if m.coordinator == first.coordinator]
+        x = torch.randn(*args.input_shape)
+        results: dict[str, list[float]] = {"client_infer": [], "cluster_infer": [], "async_cluster_infer": [],
+                                           "client_ensemble_block": [], "cluster_ensemble": []}
+        with Client(address) as direct:
+            loop = asyncio.new_event_loop()
+            acluster = AsyncClusterClient(args.ray_address)
+            for _ in range(20):  # warm-up: sockets connected, first calls paid
+                direct.infer(local, x)
+                cluster.infer(first.id, x)
+                loop.run_until_complete(acluster.infer(first.id, x))
+            rounds = max(1, args.calls // args.round)
+            for _ in range(rounds):
+                results["client_infer"] += timed(lambda: direct.infer(local, x), args.round)
+                results["cluster_infer"] += timed(lambda: cluster.infer(first.id, x), args.round)
+                results["async_cluster_infer"] += timed(
+                    lambda: loop.run_until_complete(acluster.infer(first.id, x)), args.round)
+                results["client_ensemble_block"] += timed(lambda: direct.ensemble(first.group, x), args.round // 4)
+                results["cluster_ensemble"] += timed(lambda: cluster.ensemble(args.group, x), args.round // 4)
+            loop.run_until_complete(acluster.close())
+            loop.close()
+        report: dict[str, Any] = {name: percentiles(samples) for name, samples in results.items()}
+        route = timed(lambda: cluster._route("infer", (first.id, x), {}), 20000)  # what ClusterClient adds, no I/O
+        report["routing_only"] = percentiles(route)
+        report["models"] = {"group": args.group, "count": len(models), "block_on_coordinator": len(block),
+                            "coordinators": len(cluster.coordinators()), "input_shape": list(args.input_shape)}
+        report["once"] = {"cluster_client_connect_s": round(connect_s, 3)}
+        if own is not None:
+            report["once"]["cluster_start_s"] = round(own.start_s, 2)
+            report["once"]["coordinator_restart_s"] = round(restart(cluster, models[-1].id, x), 2)
+            report["memory"] = own.memory()
+        return report
+    finally:
+        cluster.close()
+
+
+def restart(cluster: Any, model: str, x: torch.Tensor) -> float:
+    """SIGKILL the coordinator of ``model``; seconds until it answers again (restarted by Ray)."""
+    from scheduler import ProtocolError
+
+    index = next(m.coordinator for m in cluster.models() if m.id == model)
+    pid = cluster.stats()["coordinators"][index]["stats"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    began = time.monotonic()
+    while True:
+        try:
+            cluster.infer(model, x, timeout=120)
+            return time.monotonic() - began
+        except ProtocolError:
+            time.sleep(0.05)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ray-address", default=None, help="measure a running cluster instead of starting one")
+    parser.add_argument("--group", default="m")
+    parser.add_argument("--calls", type=int, default=2000, help="calls per contender (default 2000)")
+    parser.add_argument("--round", type=int, default=100, help="calls per contender per round (default 100)")
+    parser.add_argument("--input-shape", type=lambda t: tuple(int(d) for d in t.split(",")), default=(32, 64),
+                        help="one model's input, float32 (default 32,64: the started cluster's MLPs, batch 32)")
+    parser.add_argument("--out", default=None, help="JSON file (default: docs/bench/<date>-cluster-cpu.json)")
+    args = parser.parse_args(argv)
+    own = None
+    work = Path(tempfile.mkdtemp(prefix="cohort-bench-cluster-"))
+    try:
+        if args.ray_address is None:
+            own = OwnCluster(work, 2)
+            args.ray_address = "auto"
+        report = measure(args, own)
+    finally:
+        if own is not None:
+            own.close()
+        shutil.rmtree(work, ignore_errors=True)
+    report["machine"] = {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "python": platform.python_version(),
+                         "torch": torch.__version__, "ray": _version("ray"), "date": time.strftime("%F %T")}
+    out = Path(args.out or ROOT / "docs" / "bench" / f"{time.strftime('%F')}-cluster-cpu.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{'contender':<24}{'p50 us':>10}{'p90 us':>10}{'mean us':>10}")
+    for name in ("client_infer", "cluster_infer", "async_cluster_infer", "client_ensemble_block", "cluster_ensemble",
+                 "routing_only"):
+        r = report[name]
+        print(f"{name:<24}{r['p50_us']:>10}{r['p90_us']:>10}{r['mean_us']:>10}")
+    print(json.dumps({k: report[k] for k in ("models", "once", "memory") if k in report}))
+    print(f"written to {out}")
+    return 0
+
+
+def _version(name: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
