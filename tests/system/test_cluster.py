@@ -12,6 +12,7 @@ no shared memory, no directory and no Ray address file behind.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ from cluster_harness import ROOT, RunningCluster, cohort_shm, ray_environment  #
 from torch import nn  # noqa: E402
 
 from examples.models import mlp  # noqa: E402
-from scheduler import ClusterClient, ProtocolError  # noqa: E402
+from scheduler import AsyncClusterClient, ClusterClient, ProtocolError  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -129,6 +130,24 @@ def test_weights_are_copied_across_coordinators_with_their_optimizer_state(clien
     assert weights_equal(client.get_weights("adam/1", optimizer_state=True), b)
     with pytest.raises(Exception, match="different groups"):
         client.copy_weights(src="adam/0", dst="mlp/0")
+
+
+def test_the_async_client_makes_the_same_calls(client: ClusterClient) -> None:
+    x = torch.randn(3, 8)
+
+    async def calls() -> None:
+        async with AsyncClusterClient(timeout=60) as a:
+            assert [m.id for m in await a.models()] == [m.id for m in client.models()]
+            torch.testing.assert_close(await a.ensemble("mlp", x), client.ensemble("mlp", x), atol=0, rtol=0)
+            torch.testing.assert_close(await a.infer("mlp/4", x), client.infer("mlp/4", x), atol=0, rtol=0)
+            stacked = torch.randn(K, 2, 8), torch.randint(0, 4, (K, 2))
+            assert len(await a.submit("train_round", "mlp", *stacked)) == K  # awaited like any call
+            await a.barrier(["mlp/0", "adam"])
+            await a.copy_weights(src="mlp/4", dst="mlp/1")  # coordinator 1 -> coordinator 0
+            assert weights_equal(await a.get_weights("mlp/1"), await a.get_weights("mlp/4"))
+            assert [e["error"] for e in (await a.stats())["coordinators"]] == [None, None]
+
+    asyncio.run(calls())
 
 
 def test_snapshot_barrier_and_stats_span_the_cluster(client: ClusterClient, tmp_path: Path) -> None:
