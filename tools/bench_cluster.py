@@ -9,10 +9,11 @@ and stops it at the end. It measures, interleaving the contenders in rounds so t
 loaded machine slows them alike:
 
 - ``infer`` on one model: ``Client`` straight to the model's coordinator, against
-  ``ClusterClient`` (the same socket path, plus routing), and ``AsyncClusterClient``;
+  ``ClusterClient`` (the same socket path, plus routing), ``AsyncClient`` against
+  ``AsyncClusterClient``, and ``Client`` on a plain coordinator holding the whole group;
   and the routing alone (what ``ClusterClient`` adds to a call, without I/O);
 - ``ensemble`` of the whole group through ``ClusterClient`` (both coordinators at once),
-  against ``Client.ensemble`` of one coordinator's block;
+  against ``Client.ensemble`` of one coordinator's block and of the plain coordinator;
 - what is paid once: the cluster's start (to its ready line), ``ClusterClient()`` (joining
   Ray, reading the directory), a coordinator's restart after SIGKILL (to answering again),
   and the memory of the processes Ray adds.
@@ -121,8 +122,8 @@ class OwnCluster:
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
 
-def measure(args: argparse.Namespace, own: OwnCluster | None) -> dict[str, Any]:
-    from scheduler import AsyncClusterClient, Client, ClusterClient
+def measure(args: argparse.Namespace, own: OwnCluster | None, single: Any) -> dict[str, Any]:
+    from scheduler import AsyncClient, AsyncClusterClient, Client, ClusterClient
 
     began = time.monotonic()
     cluster = ClusterClient(args.ray_address)
@@ -134,23 +135,34 @@ def measure(args: argparse.Namespace, own: OwnCluster | None) -> dict[str, Any]:
         local = f"{first.group}/{first.index - min(m.index for m in models if m.coordinator == first.coordinator)}"
         block = [m for m in models if m.coordinator == first.coordinator]
         x = torch.randn(*args.input_shape)
-        results: dict[str, list[float]] = {"client_infer": [], "cluster_infer": [], "async_cluster_infer": [],
-                                           "client_ensemble_block": [], "cluster_ensemble": []}
-        with Client(address) as direct:
-            loop = asyncio.new_event_loop()
-            acluster = AsyncClusterClient(args.ray_address)
-            for _ in range(20):  # warm-up: sockets connected, first calls paid
-                direct.infer(local, x)
-                cluster.infer(first.id, x)
-                loop.run_until_complete(acluster.infer(first.id, x))
-            rounds = max(1, args.calls // args.round)
-            for _ in range(rounds):
-                results["client_infer"] += timed(lambda: direct.infer(local, x), args.round)
-                results["cluster_infer"] += timed(lambda: cluster.infer(first.id, x), args.round)
-                results["async_cluster_infer"] += timed(
-                    lambda: loop.run_until_complete(acluster.infer(first.id, x)), args.round)
-                results["client_ensemble_block"] += timed(lambda: direct.ensemble(first.group, x), args.round // 4)
-                results["cluster_ensemble"] += timed(lambda: cluster.ensemble(args.group, x), args.round // 4)
+        loop = asyncio.new_event_loop()
+        direct, adirect = Client(address), AsyncClient(address)
+        acluster = AsyncClusterClient(args.ray_address)
+        alone = Client(single.address) if single is not None else None
+        contenders: dict[str, tuple[Any, int]] = {
+            "client_infer": (lambda: direct.infer(local, x), 1),
+            "cluster_infer": (lambda: cluster.infer(first.id, x), 1),
+            "async_client_infer": (lambda: loop.run_until_complete(adirect.infer(local, x)), 1),
+            "async_cluster_infer": (lambda: loop.run_until_complete(acluster.infer(first.id, x)), 1),
+            "client_ensemble_block": (lambda: direct.ensemble(first.group, x), 4),
+            "cluster_ensemble": (lambda: cluster.ensemble(args.group, x), 4),
+        }
+        if alone is not None:
+            contenders["one_coordinator_infer"] = (lambda: alone.infer(first.id, x), 1)
+            contenders["one_coordinator_ensemble"] = (lambda: alone.ensemble(args.group, x), 4)
+        try:
+            for call, _ in contenders.values():  # warm-up: sockets connected, first calls paid
+                for _ in range(20):
+                    call()
+            results: dict[str, list[float]] = {name: [] for name in contenders}
+            for _ in range(max(1, args.calls // args.round)):
+                for name, (call, fewer) in contenders.items():
+                    results[name] += timed(call, max(1, args.round // fewer))
+        finally:
+            for client in (direct, alone):
+                if client is not None:
+                    client.close()
+            loop.run_until_complete(adirect.close())
             loop.run_until_complete(acluster.close())
             loop.close()
         report: dict[str, Any] = {name: percentiles(samples) for name, samples in results.items()}
@@ -160,9 +172,9 @@ def measure(args: argparse.Namespace, own: OwnCluster | None) -> dict[str, Any]:
                             "coordinators": len(cluster.coordinators()), "input_shape": list(args.input_shape)}
         report["once"] = {"cluster_client_connect_s": round(connect_s, 3)}
         if own is not None:
+            report["memory"] = own.memory()
             report["once"]["cluster_start_s"] = round(own.start_s, 2)
             report["once"]["coordinator_restart_s"] = round(restart(cluster, models[-1].id, x), 2)
-            report["memory"] = own.memory()
         return report
     finally:
         cluster.close()
@@ -194,16 +206,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="one model's input, float32 (default 32,64: the started cluster's MLPs, batch 32)")
     parser.add_argument("--out", default=None, help="JSON file (default: docs/bench/<date>-cluster-cpu.json)")
     args = parser.parse_args(argv)
-    own = None
+    own = single = None
     work = Path(tempfile.mkdtemp(prefix="cohort-bench-cluster-"))
     try:
         if args.ray_address is None:
+            from tools import harness
+
+            single = harness.start(GROUPS, {**SETTINGS, "address": f"ipc://{work}/single.sock"}, directory=work / "one",
+                                   env={"OMP_NUM_THREADS": "1"})  # as the cluster's coordinators (1 CPU each)
             own = OwnCluster(work, 2)
             args.ray_address = "auto"
-        report = measure(args, own)
+        report = measure(args, own, single)
     finally:
         if own is not None:
             own.close()
+        if single is not None:
+            single.close()
         shutil.rmtree(work, ignore_errors=True)
     report["machine"] = {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "python": platform.python_version(),
                          "torch": torch.__version__, "ray": _version("ray"), "date": time.strftime("%F %T")}
@@ -211,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'contender':<24}{'p50 us':>10}{'p90 us':>10}{'mean us':>10}")
-    for name in ("client_infer", "cluster_infer", "async_cluster_infer", "client_ensemble_block", "cluster_ensemble",
-                 "routing_only"):
-        r = report[name]
+    for name, r in report.items():
+        if not isinstance(r, dict) or "p50_us" not in r:
+            continue
         print(f"{name:<24}{r['p50_us']:>10}{r['p90_us']:>10}{r['mean_us']:>10}")
     print(json.dumps({k: report[k] for k in ("models", "once", "memory") if k in report}))
     print(f"written to {out}")

@@ -89,7 +89,7 @@ class RayLink:
         except ImportError:
             raise ConfigError("ClusterClient needs Ray: pip install 'cohort[ray]'") from None
         from scheduler.cluster.directory import find_directory
-        from scheduler.cluster.raylocal import existing_address
+        from scheduler.cluster.raylocal import answers, existing_address
 
         self.ray = ray
         self.started = False
@@ -98,6 +98,8 @@ class RayLink:
             if address is None:
                 raise ConfigError("no Ray cluster found for ray_address='auto' (no $RAY_ADDRESS, no running `ray start`);"
                                   " start one with `cohort cluster --config FILE`")
+            if not address.startswith("ray://") and not answers(address, 3.0):  # ray.init would retry for minutes
+                raise ConfigError(f"no Ray cluster answers at {address}")
             in_main = threading.current_thread() is threading.main_thread()
             previous = signal.getsignal(signal.SIGTERM) if in_main else None
             ray.init(address=address, namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)

@@ -31,11 +31,11 @@ import sys
 import threading
 import time
 import tomllib
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.definition import build_definition
 from core.errors import CohortError, ConfigError
 from scheduler.cluster import DIRECTORY_NAME, NAMESPACE, SUPERVISOR_NAME
 from scheduler.cluster.layout import Layout, plan_layout
@@ -46,7 +46,12 @@ from scheduler.cluster.raylocal import (
     remove_session,
     session_dir,
 )
-from scheduler.cluster.supervisor import STOP_GRACE_S, cluster_home
+from scheduler.cluster.supervisor import (
+    STOP_GRACE_S,
+    cluster_home,
+    new_cluster_id,
+    remove_stale_homes,
+)
 from scheduler.config import Config, parse_config
 
 log = logging.getLogger("cohort.cluster")
@@ -120,9 +125,11 @@ def cluster_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s cohort %(levelname)s %(message)s", stream=sys.stderr)
     # A process started in the background by a non-interactive shell ignores SIGINT: re-arm Ctrl-C.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    cluster = Cluster(uuid.uuid4().hex[:12], {})
+    cluster = Cluster(new_cluster_id(), {})
     try:
         raw, config = read_config(args.config)
+        for removed in remove_stale_homes():
+            log.warning("removed the directory of a cohort cluster that was killed: %s", removed)
         run(cluster, args, raw, config)
         return 0
     except KeyboardInterrupt:
@@ -148,7 +155,10 @@ def read_config(path: str) -> tuple[dict[str, Any], Config]:
         raise ConfigError(f"config file {path!r} not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return raw, parse_config(raw, path)
+    config = parse_config(raw, path)
+    for group in config.groups:  # a factory that cannot build fails here, before Ray and the coordinators
+        build_definition(group)
+    return raw, config
 
 
 def run(cluster: Cluster, args: argparse.Namespace, raw: dict[str, Any], config: Config) -> None:
@@ -190,8 +200,8 @@ def join_or_start(cluster: Cluster, args: argparse.Namespace, use_gpu: bool) -> 
     requested = args.ray_address or "auto"
     address = existing_address(requested)
     if address is not None:
-        if requested != "auto" and ":" in address and not address.startswith("ray://") and not answers(address, 3.0):
-            raise ConfigError(f"--ray-address {address}: nothing answers there")
+        if ":" in address and not address.startswith("ray://") and not answers(address, 3.0):
+            raise ConfigError(f"no Ray cluster answers at {address} (--ray-address or $RAY_ADDRESS)")
         say(f"joining the Ray cluster at {address}")
         return address
     home = cluster_home(cluster.cluster_id)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -58,16 +60,39 @@ log = logging.getLogger("cohort.cluster")
 
 START_TIMEOUT_S = 180.0
 RETIRE_GRACE_S = 30.0  # how long a former incarnation's coordinator may take to shut down
-STOP_GRACE_S = 60.0  # Ctrl-C: the coordinator finishes snapshot files being written
+STOP_GRACE_S = 60.0
+IPC_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL  # Ctrl-C: the coordinator finishes snapshot files being written
 
 
 class CoordinatorStartFailed(RuntimeError):
     """The coordinator exited or did not answer while starting; the message ends with its log."""
 
 
+def new_cluster_id() -> str:
+    """``<host>-<pid>-<random>`` of the ``cohort cluster`` process: its leftovers can be told dead."""
+    return f"{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def cluster_home(cluster_id: str) -> Path:
     """The cluster's directory on this node (configs, logs, links, default snapshots)."""
     return Path(tempfile.gettempdir()) / f"cohort-cluster-{cluster_id}"
+
+
+def remove_stale_homes(temp_dir: Path | None = None) -> list[str]:
+    """Directories of clusters whose ``cohort cluster`` ran on this host and is gone (killed with SIGKILL:
+    its coordinators went with it, their files stayed); what was removed."""
+    pattern = re.compile(rf"^cohort-cluster-{re.escape(_host())}-(\d+)-[0-9a-f]{{8}}$")
+    removed = []
+    for path in (temp_dir or Path(tempfile.gettempdir())).glob("cohort-cluster-*"):
+        match = pattern.match(path.name)
+        if match and not psutil.pid_exists(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
+    return removed
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:16] or "host"
 
 
 class Supervisor:
@@ -263,6 +288,9 @@ def choose_address(configured: str, previous: dict[str, Any] | None, node_ip: st
     is free again, else a free one."""
     if configured.startswith("ipc://"):
         path = f"ipc://{home}/coordinator.sock"
+        if len(path.encode()) - len("ipc://") > IPC_PATH_MAX:
+            raise ConfigError(f"{path} is longer than a socket path may be ({IPC_PATH_MAX} bytes); set TMPDIR to a "
+                              "shorter directory, or use a tcp:// address")
         return path, path
     host = configured[len("tcp://"):].rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
     bind_host = "0.0.0.0" if host == "*" else host

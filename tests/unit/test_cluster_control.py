@@ -128,3 +128,19 @@ def test_a_coordinator_on_a_gpu_sees_that_gpu_alone_by_uuid_whatever_index_ray_u
     assert cpu.coordinator.device == "cpu"  # never a GPU Ray did not give it
     assert cpu.coordinator.snapshot_interval_s == 30.0 and cpu.coordinator.snapshot_dir.endswith("/snapshots/c0")
     assert child_environment({"OMP_NUM_THREADS": "1"}, spec(omp_num_threads="3"), None, "/r")["OMP_NUM_THREADS"] == "3"
+
+
+def test_only_dead_clusters_of_this_host_lose_their_directory(tmp_path: Path) -> None:
+    import os
+
+    from scheduler.cluster.supervisor import cluster_home, new_cluster_id, remove_stale_homes
+
+    mine = new_cluster_id()
+    host = mine.split("-")[0]
+    dead = f"{host}-{2**22 + 4321}-0123abcd"
+    for name in (mine, dead, f"otherhost-{2**22 + 4321}-0123abcd", "garbage"):
+        (tmp_path / f"cohort-cluster-{name}").mkdir()
+    assert remove_stale_homes(tmp_path) == [str(tmp_path / f"cohort-cluster-{dead}")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"cohort-cluster-{n}" for n in (mine, f"otherhost-{2**22 + 4321}-0123abcd", "garbage"))
+    assert str(os.getpid()) in mine and cluster_home(mine).name == f"cohort-cluster-{mine}"
