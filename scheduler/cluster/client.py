@@ -39,7 +39,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from core.errors import ConfigError, JobTimeout, ProtocolError
+from core.errors import ConfigError, JobTimeout, ProtocolError, WorkerDied
 from core.tensors import DEFAULT_MAX_MESSAGE_BYTES
 from scheduler.client import Client
 from scheduler.client_api import PUBLIC_CALLS, BaseClient
@@ -196,14 +196,16 @@ class _ClusterBase:
         return kind, (args, kwargs)
 
     def _stats_plan(self, kwargs: dict[str, Any]) -> Plan:
-        return self._router.everywhere("stats", (), kwargs)
+        return self._router.everywhere("stats", (), kwargs, serving_only=True)  # a monitor must not wait on the dead
 
-    def _join_stats(self, outcomes: list[Any]) -> dict[str, Any]:
+    def _join_stats(self, plan: Plan, outcomes: list[Any]) -> dict[str, Any]:
         """Every coordinator's ``stats()`` (or why it gave none), their models under cluster ids, and sums."""
         placement = self._placement
+        answers = {call.coordinator: outcome for call, outcome in zip(plan.calls, outcomes)}
         entries, models = [], {}
-        for index, outcome in enumerate(outcomes):
+        for index in range(placement.layout.coordinators):
             c = placement.coordinators.get(index, Coordinator(index, ""))
+            outcome = answers.get(index, WorkerDied(f"coordinator {index} is {c.state}: {c.reason}"))
             ok = isinstance(outcome, dict)
             entries.append({"index": index, "address": c.address, "state": c.state, "incarnation": c.incarnation,
                             "node": c.node, "gpu": c.gpu, "stats": outcome if ok else None,
@@ -212,10 +214,9 @@ class _ClusterBase:
                 group, _, local = local_id.rpartition("/")
                 cluster_index = placement.global_id(index, group, int(local))
                 models[f"{group}/{cluster_index}"] = {**figures, "coordinator": index}
-        if not any(e["stats"] for e in entries):
-            error = first_error(outcomes)
-            if error is not None:
-                raise error
+        if not any(e["stats"] for e in entries):  # nothing answered: raise why the first did not
+            error = first_error([answers.get(i) for i in range(placement.layout.coordinators)])
+            raise error if error is not None else WorkerDied("no coordinator is serving")
         answered = [e["stats"] for e in entries if e["stats"]]
         return {"cluster": True, "directory_version": placement.version, "coordinators": entries,
                 "models": dict(sorted(models.items(), key=_model_order)),
@@ -224,7 +225,8 @@ class _ClusterBase:
     def _snapshot_parts(self, path: Any) -> tuple[str, dict[int, str]]:
         final = os.path.abspath(os.fspath(path))
         token = uuid.uuid4().hex[:8]
-        return final, {c: os.path.join(final, f".cohort-c{c}-{token}") for c in range(self._placement.layout.coordinators)}
+        calls = self._router.everywhere("snapshot", (), {}).calls  # WorkerDied at once if one is down for good
+        return final, {call.coordinator: os.path.join(final, f".cohort-c{call.coordinator}-{token}") for call in calls}
 
     @staticmethod
     def _snapshot_detail(final: str, details: list[dict[str, Any]], moved: list[int]) -> dict[str, Any]:
@@ -303,7 +305,8 @@ class ClusterClient(_ClusterBase):
         if how == "snapshot":
             return self._snapshot(*what[0], **what[1])
         if how == "stats":
-            return self._join_stats(self._outcomes(self._stats_plan(what[1])))
+            plan = self._stats_plan(what[1])
+            return self._join_stats(plan, self._outcomes(plan))
         raise NotImplementedError(how)
 
     def _one(self, sub: SubCall) -> Any:
@@ -445,7 +448,8 @@ class AsyncClusterClient(_ClusterBase):
         if how == "snapshot":
             return await self._snapshot(*what[0], **what[1])
         if how == "stats":
-            return self._join_stats(await self._outcomes(self._stats_plan(what[1])))
+            plan = self._stats_plan(what[1])
+            return self._join_stats(plan, await self._outcomes(plan))
         raise NotImplementedError(how)
 
     async def _one(self, sub: SubCall) -> Any:

@@ -140,6 +140,10 @@ def cluster_command(args: argparse.Namespace) -> int:
     except ClusterFailed as exc:
         say(str(exc))
         return 1
+    except Exception as exc:  # noqa: BLE001 - Ray's own errors: said in one line, then everything stopped
+        log.debug("cohort cluster failed", exc_info=True)
+        say(f"failed: {type(exc).__name__}: {' '.join(str(exc).split())[:2000]}")
+        return 1
     finally:
         stop(cluster)
 

@@ -221,8 +221,7 @@ class Router:
         return self.to_group("submit", args, kwargs, rows=route.rows, position=1)
 
     def models(self, kwargs: dict[str, Any]) -> Plan:
-        coordinators = sorted(self.placement.coordinators) or list(range(self.placement.layout.coordinators))
-        calls = [SubCall(c, "models", (), kwargs) for c in coordinators]
+        calls = self.everywhere("models", (), kwargs).calls
 
         def join_models(results: list[Any]) -> list[ModelInfo]:
             out = []
@@ -240,8 +239,7 @@ class Router:
         kwargs = dict(kwargs)
         scope = args[0] if args else kwargs.pop("scope", None)
         if scope is None:
-            return Plan([SubCall(c, "barrier", (None,), kwargs) for c in range(self.placement.layout.coordinators)],
-                        _nothing)
+            return Plan(self.everywhere("barrier", (None,), kwargs).calls, _nothing)
         parts: dict[int, list[str]] = {}
         for item in [scope] if isinstance(scope, str) else list(scope):
             if is_model_id(item):
@@ -251,10 +249,23 @@ class Router:
                 group = self.placement.group(item)
                 for coordinator, _, _ in group.blocks:
                     parts.setdefault(coordinator, []).append(group.name)
+        for c in parts:
+            self.placement.check_serving(c)
         return Plan([SubCall(c, "barrier", (items,), kwargs) for c, items in sorted(parts.items())], _nothing)
 
-    def everywhere(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
-        return Plan([SubCall(c, name, args, kwargs) for c in range(self.placement.layout.coordinators)], list)
+    def everywhere(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], serving_only: bool = False) -> Plan:
+        """The call on every coordinator; ``WorkerDied`` if one is down for good, unless ``serving_only``
+        (then it is left out)."""
+        calls = []
+        for c in range(self.placement.layout.coordinators):
+            try:
+                self.placement.check_serving(c)
+            except WorkerDied:
+                if serving_only:
+                    continue
+                raise
+            calls.append(SubCall(c, name, args, kwargs))
+        return Plan(calls, list)
 
     def copy(self, src: str, dst: str) -> tuple[tuple[int, str], tuple[int, str]]:
         """Both ends, each as ``(coordinator, local id)``; ``BadInput`` across groups."""

@@ -157,6 +157,7 @@ class FakeClient:
         self.weights: dict[str, dict[str, torch.Tensor]] = {}
         self.closed = False
         self.fail: Exception | None = None
+        self.stats_answer: dict[str, Any] | None = None
         FakeClient.made.append(self)
 
     def _submit(self, call: Any, timeout: float | None) -> Future[Any]:
@@ -164,6 +165,8 @@ class FakeClient:
         future: Future[Any] = Future()
         if self.fail is not None:
             future.set_exception(self.fail)
+        elif call.op == "stats":
+            future.set_result(self.stats_answer)
         elif call.op == "train_round":
             rows = call.message.inputs.metas[0].shape[0]
             future.set_result([float(len(self.address))] * rows)
@@ -255,3 +258,18 @@ def test_a_dropped_connection_rereads_the_table_and_follows_a_moved_coordinator(
     assert c.infer("m/3", torch.randn(1, 8)) == "m/1"
     c.close()
     assert old.closed  # retired clients are closed with the cluster client
+
+
+def test_a_coordinator_down_for_good_fails_calls_at_once_but_not_stats() -> None:
+    c = fake_cluster(table({"m": 4}, c1="failed"))
+    with pytest.raises(WorkerDied, match="coordinator 1"):
+        c.models()
+    with pytest.raises(WorkerDied, match="coordinator 1"):
+        c.barrier()
+    with pytest.raises(WorkerDied, match="coordinator 1"):
+        c.snapshot("/tmp/never")
+    c._clients[0].stats_answer = {"models": {"m/1": {"jobs": 5}}, "jobs_per_s": 2.0}
+    stats = c.stats()
+    assert [e["error"] is None for e in stats["coordinators"]] == [True, False]
+    assert "failed: restarts spent" in stats["coordinators"][1]["error"] and stats["models"] == {
+        "m/1": {"jobs": 5, "coordinator": 0}}
