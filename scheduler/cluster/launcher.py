@@ -58,6 +58,7 @@ log = logging.getLogger("cohort.cluster")
 
 PLACEMENT_TIMEOUT_S = 120.0
 HEARTBEAT_S = 1.0
+ALIVE_EVERY = 5  # heartbeats between checks that every supervisor still lives
 RAY_CALL_TIMEOUT_S = 30.0
 
 
@@ -335,10 +336,14 @@ def watch(cluster: Cluster, layout: Layout) -> None:
     import ray
 
     seen: dict[int, tuple[int, str]] = {}
+    turns = 0
     while True:
         time.sleep(HEARTBEAT_S)
         if cluster.heartbeat is not None and cluster.heartbeat.lost:
             raise ClusterFailed("the directory no longer belongs to this cluster")
+        turns += 1
+        if turns % ALIVE_EVERY == 0:
+            mark_dead_supervisors(cluster)
         table = ray.get(cluster.directory.table.remote(), timeout=RAY_CALL_TIMEOUT_S)
         for index, entry in sorted(table["coordinators"].items()):
             now = (int(entry.get("incarnation", 1)), str(entry.get("state")))
@@ -357,6 +362,28 @@ def watch(cluster: Cluster, layout: Layout) -> None:
                 say(f"coordinator {index} died; Ray is restarting it (incarnation {now[0]})")
         if table["coordinators"] and all(e.get("state") == "failed" for e in table["coordinators"].values()):
             raise ClusterFailed("every coordinator has failed")
+
+
+def mark_dead_supervisors(cluster: Cluster) -> None:
+    """A supervisor Ray will not restart (its restarts spent) cannot say so itself: mark it failed in the
+    directory, so clients fail its models' calls at once instead of waiting for it."""
+    import ray
+
+    pings = {s.info.remote(): i for i, s in enumerate(cluster.supervisors)}
+    done, _ = ray.wait(list(pings), num_returns=len(pings), timeout=5.0)
+    table = None
+    for ref in done:
+        try:
+            ray.get(ref)
+        except ray.exceptions.ActorDiedError:
+            index = pings[ref]
+            table = table or ray.get(cluster.directory.table.remote(), timeout=RAY_CALL_TIMEOUT_S)
+            if table["coordinators"].get(index, {}).get("state") != "failed":
+                ray.get(cluster.directory.register.remote(index, {
+                    "state": "failed", "reason": "its supervisor died and Ray will not restart it again "
+                                                 "(--max-restarts spent)"}), timeout=RAY_CALL_TIMEOUT_S)
+        except Exception:  # noqa: BLE001, S112 - restarting (unavailable for now): the directory says so
+            continue
 
 
 def stop(cluster: Cluster) -> None:
