@@ -31,6 +31,7 @@ demo: setup
 	$(PY) examples/demo_client.py
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 bench: setup

@@ -56,6 +56,21 @@ def example_inputs(inputs: list[InputSpec], single: bool, batch: int, device: to
     return made["x"] if single else made
 
 
+def compute_dtype(module_or_dtypes: nn.Module | list[torch.dtype]) -> torch.dtype:
+    """The dtype a model computes in: its first floating-point parameter's (float32 if none)."""
+    dtypes = ([p.dtype for p in module_or_dtypes.parameters()] if isinstance(module_or_dtypes, nn.Module)
+              else module_or_dtypes)
+    return next((d for d in dtypes if d.is_floating_point), torch.float32)
+
+
+def cast_floating(inputs: Any, dtype: torch.dtype) -> Any:
+    """Floating-point inputs in ``dtype`` (a float32 batch into a bfloat16 model, say); others as they are."""
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+
+    return {k: cast(v) for k, v in inputs.items()} if isinstance(inputs, dict) else cast(inputs)
+
+
 def call_module(module: nn.Module, params: dict[str, torch.Tensor], inputs: Any) -> Any:
     """Run the module with the given parameters and buffers, no copies."""
     if isinstance(inputs, dict):
@@ -72,17 +87,20 @@ def build_definition(group: GroupConfig) -> GroupSpec:
         raise ConfigError(f"{where}: {exc}") from None
     except Exception as exc:
         raise ConfigError(f"{where}: factory {group.factory!r} failed with kwargs {group.kwargs}: {type(exc).__name__}: {exc}") from None
+    stored = stored_dtype(group.precision)
     entries = [
-        EntrySpec(name, "param", tuple(p.shape), _dtype_name(p.dtype, where, name))
+        EntrySpec(name, "param", tuple(p.shape), _dtype_name(stored(p.dtype), where, name))
         for name, p in module.named_parameters()
     ]
     entries += [
-        EntrySpec(name, "buffer", tuple(b.shape), _dtype_name(b.dtype, where, name))
+        EntrySpec(name, "buffer", tuple(b.shape), _dtype_name(stored(b.dtype), where, name))
         for name, b in module.named_buffers()
     ]
     if not any(e.role == "param" for e in entries):
         raise ConfigError(f"{where}: the module has no parameters")
+    entries.append(EntrySpec(STEPS, "state", (), "float64"))
     entries += optimizer_state_entries(group.optimizer, [e for e in entries if e.role == "param"])
+    entries += [EntrySpec(hparam_name(hp), "hparam", (), "float64") for hp in group.hparams]
     _check_forward(module, group, where)
     if group.loss not in ("cross_entropy", "mse"):
         import_object(group.loss, f"{where}: loss")
@@ -100,7 +118,15 @@ def build_definition(group: GroupConfig) -> GroupSpec:
         init_seed=group.init_seed,
         init_safetensors=group.init_safetensors,
         batching=group.batching,
+        schedule=group.schedule,
+        precision=group.precision,
     )
+
+
+def stored_dtype(precision: str) -> Callable[[torch.dtype], torch.dtype]:
+    """How a precision stores a floating-point parameter or buffer the factory made in some dtype."""
+    target = {"bf16": torch.bfloat16, "bf16-mixed": torch.float32}.get(precision)
+    return lambda dtype: target if target is not None and dtype.is_floating_point else dtype
 
 
 def _dtype_name(dtype: torch.dtype, where: str, name: str) -> str:
@@ -111,7 +137,7 @@ def _dtype_name(dtype: torch.dtype, where: str, name: str) -> str:
 
 def _check_forward(module: nn.Module, group: GroupConfig, where: str) -> None:
     """A shape-only forward on meta, so a wrong input spec fails at start-up, not at the first job."""
-    inputs = example_inputs(group.inputs, group.single_input, 2, "meta")
+    inputs = cast_floating(example_inputs(group.inputs, group.single_input, 2, "meta"), compute_dtype(module))
     try:
         with torch.no_grad():
             if isinstance(inputs, dict):
@@ -126,6 +152,13 @@ def _check_forward(module: nn.Module, group: GroupConfig, where: str) -> None:
 
 def state_name(kind: str, param: str) -> str:
     return f"optim.{kind}.{param}"
+
+
+def hparam_name(hparam: str) -> str:
+    return f"hparam.{hparam}"
+
+
+STEPS = "optim.steps"  # the model's optimizer steps so far: what a schedule follows
 
 
 def optimizer_state_entries(optimizer: str, params: list[EntrySpec]) -> list[EntrySpec]:

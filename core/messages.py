@@ -17,11 +17,12 @@ from core.bank import BankHandle
 from core.spec import GroupSpec
 from core.tensors import NO_TENSORS, TensorTree
 
-JOB_OPS: tuple[str, ...] = ("infer", "train_step", "ensemble", "train_round")
-# Operations on a model's bank slot that the coordinator asks of a worker, ordered with its
+JOB_OPS: tuple[str, ...] = ("infer", "train_step", "ensemble", "train_round", "evaluate")
+# Operations on models' bank slots that the coordinator asks of a worker, ordered with its
 # jobs: "read" (a model's entries out), "write" (in), "copy" (slot to slot), "mirror" (to
-# the host copy that a replacement worker is restored from).
-BANK_OPS: tuple[str, ...] = ("read", "write", "copy", "mirror")
+# the host copy that a replacement worker is restored from), "set_hparams", "get_hparams",
+# "reset" (weights as the factory makes them, optimizer state cleared).
+BANK_OPS: tuple[str, ...] = ("read", "write", "copy", "mirror", "set_hparams", "get_hparams", "reset")
 
 
 # --------------------------------------------------------------------------- client -> coordinator
@@ -45,6 +46,7 @@ class SubmitJob(ClientRequest):
     inputs: TensorTree
     targets: TensorTree = NO_TENSORS
     timeout_s: float | None = None
+    shm_results: bool = False  # a client of this machine: large results may come in a worker's arena
 
 
 class BarrierRequest(ClientRequest):
@@ -84,16 +86,37 @@ class StatsRequest(ClientRequest):
     pass
 
 
+class SetHparams(ClientRequest):
+    """New hyperparameters for a model (one value each) or a group (one value, or one per model)."""
+
+    target: str
+    values: dict[str, list[float]]
+    timeout_s: float | None = None
+
+
+class GetHparams(ClientRequest):
+    model: str
+    timeout_s: float | None = None
+
+
+class ResetModel(ClientRequest):
+    """A new trial in a model's slot: weights as the factory makes them after ``manual_seed(seed)``."""
+
+    model: str
+    seed: int | None = None  # None: the group's own rule (its init seed plus the index, or its file)
+    timeout_s: float | None = None
+
+
 class Requests(ClientRequest):
     """Several requests in one message (a client's queue, drained at once); buffers follow request by request."""
 
     requests: list[Union[Hello, SubmitJob, BarrierRequest, ListModels, GetWeights, SetWeights, CopyWeights,
-                         SnapshotRequest, StatsRequest]]
+                         SnapshotRequest, StatsRequest, SetHparams, GetHparams, ResetModel]]
 
 
 ClientMessage = Union[
     Hello, SubmitJob, BarrierRequest, ListModels, GetWeights, SetWeights, CopyWeights, SnapshotRequest, StatsRequest,
-    Requests,
+    SetHparams, GetHparams, ResetModel, Requests,
 ]
 
 
@@ -177,6 +200,7 @@ class InitWorker(ToWorker):
     shm_prefix: str
     restore: bool = False  # fill the banks from the host copies instead of initialising them
     mirrors: list[str] = []  # per group: the shared-memory name of its host copy, laid out as its bank
+    compile_cache_dir: str = ""  # where compiled calls are shared ("": the XDG cache directory)
 
 
 class RunJob(ToWorker):
@@ -193,6 +217,10 @@ class RunJob(ToWorker):
     deadline: float | None = None
     option: str = ""  # "read"/"write": "weights" (parameters and buffers) or "all" (optimizer state too)
     source: list[int] = []  # "copy": the slots copied from, one per slot of ``slots``
+    shared: bool = False  # train_round/evaluate: one batch (inputs and targets) for every model, not stacked
+    hparams: dict[str, list[float]] = {}  # "set_hparams": values, one per slot of ``slots``
+    seed: int | None = None  # "reset": the seed (None: the group's own rule)
+    shm_results: bool = False  # large outputs may go into the worker's arena (the client reads it)
 
 
 class Shutdown(ToWorker):
@@ -238,6 +266,7 @@ class Heartbeat(FromWorker):
     """The worker's counts, sent while its loop is free (liveness itself is stamped into a file)."""
 
     counters: dict[str, int] = {}  # calls, joined_jobs, compiled_calls, eager_calls, ...
+    compiled_shapes: list[str] = []  # each compiled call shape: loaded from the cache or compiled here
 
 
 class WorkerFailed(FromWorker):

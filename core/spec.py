@@ -15,10 +15,13 @@ ModelKey = tuple[str, int]  # (group, index): one model
 
 
 class EntrySpec(msgspec.Struct, array_like=True, frozen=True):
-    """One per-model tensor of a bank: a parameter, a buffer or optimizer state."""
+    """One per-model tensor of a bank: a parameter, a buffer, optimizer state or a hyperparameter.
+
+    Hyperparameters live in the bank (``hparam.<name>``, float64) so that one set at run time
+    survives a worker's replacement like the weights do."""
 
     name: str
-    role: Literal["param", "buffer", "state"]
+    role: Literal["param", "buffer", "state", "hparam"]
     shape: tuple[int, ...]
     dtype: str
 
@@ -38,6 +41,35 @@ class BatchingSpec(msgspec.Struct, frozen=True):
     max_jobs: int = 64  # at most this many waiting jobs joined into one call; 1 turns coalescing off
     max_wait_ms: float = 0.0  # how long a worker may hold a lone job for others to join it
     compile: str = ""  # torch.compile mode for fused calls ("default", "reduce-overhead", ...); "" = eager
+    buckets: list[int] | None = None  # compiled calls: batch sizes padded up to these; None: powers of two
+
+
+class ScheduleSpec(msgspec.Struct, frozen=True):
+    """A learning-rate schedule (the ``schedule`` table); each model follows its own step count.
+
+    The learning rate a model's step ``t`` (0 for its first) uses, from its base ``lr``:
+
+    - ``constant``: ``lr``;
+    - ``cosine``: linear warm-up over ``warmup_steps`` (``lr * (t + 1) / warmup_steps``), then
+      ``min_lr + (lr - min_lr) * (1 + cos(pi * t' / T)) / 2`` with ``t' = t - warmup_steps``,
+      ``T = total_steps - warmup_steps``: without warm-up, ``CosineAnnealingLR(T_max=total_steps,
+      eta_min=min_lr)`` stepped after every optimizer step;
+    - ``step``: ``lr * gamma ** (t // step_size)`` (``StepLR``);
+    - ``linear``: ``lr * (start_factor + (end_factor - start_factor) * min(t, total_steps) /
+      total_steps)`` (``LinearLR``).
+    """
+
+    name: str = "constant"
+    total_steps: int = 0
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    step_size: int = 1
+    gamma: float = 0.1
+    start_factor: float = 1.0
+    end_factor: float = 0.0
+
+
+PRECISIONS = ("fp32", "bf16-mixed", "bf16")
 
 
 class GroupSpec(msgspec.Struct, frozen=True):
@@ -56,6 +88,8 @@ class GroupSpec(msgspec.Struct, frozen=True):
     init_seed: int | None = None
     init_safetensors: str | None = None
     batching: BatchingSpec = BatchingSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    precision: str = "fp32"  # fp32: as the factory makes it | bf16-mixed | bf16 (see PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -74,3 +108,5 @@ class GroupConfig:
     init_seed: int | None
     init_safetensors: str | None
     batching: BatchingSpec = BatchingSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    precision: str = "fp32"

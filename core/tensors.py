@@ -3,7 +3,7 @@
 This module and ``core.codec`` are the only places that know how tensor bytes travel.
 A ``TensorTree`` describes a tensor, a tuple of tensors or a dict of named tensors;
 ``encode_tensors`` splits a value into that header and zero-copy buffers,
-``decode_tensors``/``decode_into`` rebuild it after checking every size against the
+``decode_tensors`` rebuilds it (in page-locked memory for a GPU) after checking every size against the
 header, and ``slice_rows``/``join_rows`` cut and join stacked tensors as bytes, so the
 coordinator never decodes a tensor it only forwards.
 """
@@ -44,12 +44,27 @@ class TensorMeta(msgspec.Struct, array_like=True, frozen=True):
     shape: tuple[int, ...]
 
 
+class ShmRef(msgspec.Struct, array_like=True, frozen=True):
+    """Where one tensor's bytes are in a shared-memory arena (``core.arena``) instead of a frame."""
+
+    arena: str
+    offset: int
+    sequence: int = 0  # the region's: a reader can tell the writer reclaimed it
+
+
 class TensorTree(msgspec.Struct, array_like=True, frozen=True):
-    """A tensor, a tuple of tensors, or a dict of named tensors (``layout``)."""
+    """A tensor, a tuple of tensors, or a dict of named tensors (``layout``); the bytes follow as
+    frames, or (``shm``, one reference per tensor) lie in a shared-memory arena of this machine."""
 
     layout: Literal["tensor", "tuple", "dict", "none"]
     metas: tuple[TensorMeta, ...] = ()
     keys: tuple[str, ...] = ()
+    shm: tuple[ShmRef, ...] = ()
+
+    @property
+    def frames(self) -> int:
+        """How many buffer frames follow the message for this tree."""
+        return 0 if self.shm else len(self.metas)
 
 
 NO_TENSORS = TensorTree("none")
@@ -112,17 +127,37 @@ def encode_tensors(value: Any) -> tuple[TensorTree, list[memoryview]]:
     return TensorTree(layout, tuple(_meta(t) for t in items), keys), [_tensor_buffer(t) for t in items]
 
 
+def to_arena(tree: TensorTree, buffers: list[memoryview], arena: Any) -> tuple[TensorTree, list[Any], list[int]]:
+    """The same tensors with their bytes copied into ``arena`` (``core.arena.Arena``): the tree with
+    references and no buffers, and the regions taken; as they were if the arena has no room."""
+    taken: list[tuple[int, int]] = []
+    for buf in buffers:
+        region = arena.take(buf.nbytes)
+        if region is None:
+            for offset, _ in taken:
+                arena.give_back(offset)
+            return tree, buffers, []
+        arena.write(region[0], buf)
+        taken.append(region)
+    refs = tuple(ShmRef(arena.name, offset, sequence) for offset, sequence in taken)
+    return msgspec.structs.replace(tree, shm=refs), [], [offset for offset, _ in taken]
+
+
 def check_buffers(tree: TensorTree, buffers: list[Any], max_bytes: int) -> int:
     """Check buffer count and sizes against the header before anything is built; return total bytes."""
     if len(tree.metas) > MAX_TENSORS:
         raise BadInput(f"too many tensors in one message ({len(tree.metas)} > {MAX_TENSORS})")
-    if len(buffers) != len(tree.metas):
-        raise ProtocolError(f"header announces {len(tree.metas)} tensors but {len(buffers)} buffers followed")
+    if tree.shm and len(tree.shm) != len(tree.metas):
+        raise ProtocolError(f"header announces {len(tree.metas)} tensors but {len(tree.shm)} shared-memory places")
+    if len(buffers) != tree.frames:
+        raise ProtocolError(f"header announces {tree.frames} tensors but {len(buffers)} buffers followed")
     if tree.layout == "dict" and (len(tree.keys) != len(tree.metas) or len(set(tree.keys)) != len(tree.keys)):
         raise ProtocolError("dict layout needs one key per tensor, each key distinct")
     if tree.layout == "tensor" and len(tree.metas) != 1:
         raise ProtocolError("tensor layout needs exactly one tensor")
     total = 0
+    if tree.shm:
+        return _total(tree, max_bytes)
     for meta, buf in zip(tree.metas, buffers):
         need = tensor_nbytes(meta)
         if need != memoryview(buf).nbytes:
@@ -133,18 +168,41 @@ def check_buffers(tree: TensorTree, buffers: list[Any], max_bytes: int) -> int:
     return total
 
 
-def _decode_tensor(meta: TensorMeta, buf: Any) -> torch.Tensor:
+def _total(tree: TensorTree, max_bytes: int) -> int:
+    total = sum(tensor_nbytes(meta) for meta in tree.metas)
+    if total > max_bytes:
+        raise BadInput(f"tensors of {total} bytes exceed the message bound of {max_bytes} bytes")
+    return total
+
+
+def _decode_tensor(meta: TensorMeta, buf: Any, pinned: bool) -> torch.Tensor:
     # Copy into a tensor we own: received frames are read-only and short-lived.
-    out = torch.empty(meta.shape, dtype=DTYPES[meta.dtype])
+    out = torch.empty(meta.shape, dtype=DTYPES[meta.dtype], pin_memory=pinned)
     if out.numel():
         out.reshape(-1).view(torch.uint8).numpy()[:] = np.frombuffer(buf, dtype=np.uint8)
     return out
 
 
-def decode_tensors(tree: TensorTree, buffers: list[Any], max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
-    """Rebuild what ``encode_tensors`` split: None, a Tensor, a tuple or a dict."""
+def decode_tensors(tree: TensorTree, buffers: list[Any], max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                   pinned: bool = False, arenas: Any = None, copy: bool = True) -> Any:
+    """Rebuild what ``encode_tensors`` split: None, a Tensor, a tuple or a dict; in page-locked
+    memory with ``pinned`` (tensors headed for a GPU). Bytes in an arena are read through
+    ``arenas`` (``core.arena.ArenaReader``): copied out, or with ``copy=False`` used in place
+    (valid only while the writer keeps the region)."""
     check_buffers(tree, buffers, max_bytes)
-    tensors = [_decode_tensor(m, b) for m, b in zip(tree.metas, buffers)]
+    if tree.shm:
+        if arenas is None:
+            raise ProtocolError("tensors in shared memory, but this peer does not read arenas")
+        try:
+            views = [arenas.read(ref, tensor_nbytes(meta)) for ref, meta in zip(tree.shm, tree.metas)]
+        except (OSError, ValueError) as exc:
+            raise ProtocolError(f"tensors in shared memory cannot be read: {exc}") from None
+        if copy:
+            tensors = [_decode_tensor(m, v, pinned) for m, v in zip(tree.metas, views)]
+        else:
+            tensors = [_in_place(m, v) for m, v in zip(tree.metas, views)]
+    else:
+        tensors = [_decode_tensor(m, b, pinned) for m, b in zip(tree.metas, buffers)]
     if tree.layout == "none":
         return None
     if tree.layout == "tensor":
@@ -154,33 +212,25 @@ def decode_tensors(tree: TensorTree, buffers: list[Any], max_bytes: int = DEFAUL
     return dict(zip(tree.keys, tensors))
 
 
-def decode_into(tree: TensorTree, buffers: list[Any], pinned: bool) -> Any:
-    """Decode tensors, into page-locked memory when they are headed for a GPU."""
-    check_buffers(tree, buffers, 1 << 62)
-    made = []
-    for meta, buf in zip(tree.metas, buffers):
-        t = torch.empty(meta.shape, dtype=DTYPES[meta.dtype], pin_memory=pinned)
-        if t.numel():
-            t.reshape(-1).view(torch.uint8).numpy()[:] = memoryview(buf).cast("B")
-        made.append(t)
-    if tree.layout == "none":
-        return None
-    if tree.layout == "tensor":
-        return made[0]
-    if tree.layout == "tuple":
-        return tuple(made)
-    return dict(zip(tree.keys, made))
+def _in_place(meta: TensorMeta, view: memoryview) -> torch.Tensor:
+    if not view.nbytes:
+        return torch.empty(meta.shape, dtype=DTYPES[meta.dtype])
+    return torch.frombuffer(view, dtype=DTYPES[meta.dtype]).view(meta.shape)
 
 
 def slice_rows(tree: TensorTree, buffers: list[Any], lo: int, hi: int) -> tuple[TensorTree, list[Any]]:
-    """Rows ``lo:hi`` of dim 0 of every tensor, as zero-copy views of the frames."""
-    metas, out = [], []
-    for meta, buf in zip(tree.metas, buffers):
+    """Rows ``lo:hi`` of dim 0 of every tensor, as zero-copy views of the frames (or arena offsets)."""
+    metas, out, refs = [], [], []
+    for i, meta in enumerate(tree.metas):
         rows = meta.shape[0]
         row_bytes = tensor_nbytes(meta) // rows if rows else 0
         metas.append(TensorMeta(meta.dtype, (hi - lo, *meta.shape[1:])))
-        out.append(memoryview(buf)[lo * row_bytes : hi * row_bytes])
-    return TensorTree(tree.layout, tuple(metas), tree.keys), out
+        if tree.shm:
+            ref = tree.shm[i]
+            refs.append(ShmRef(ref.arena, ref.offset + lo * row_bytes, ref.sequence))
+        else:
+            out.append(memoryview(buffers[i])[lo * row_bytes : hi * row_bytes])
+    return TensorTree(tree.layout, tuple(metas), tree.keys, tuple(refs)), out
 
 
 def join_rows(pieces: list[tuple[TensorTree, list[Any]]]) -> tuple[TensorTree, list[Any]]:

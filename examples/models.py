@@ -65,3 +65,18 @@ def tiny_transformer(
 ) -> nn.Module:
     """A two-layer causal transformer small enough to run many copies at once."""
     return TinyTransformer(vocab, d_model, heads, layers, seq_len)
+
+
+class Scale(nn.Module):
+    """A learnable scale per feature: the smallest model, for measuring the data path."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+def scale(d: int = 1024) -> nn.Module:
+    return Scale(d)

@@ -22,17 +22,18 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import zmq
 
-from core.errors import JobTimeout, ProtocolError
+from core.errors import BadInput, JobTimeout, ProtocolError
 from core.tensors import DEFAULT_MAX_MESSAGE_BYTES
 from scheduler.client_api import BaseClient, default_address
 from scheduler.client_async import AsyncClient
-from scheduler.client_core import DEFAULT_TIMEOUT_S, Call, Connection, Settled
+from scheduler.client_core import DEFAULT_TIMEOUT_S, Call, ClientCore, Connection, Settled
 from scheduler.link import Link
 from scheduler.security import CurveClient
 
@@ -52,14 +53,15 @@ class Client(BaseClient):
     """
 
     def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, curve: CurveClient | None = None) -> None:
-        super().__init__(address, timeout=timeout, max_message_bytes=max_message_bytes, curve=curve)
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, curve: CurveClient | None = None,
+                 shm: bool | None = None) -> None:
+        super().__init__(address, timeout=timeout, max_message_bytes=max_message_bytes, curve=curve, shm=shm)
         self._closed = False
         self._context = zmq.Context()
         self._local = threading.local()
         self._direct_sockets: weakref.WeakSet[_DirectSocket] = weakref.WeakSet()
         self._direct_lock = threading.Lock()
-        self._io = _IOThread(self._context, self.address, self.curve)
+        self._io = _IOThread(self._context, self.address, self.curve, self._core)
 
     def close(self) -> None:
         """Fail calls still waiting and stop the I/O thread."""
@@ -72,6 +74,27 @@ class Client(BaseClient):
                 direct.link.close()
             self._direct_sockets.clear()
         self._context.term()
+        self._core.close()
+
+    def map(self, op: str, target: str, inputs: Iterable[Any], targets: Iterable[Any] | None = None, *,
+            depth: int = 4, timeout: float | None = None) -> Iterator[Any]:
+        """Results of ``op`` on ``target`` for each item of ``inputs`` (and ``targets``), in order, with up to
+        ``depth`` calls in flight: the coordinator and workers work on the next batches while this
+        thread handles one. Stops early without leaving calls behind if the loop is left."""
+        if depth < 1:
+            raise BadInput(f"map needs depth >= 1, got {depth}")
+        pairs = zip(inputs, targets) if targets is not None else ((x, None) for x in inputs)
+        in_flight: deque[Future[Any]] = deque()
+        try:
+            for x, t in pairs:
+                in_flight.append(self.submit(op, target, x, t, timeout=timeout))
+                if len(in_flight) >= depth:
+                    yield in_flight.popleft().result()
+            while in_flight:
+                yield in_flight.popleft().result()
+        finally:
+            for future in in_flight:  # the caller stopped early: what is left is answered and dropped
+                future.cancel()
 
     def __enter__(self) -> Client:
         return self
@@ -123,7 +146,7 @@ class Client(BaseClient):
         direct: _DirectSocket | None = getattr(self._local, "direct", None)
         if direct is None:
             link = Link(self._context, self.address, self.curve)
-            direct = _DirectSocket(link, Connection(self.address))
+            direct = _DirectSocket(link, Connection(self.address, self._core))
             weakref.finalize(direct, link.close)
             with self._direct_lock:
                 if self._closed:
@@ -198,7 +221,7 @@ class _IOThread:
     """The background thread behind ``submit``: one DEALER socket, its calls in flight,
     and the queue and wake-up pipe that other threads hand it calls through."""
 
-    def __init__(self, context: zmq.Context[Any], address: str, curve: CurveClient | None) -> None:
+    def __init__(self, context: zmq.Context[Any], address: str, curve: CurveClient | None, core: ClientCore) -> None:
         self._outbox: queue.SimpleQueue[Call | None] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -206,7 +229,7 @@ class _IOThread:
         # Only the I/O thread touches what follows, once it runs.
         self._context, self._address, self._curve = context, address, curve
         self._link: Link
-        self._connection = Connection(address)
+        self._connection = Connection(address, core)
         self._deadlines: list[tuple[float, int, Call]] = []  # heap of the pending calls' deadlines
         self._unsent: deque[Call] = deque()
         self._thread = threading.Thread(target=self._loop, name="cohort-client-io", daemon=True)

@@ -27,9 +27,12 @@ from core.errors import BadInput
 from core.messages import (
     BarrierRequest,
     CopyWeights,
+    GetHparams,
     GetWeights,
     ListModels,
     ModelInfo,
+    ResetModel,
+    SetHparams,
     SetWeights,
     SnapshotRequest,
     StatsRequest,
@@ -46,7 +49,7 @@ from scheduler.client_core import (
     as_weights,
     job,
 )
-from scheduler.config import ADDRESS_ENV, DEFAULT_ADDRESS
+from scheduler.config import ADDRESS_ENV, DEFAULT_ADDRESS, is_private_address
 from scheduler.security import CurveClient
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -75,11 +78,14 @@ class BaseClient:
     """Settings and public calls of both flavours; no I/O."""
 
     def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, curve: CurveClient | None = None) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, curve: CurveClient | None = None,
+                 shm: bool | None = None) -> None:
         self.address = check_address(address or default_address())
         self.timeout = timeout
         self.curve = curve or CurveClient.from_env()
-        self._core = ClientCore(max_message_bytes)
+        # Large tensors through shared memory, when the coordinator is on this machine (None: decide by address).
+        local = is_private_address(self.address)
+        self._core = ClientCore(max_message_bytes, shm=local if shm is None else bool(shm) and local)
 
     @property
     def max_message_bytes(self) -> int:
@@ -98,7 +104,7 @@ class BaseClient:
 
     @public_call
     def submit(self, op: str, target: str, inputs: Any, targets: Any = None, *, timeout: float | None = None) -> Future[Any]:
-        """Queue a job (``infer``, ``train_step``, ``ensemble``, ``train_round``); a Future of its result."""
+        """Queue a job (``infer``, ``train_step``, ``ensemble``, ``train_round``, ``evaluate``); a Future of its result."""
         return self._submit(job(op, target, inputs, targets), timeout)
 
     @public_call
@@ -118,8 +124,36 @@ class BaseClient:
 
     @public_call
     def train_round(self, group: str, inputs: Any, targets: torch.Tensor, *, timeout: float | None = None) -> list[float]:
-        """One step for every model of ``group``; inputs and targets stacked ``[K, B, ...]``; K losses."""
+        """One step for every model of ``group``; K losses. Inputs and targets are one batch shaped as
+        one model's (every model trains on it; sent once), or stacked ``[K, B, ...]`` (a batch each)."""
         return self._call(job("train_round", group, inputs, targets), timeout)
+
+    @public_call
+    def evaluate(self, target: str, inputs: Any, targets: torch.Tensor, *,
+                 timeout: float | None = None) -> float | list[float]:
+        """The loss without a step (eval mode): one float for a model id, K floats for a group
+        (inputs and targets shared or stacked ``[K, B, ...]``, as for ``train_round``)."""
+        return self._call(job("evaluate", target, inputs, targets), timeout)
+
+    @public_call
+    def set_hparams(self, target: str, *, timeout: float | None = None, **values: float | list[float]) -> None:
+        """New hyperparameters (``lr``, ``momentum``, ``weight_decay``, ``clip_grad_norm``, ...) from the
+        next step on, ordered with the models' other jobs. For a group, each value is one for every
+        model or a list of K. ``lr`` is the base that the group's schedule scales."""
+        lists = {name: [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
+                 for name, value in values.items()}
+        return self._call(Call("set_hparams", SetHparams(0, target, lists), as_none), timeout)
+
+    @public_call
+    def get_hparams(self, model: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """The model's current hyperparameters and its step count: ``{"lr": ..., ..., "step": 120}``."""
+        return self._call(Call("get_hparams", GetHparams(0, model), as_detail), timeout)
+
+    @public_call
+    def reset(self, model: str, seed: int | None = None, *, timeout: float | None = None) -> None:
+        """A new trial in the model's slot: weights as ``torch.manual_seed(seed); factory()`` makes them
+        (default: the group's own rule), optimizer state and step count cleared, version bumped."""
+        return self._call(Call("reset", ResetModel(0, model, seed), as_none), timeout)
 
     @public_call
     def models(self, *, timeout: float | None = None) -> list[ModelInfo]:

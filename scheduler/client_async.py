@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
+from core.errors import BadInput
 from core.tensors import DEFAULT_MAX_MESSAGE_BYTES
 from scheduler.client_api import BaseClient, coroutine_calls
 from scheduler.client_core import DEFAULT_TIMEOUT_S, Call, Connection
@@ -33,13 +36,14 @@ class AsyncClient(BaseClient):
     """
 
     def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, curve: CurveClient | None = None) -> None:
-        super().__init__(address, timeout=timeout, max_message_bytes=max_message_bytes, curve=curve)
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, curve: CurveClient | None = None,
+                 shm: bool | None = None) -> None:
+        super().__init__(address, timeout=timeout, max_message_bytes=max_message_bytes, curve=curve, shm=shm)
         self._context = zmq.asyncio.Context()
         self._socket = dealer(self._context, self.curve)  # see scheduler/link.py for its settings
         self._monitor = self._socket.get_monitor_socket(DROPPED)
         self._socket.connect(self.address)
-        self._connection = Connection(self.address)
+        self._connection = Connection(self.address, self._core)
         self._reader: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
@@ -53,12 +57,32 @@ class AsyncClient(BaseClient):
             settled.resolve()
         close_monitored(self._socket, self._monitor)
         self._context.term()
+        self._core.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    async def map(self, op: str, target: str, inputs: Iterable[Any], targets: Iterable[Any] | None = None, *,
+                  depth: int = 4, timeout: float | None = None) -> AsyncIterator[Any]:
+        """Results of ``op`` on ``target`` for each item of ``inputs`` (and ``targets``), in order, with up to
+        ``depth`` calls in flight (``async for y in c.map("infer", "mlp/3", batches): ...``)."""
+        if depth < 1:
+            raise BadInput(f"map needs depth >= 1, got {depth}")
+        pairs = zip(inputs, targets) if targets is not None else ((x, None) for x in inputs)
+        in_flight: deque[asyncio.Task[Any]] = deque()
+        try:
+            for x, t in pairs:
+                in_flight.append(asyncio.ensure_future(self.submit(op, target, x, t, timeout=timeout)))
+                if len(in_flight) >= depth:
+                    yield await in_flight.popleft()
+            while in_flight:
+                yield await in_flight.popleft()
+        finally:
+            for task in in_flight:
+                task.cancel()
 
     async def _call(self, call: Call, timeout: float | None) -> Any:
         t = self._timeout(timeout)

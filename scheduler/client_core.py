@@ -19,12 +19,16 @@ the frames they receive. Three pieces:
 from __future__ import annotations
 
 import itertools
+import os
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import msgspec
 
+from core.arena import Arena, ArenaReader
 from core.codec import client_codec, unbundle
 from core.errors import BadInput, CohortError, JobTimeout, ProtocolError, error_from_wire
 from core.messages import (
@@ -38,11 +42,18 @@ from core.messages import (
     ModelsReply,
     Replies,
     Requests,
+    SetWeights,
     StatsReply,
     SubmitJob,
     WeightsReply,
 )
-from core.tensors import DEFAULT_MAX_MESSAGE_BYTES, decode_tensors, encode_tensors
+from core.tensors import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    decode_tensors,
+    encode_tensors,
+    tensor_nbytes,
+    to_arena,
+)
 from scheduler import __version__
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -51,6 +62,10 @@ DEFAULT_TIMEOUT_S = 60.0
 ALWAYS_ANSWERED_BYTES = 1 << 20
 # A request sent at the very end of its call's time still carries a positive timeout.
 MIN_TIME_LEFT_S = 0.001
+# Calls with at least this many tensor bytes go through shared memory when the coordinator is local:
+# below it the sockets cost less than the extra bookkeeping.
+SHM_MIN_BYTES = 256 * 1024
+ARENA_BYTES = 256 << 20  # address space: pages are allocated as regions are first written (an idle ring restarts at 0)
 
 Returns = Callable[[Any, list[Any]], Any]
 
@@ -107,8 +122,14 @@ JOB_RESULTS: dict[str, Returns] = {
     "ensemble": as_outputs,
     "train_step": as_loss,
     "train_round": as_losses,
+    "evaluate": as_losses,  # of a group; of one model, as_loss (see ``job``)
 }
-TRAINING_OPS = ("train_step", "train_round")
+TARGETED_OPS = ("train_step", "train_round", "evaluate")
+
+
+def is_model_id(target: str) -> bool:
+    """``"group/index"`` names one model; a group's name has no ``/``."""
+    return "/" in target.rstrip("/")
 
 
 # --------------------------------------------------------------------------- calls
@@ -121,7 +142,7 @@ class Call:
     ``ClientCore.start`` stamps the call's own id, timeout and deadline.
     """
 
-    __slots__ = ("buffers", "deadline", "future", "message", "op", "returns", "sent")
+    __slots__ = ("buffers", "deadline", "future", "message", "op", "regions", "returns", "sent")
 
     def __init__(self, op: str, message: msgspec.Struct, returns: Returns, buffers: list[Any] | None = None) -> None:
         self.op = op
@@ -131,6 +152,7 @@ class Call:
         self.deadline = 0.0
         self.sent = False  # on a connection: lost with it if that connection drops
         self.future: Any = None  # the flavour's waiter, when it has one
+        self.regions: list[int] = []  # its tensors' places in the client's arena, given back on the reply
 
     @property
     def req_id(self) -> int:
@@ -148,11 +170,12 @@ def job(op: str, target: str, inputs: Any, targets: Any = None) -> Call:
     """The call of a job (one of ``JOB_OPS``) on a model or group; ``BadInput`` if it cannot be one."""
     if op not in JOB_OPS:
         raise BadInput(f"unknown op {op!r}; ops: {', '.join(JOB_OPS)}")
-    if op in TRAINING_OPS and targets is None:
+    if op in TARGETED_OPS and targets is None:
         raise BadInput(f"{op} needs targets")
     tree_in, buf_in = encode_tensors(inputs)
     tree_t, buf_t = encode_tensors(targets)
-    return Call(op, SubmitJob(0, op, target, tree_in, tree_t), JOB_RESULTS[op], [*buf_in, *buf_t])
+    returns = as_loss if op == "evaluate" and is_model_id(target) else JOB_RESULTS[op]
+    return Call(op, SubmitJob(0, op, target, tree_in, tree_t), returns, [*buf_in, *buf_t])
 
 
 class Settled(NamedTuple):
@@ -185,18 +208,62 @@ class ClientCore:
     written once with a value every writer agrees on.
     """
 
-    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, shm: bool = False) -> None:
         self.max_message_bytes = max_message_bytes
         self.server_bound: int | None = None  # the coordinator's, once a Hello has told it
+        self.shm = shm  # large tensors through shared memory (a coordinator on this machine)
         self._ids = itertools.count(1)
+        self._arena: Arena | None = None
+        self._arena_lock = threading.Lock()
 
     def start(self, call: Call, timeout: float, now: float | None = None) -> Call:
-        """Give ``call`` its id, timeout and deadline; it is then ready to go on a connection."""
+        """Give ``call`` its id, timeout and deadline; it is then ready to go on a connection.
+        Its large tensors go into this client's arena when the coordinator is on this machine."""
         call.message.req_id = next(self._ids)
         if hasattr(call.message, "timeout_s"):
             call.message.timeout_s = timeout
         call.deadline = (time.monotonic() if now is None else now) + timeout
+        if self.shm:
+            if isinstance(call.message, SubmitJob):
+                call.message.shm_results = True
+            if call.size >= SHM_MIN_BYTES:
+                self._place(call)
         return call
+
+    def _place(self, call: Call) -> None:
+        """Move a call's tensors into the arena: only where they are crosses the sockets."""
+        message = call.message
+        trees = ["inputs", "targets"] if isinstance(message, SubmitJob) else ["weights"] if isinstance(
+            message, SetWeights) else []
+        if not trees:
+            return
+        with self._arena_lock:
+            if self._arena is None:
+                self._arena = Arena(f"cohort-{os.getpid()}-{uuid.uuid4().hex[:8]}-arena", ARENA_BYTES)
+            rest, at = [], 0
+            for name in trees:
+                tree = getattr(message, name)
+                own = call.buffers[at:at + tree.frames]
+                at += tree.frames
+                placed, left, regions = to_arena(tree, own, self._arena)
+                setattr(message, name, placed)
+                rest += left
+                call.regions += regions
+            call.buffers = rest
+
+    def finish(self, call: Call) -> None:
+        """A reply has come: the worker is done with the call's tensors in the arena."""
+        if call.regions and self._arena is not None:
+            with self._arena_lock:
+                for offset in call.regions:
+                    self._arena.give_back(offset)
+            call.regions = []
+
+    def close(self) -> None:
+        with self._arena_lock:
+            if self._arena is not None:
+                self._arena.close()
+                self._arena = None
 
     def needs_bound(self, call: Call) -> bool:
         """Whether ``call`` is large enough that the coordinator's bound must be asked first (``hello``)."""
@@ -225,10 +292,12 @@ class Connection:
     One per socket, used by one thread at a time (its codec keeps buffers between uses).
     """
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, core: ClientCore | None = None) -> None:
         self.address = address
+        self.core = core
         self._codec = client_codec()
         self._pending: dict[int, Call] = {}
+        self._arenas = ArenaReader()  # workers' arenas, where large results may come
 
     def __contains__(self, call: Call) -> bool:
         return self._pending.get(call.req_id) is call
@@ -280,8 +349,29 @@ class Connection:
         for reply, reply_buffers in replies:
             call = self._pending.pop(reply.req_id, None)
             if call is not None:
-                settled.append(_outcome(call, reply, reply_buffers))
+                if self.core is not None:
+                    self.core.finish(call)
+                settled.append(self._settle(call, reply, reply_buffers))
         return settled
+
+    def _settle(self, call: Call, reply: Any, buffers: list[Any]) -> Settled:
+        """A reply's outcome. Outputs that lie in a worker's arena are decoded from there (one copy),
+        checked to be still the worker's (not reclaimed meanwhile), and the region handed back."""
+        tree = getattr(reply, "outputs", None)
+        if tree is None or not tree.shm:
+            return _outcome(call, reply, buffers)
+        try:
+            views = [self._arenas.read(ref, tensor_nbytes(meta)) for ref, meta in zip(tree.shm, tree.metas)]
+            settled = _outcome(call, msgspec.structs.replace(reply, outputs=msgspec.structs.replace(tree, shm=())), views)
+            del views
+            if not all(self._arenas.current(ref) for ref in tree.shm):
+                return Settled(call, error=ProtocolError(
+                    "the worker reused the result's shared memory before it was read (was this client stalled?)"))
+            for ref in tree.shm:
+                self._arenas.release(ref)
+            return settled
+        except (OSError, ValueError) as exc:
+            return Settled(call, error=ProtocolError(f"the result in shared memory cannot be read: {exc}"))
 
     def fail(self, call: Call, error: CohortError) -> Settled:
         self.forget(call)
@@ -299,6 +389,7 @@ class Connection:
 
     def close(self) -> list[Settled]:
         """Fail every call still waiting: the client is closing."""
+        self._arenas.close()
         calls = list(self._pending.values())
         return [self.fail(call, ProtocolError("the client was closed before the answer came")) for call in calls]
 

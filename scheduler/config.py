@@ -14,16 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError
-from core.spec import BatchingSpec, GroupConfig, InputSpec
+from core.spec import PRECISIONS, BatchingSpec, GroupConfig, InputSpec, ScheduleSpec
 from core.tensors import DTYPES
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 ADDRESS_ENV = "COHORT_ADDRESS"
 
-OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
-    "sgd": {"lr": 0.01, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": 0.0},
-    "adam": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0},
-    "adamw": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01},
+OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {  # clip_grad_norm: 0 is off
+    "sgd": {"lr": 0.01, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": 0.0, "clip_grad_norm": 0.0},
+    "adam": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "clip_grad_norm": 0.0},
+    "adamw": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01, "clip_grad_norm": 0.0},
 }
 BUILTIN_LOSSES = ("cross_entropy", "mse")
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -47,6 +47,7 @@ class CoordinatorConfig:
     mps_thread_percentage: int | None = None
     curve_secret_key: str = ""
     curve_allowed_keys: str = ""
+    compile_cache_dir: str = ""  # "": $XDG_CACHE_HOME/cohort, else ~/.cache/cohort
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,8 @@ def _check_security(cfg: CoordinatorConfig, path: str) -> None:
 
 # torch.compile's modes; "reduce-overhead" captures CUDA graphs on a GPU.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-_GROUP_KEYS = {"name", "factory", "kwargs", "count", "input", "loss", "optimizer", "init", "batching"}
+_GROUP_KEYS = {"name", "factory", "kwargs", "count", "input", "loss", "optimizer", "init", "batching", "schedule",
+               "precision"}
 
 
 def _group(raw: Any, key: str, path: str) -> GroupConfig:
@@ -189,13 +191,51 @@ def _group(raw: Any, key: str, path: str) -> GroupConfig:
     optimizer, hparams = _optimizer(raw.get("optimizer", {"name": "sgd"}), count, f"{key}.optimizer", path)
     seed, safetensors = _init(raw.get("init", {"seed": 0}), f"{key}.init", path)
     batching = _batching(raw.get("batching", {}), f"{key}.batching", path)
+    schedule = _schedule(raw.get("schedule", {"name": "constant"}), f"{key}.schedule", path)
+    precision = _expect(raw.get("precision", "fp32"), str, f"{key}.precision", path)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{path}: {key}.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return GroupConfig(name, factory, kwargs, count, inputs, single, loss, optimizer, hparams, seed, safetensors,
-                       batching)
+                       batching, schedule, precision)
+
+
+_SCHEDULE_KEYS = {"constant": set(), "cosine": {"total_steps", "min_lr", "warmup_steps"},
+                  "step": {"step_size", "gamma"}, "linear": {"total_steps", "start_factor", "end_factor"}}
+
+
+def _schedule(raw: Any, key: str, path: str) -> ScheduleSpec:
+    """A learning-rate schedule; impossible values are refused here, naming the key."""
+    _expect(raw, dict, key, path)
+    name = _expect(raw.get("name", "constant"), str, f"{key}.name", path)
+    if name not in _SCHEDULE_KEYS:
+        raise ConfigError(f"{path}: {key}.name must be one of {', '.join(_SCHEDULE_KEYS)}, got {name!r}")
+    unknown = set(raw) - {"name"} - _SCHEDULE_KEYS[name]
+    if unknown:
+        known = ", ".join(sorted(_SCHEDULE_KEYS[name])) or "nothing else"
+        raise ConfigError(f"{path}: {key}.{sorted(unknown)[0]} is not a {name} schedule setting; it takes {known}")
+    values: dict[str, Any] = {"name": name}
+    for setting, kind in (("total_steps", int), ("warmup_steps", int), ("step_size", int), ("min_lr", (int, float)),
+                          ("gamma", (int, float)), ("start_factor", (int, float)), ("end_factor", (int, float))):
+        if setting in raw:
+            values[setting] = _expect(raw[setting], kind, f"{key}.{setting}", path)
+    spec = ScheduleSpec(**values)
+    checks = {
+        "cosine": [("total_steps", spec.total_steps >= 1, "at least 1"), ("min_lr", spec.min_lr >= 0, "0 or more"),
+                   ("warmup_steps", 0 <= spec.warmup_steps < spec.total_steps, "0 or more, below total_steps")],
+        "step": [("step_size", spec.step_size >= 1, "at least 1"), ("gamma", 0 < spec.gamma <= 1, "in (0, 1]")],
+        "linear": [("total_steps", spec.total_steps >= 1, "at least 1"),
+                   ("start_factor", 0 < spec.start_factor <= 1, "in (0, 1]"),
+                   ("end_factor", 0 <= spec.end_factor <= 1, "in [0, 1]")],
+    }
+    for setting, ok, want in checks.get(name, []):
+        if not ok:
+            raise ConfigError(f"{path}: {key}.{setting} must be {want}, got {getattr(spec, setting)}")
+    return spec
 
 
 def _batching(raw: Any, key: str, path: str) -> BatchingSpec:
     _expect(raw, dict, key, path)
-    known = {"fuse", "max_jobs", "max_wait_ms", "compile"}
+    known = {"fuse", "max_jobs", "max_wait_ms", "compile", "buckets"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{path}: {key}.{sorted(unknown)[0]} unknown; known: {', '.join(sorted(known))}")
@@ -214,7 +254,13 @@ def _batching(raw: Any, key: str, path: str) -> BatchingSpec:
     if compiled not in ("", *COMPILE_MODES):
         raise ConfigError(f"{path}: {key}.compile must be true, false or one of {', '.join(COMPILE_MODES)}, "
                           f"got {compiled!r}")
-    return BatchingSpec(fuse, max_jobs, float(wait), compiled)
+    buckets = raw.get("buckets")
+    if buckets is not None:
+        _expect(buckets, list, f"{key}.buckets", path)
+        if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in buckets):
+            raise ConfigError(f"{path}: {key}.buckets must be a list of batch sizes (positive integers), got {buckets!r}")
+        buckets = sorted(set(buckets))
+    return BatchingSpec(fuse, max_jobs, float(wait), compiled, buckets)
 
 
 def _input_spec(raw: Any, name: str, key: str, path: str) -> InputSpec:
@@ -279,16 +325,26 @@ _HPARAM_RANGES: dict[str, tuple[float, float, bool]] = {  # (low, high, high inc
     "lr": (0.0, float("inf"), False), "momentum": (0.0, float("inf"), False),
     "dampening": (0.0, float("inf"), False), "weight_decay": (0.0, float("inf"), False),
     "eps": (0.0, float("inf"), False), "beta1": (0.0, 1.0, False), "beta2": (0.0, 1.0, False),
-    "nesterov": (0.0, 1.0, True),
+    "nesterov": (0.0, 1.0, True), "clip_grad_norm": (0.0, float("inf"), False),
 }
+
+
+def hparam_problem(optimizer: str, hparam: str, value: float) -> str | None:
+    """Why ``value`` cannot be ``optimizer``'s ``hparam`` (torch.optim's own ranges), or None."""
+    if hparam not in OPTIMIZER_DEFAULTS[optimizer]:
+        return f"{hparam!r} is not a {optimizer} setting; known: {', '.join(OPTIMIZER_DEFAULTS[optimizer])}"
+    low, high, inclusive = _HPARAM_RANGES[hparam]
+    if not (low <= value and (value <= high if inclusive else value < high)):
+        return f"{hparam} = {value} is out of range for {optimizer}"
+    return None
 
 
 def _check_hparams(name: str, hparams: dict[str, list[float]], key: str, path: str) -> None:
     for hp, values in hparams.items():
-        low, high, inclusive = _HPARAM_RANGES[hp]
         for v in values:
-            if not (low <= v and (v <= high if inclusive else v < high)):
-                raise ConfigError(f"{path}: {key}.{hp} = {v} is out of range for {name}")
+            problem = hparam_problem(name, hp, v)
+            if problem is not None:
+                raise ConfigError(f"{path}: {key}.{problem}")
     if name == "sgd":
         for k, nesterov in enumerate(hparams["nesterov"]):
             if nesterov and (hparams["momentum"][k] <= 0 or hparams["dampening"][k] != 0):

@@ -30,6 +30,7 @@ from core.codec import (
     coordinator_client_codec,
     coordinator_worker_codec,
     unbundle,
+    zero_copy,
 )
 from core.definition import build_definition
 from core.errors import (
@@ -45,6 +46,7 @@ from core.messages import (
     BarrierRequest,
     CopyWeights,
     ErrorReply,
+    GetHparams,
     GetWeights,
     Hello,
     HelloReply,
@@ -57,8 +59,10 @@ from core.messages import (
     ModelsReply,
     Replies,
     Requests,
+    ResetModel,
     RunJob,
     RunJobs,
+    SetHparams,
     SetWeights,
     Shutdown,
     SnapshotRequest,
@@ -79,7 +83,14 @@ from scheduler.placement import place
 from scheduler.security import CurveServer
 from scheduler.stats import JobStats
 from scheduler.supervisor import StartupError, Supervisor, worker_threads
-from scheduler.validate import check_inputs, check_op, check_targets, parse_group, parse_model
+from scheduler.validate import (
+    check_inputs,
+    check_op,
+    check_targets,
+    is_stacked,
+    parse_group,
+    parse_model,
+)
 from scheduler.weight_ops import JobQueue, WeightOps
 from scheduler.workerpool import WorkerHandle
 
@@ -89,6 +100,7 @@ IDLE_POLL_MS = 50
 HEALTH_EVERY_S = 0.02
 SNAPSHOT_FINISH_S = 120.0  # at shutdown, how long snapshot files being written may take to finish
 WEIGHT_CHANGING = ("train_step", "train_round")
+LOSSES = ("train_step", "train_round", "evaluate")  # answered with their losses
 
 __all__ = ["Coordinator", "StartupError", "describe", "run"]
 
@@ -146,6 +158,9 @@ class Coordinator:
             SetWeights: self.weight_ops.on_set_weights,
             CopyWeights: self.weight_ops.on_copy_weights,
             SnapshotRequest: self.weight_ops.on_snapshot,
+            SetHparams: self.weight_ops.on_set_hparams,
+            GetHparams: self.weight_ops.on_get_hparams,
+            ResetModel: self.weight_ops.on_reset,
             StatsRequest: self._on_stats,
         }
         self.worker_handlers: dict[type, Callable[[WorkerHandle, Any, list[Any]], None]] = {
@@ -306,9 +321,9 @@ class Coordinator:
             else:
                 message = Replies(0, [m for m, _ in items])
                 buffers = [b for _, own in items for b in own]
+            frames = self.client_codec.encode(message, buffers)
             try:
-                self.frontend.send_multipart([client, *self.client_codec.encode(message, buffers)], zmq.NOBLOCK,
-                                             copy=False)
+                self.frontend.send_multipart([client, *frames], zmq.NOBLOCK, copy=not zero_copy(frames))
             except zmq.ZMQError:
                 pass  # the client has gone (ROUTER_MANDATORY) or stopped reading: nobody is left to tell
 
@@ -331,32 +346,41 @@ class Coordinator:
 
     def _on_submit(self, client: bytes, msg: SubmitJob, buffers: list[Any]) -> None:
         check_op(msg.op)
-        n_in = len(msg.inputs.metas)
+        n_in = msg.inputs.frames
         size = check_buffers(msg.inputs, buffers[:n_in], self.cc.max_message_bytes)
         check_buffers(msg.targets, buffers[n_in:], self.cc.max_message_bytes - size)
-        if msg.op in ("infer", "train_step"):
-            model = self.model_ids.get(msg.target) or parse_model(msg.target, self.specs)
+        model = self.model_ids.get(msg.target)
+        if msg.op in ("infer", "train_step") or (msg.op == "evaluate" and model is not None):
+            model = model or parse_model(msg.target, self.specs)
             group, models, stacked = model[0], [model], None
         else:
             group = parse_group(msg.target, self.specs).name
             models = [(group, i) for i in self.specs[group].indices]
-            stacked = len(models) if msg.op == "train_round" else None
+            stacked = None
+            if msg.op in ("train_round", "evaluate") and is_stacked(self.specs[group], msg.inputs):
+                stacked = len(models)
         batch = check_inputs(self.specs[group], msg.inputs, stacked)
         check_targets(msg.op, msg.targets, batch, stacked)
         job = self._new_job(msg.op, group, models, msg.timeout_s, client, msg.req_id)
+        job.shared = msg.op in ("train_round", "evaluate") and stacked is None  # one batch for every model
         self._split(job, msg.inputs, buffers[:n_in], msg.targets, buffers[n_in:], stacked)
+        job.shm_results = msg.shm_results and len(job.parts) == 1  # results of several workers are joined here
         self._queue(job)
         self.stats.record_submit()
 
     def bank_job(self, op: str, models: list[ModelKey], on_done: Callable[[Job, CohortError | None], None], *,
                  option: str = "", inputs: TensorTree = NO_TENSORS, buffers: list[Any] | None = None,
-                 source: list[ModelKey] | None = None, blocked: bool = False, timeout: float | None = None) -> Job:
+                 source: list[ModelKey] | None = None, blocked: bool = False,
+                 hparams: dict[str, dict[ModelKey, float]] | None = None, seed: int | None = None,
+                 timeout: float | None = None) -> Job:
         """A bank operation of the coordinator's own (``core.messages.BANK_OPS``), queued like a client's job."""
         job = self._new_job(op, models[0][0], models, timeout, b"", 0, admit=False)
         job.on_done, job.blocked = on_done, blocked
-        job.option = option
+        job.option, job.seed = option, seed
         job.source = [self.slot_of[m][1] for m in source] if source else []
         self._split(job, inputs, buffers or [], NO_TENSORS, [], None)
+        for part in job.parts:
+            part.hparams = {name: [values[(job.group, i)] for i in part.indices] for name, values in (hparams or {}).items()}
         self._queue(job)
         return job
 
@@ -497,10 +521,11 @@ class Coordinator:
         if error is not None:
             self._reply_error(job.client, job.req_id, error)
             return
-        if job.op in WEIGHT_CHANGING:
+        if job.op in LOSSES:
             losses = [loss for p in job.parts for loss in (job.results[p.worker][2] or [])]
-            for m in job.models:
-                self.versions[m] += 1
+            if job.op in WEIGHT_CHANGING:
+                for m in job.models:
+                    self.versions[m] += 1
             self._reply(job.client, JobDone(job.req_id, losses=losses))
         elif job.op == "ensemble" and len(job.parts) > 1:
             tree, buffers = join_rows([(job.results[p.worker][0], job.results[p.worker][1]) for p in job.parts])
@@ -569,7 +594,8 @@ class Coordinator:
     def _send_parts(self, w: WorkerHandle, parts: list[Part]) -> bool:
         """One message for every part sent to a worker in this step: one system call, one wake-up."""
         commands = [RunJob(p.job.id, p.job.op, p.job.group, p.slots, p.inputs, p.targets, p.job.deadline,
-                           p.job.option, p.job.source) for p in parts]
+                           p.job.option, p.job.source, p.job.shared, p.hparams, p.job.seed, p.job.shm_results)
+                    for p in parts]
         buffers = [b for p in parts for b in p.buffers]
         message = commands[0] if len(commands) == 1 else RunJobs(commands)
         if not w.send(self.worker_codec.encode(message, buffers)):
@@ -592,7 +618,9 @@ class Coordinator:
             {"id": w.id, "pid": w.pid, "state": w.state, "device": w.device or self.device, "models": w.model_ids(),
              "queued": len(w.pending), "in_flight": len(w.in_flight), "jobs_done": w.jobs_done, "restarts": w.restarts,
              "calls": w.counters.get("calls", 0), "joined_jobs": w.counters.get("joined_jobs", 0),
-             "compiled_calls": w.counters.get("compiled_calls", 0), "eager_calls": w.counters.get("eager_calls", 0)}
+             "compiled_calls": w.counters.get("compiled_calls", 0), "eager_calls": w.counters.get("eager_calls", 0),
+             "compile": {"loaded": w.counters.get("compile_loaded", 0), "compiled": w.counters.get("compile_compiled", 0),
+                         "seconds": round(w.counters.get("compile_ms", 0) / 1000, 3), "shapes": w.compiled_shapes}}
             for w in self.workers
         ]
         return {

@@ -31,6 +31,7 @@ class Part:
     targets: TensorTree
     buffers: list[Any]
     sent: bool = False
+    hparams: dict[str, list[float]] = field(default_factory=dict)  # set_hparams: values for this part's slots
 
 
 @dataclass
@@ -52,6 +53,9 @@ class Job:
     blocked: bool = False  # waits for another job's result before it may be sent
     option: str = ""  # bank operations: see core.messages.RunJob
     source: list[int] = field(default_factory=list)
+    shared: bool = False  # one batch for every model of a group call
+    shm_results: bool = False  # a local client: large results may come back in the worker's arena
+    seed: int | None = None  # reset
 
     def fenced(self) -> bool:
         """True while a barrier accepted before this job has not completed."""

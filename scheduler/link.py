@@ -23,6 +23,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from core.codec import zero_copy
 from core.errors import ProtocolError
 from scheduler.security import CurveClient
 
@@ -93,14 +94,15 @@ def try_send(socket: zmq.Socket[Any], frames: list[Any]) -> bool:
     over anyway (and dropped), and the request fails as lost."""
     send = zmq.Socket.send  # the plain, synchronous send, whatever flavour ``socket`` is
     last = len(frames) - 1
+    copy = not zero_copy(frames)
     try:
-        send(socket, frames[0], zmq.NOBLOCK | (zmq.SNDMORE if last else 0), copy=False)
+        send(socket, frames[0], zmq.NOBLOCK | (zmq.SNDMORE if last else 0), copy=copy)
     except zmq.Again:
         return False
     broken = False
     for index in range(1, last + 1):
         try:
-            send(socket, frames[index], zmq.NOBLOCK | (zmq.SNDMORE if index < last else 0), copy=False)
+            send(socket, frames[index], zmq.NOBLOCK | (zmq.SNDMORE if index < last else 0), copy=copy)
         except zmq.Again:
             broken = True
     if broken:

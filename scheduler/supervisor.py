@@ -100,7 +100,7 @@ class Supervisor:
     def on_hello(self, w: WorkerHandle, msg: WorkerHello, _: list[Any]) -> None:
         w.pid = msg.pid
         init = InitWorker(w.id, self.device, self.config.streams, self._specs[w.id], w.shm_prefix, restore=w.restore,
-                          mirrors=self._mirrors[w.id])
+                          mirrors=self._mirrors[w.id], compile_cache_dir=self.config.compile_cache_dir)
         w.send(self.codec.encode(init))
 
     def on_ready(self, w: WorkerHandle, msg: WorkerReady, _: list[Any]) -> None:
@@ -117,6 +117,7 @@ class Supervisor:
 
     def on_heartbeat(self, w: WorkerHandle, msg: Heartbeat, _: list[Any]) -> None:
         w.counters = dict(msg.counters)
+        w.compiled_shapes = list(msg.compiled_shapes)
 
     def on_failed(self, w: WorkerHandle, msg: WorkerFailed, _: list[Any]) -> None:
         if w.state == "starting" and not w.restore:
@@ -208,7 +209,8 @@ def maybe_started(w: WorkerHandle, in_flight: list[Part]) -> tuple[list[Part], l
 
 
 def worker_threads(workers: int) -> dict[str, str]:
-    """Workers share the cores instead of each taking all (unless the user set it)."""
+    """Workers share the cores (unless the user set it), leaving one to the coordinator and the
+    clients: an intra-op thread pool that oversubscribes the cores waits on its slowest thread."""
     if "OMP_NUM_THREADS" in os.environ:
         return {}
-    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+    return {"OMP_NUM_THREADS": str(max(1, ((os.cpu_count() or 1) - 1) // workers))}

@@ -38,6 +38,14 @@ def check_op(op: str) -> None:
         raise BadInput(f"unknown op {op!r}; ops: {', '.join(JOB_OPS)}")
 
 
+def is_stacked(spec: GroupSpec, tree: TensorTree) -> bool:
+    """Whether a group call's inputs carry a leading model dim ``[K, ...]`` (else one batch is shared).
+
+    Told apart by rank: a stacked input has one dim more than the spec's shape."""
+    metas = tree.metas if spec.single_input else [m for k, m in zip(tree.keys, tree.metas) if k == spec.inputs[0].name]
+    return bool(metas) and len(metas[0].shape) == len(spec.inputs[0].shape) + 1
+
+
 def check_inputs(spec: GroupSpec, tree: TensorTree, stacked: int | None) -> int:
     """Check the input headers against the group's spec; return the batch size.
 
@@ -82,9 +90,12 @@ def check_inputs(spec: GroupSpec, tree: TensorTree, stacked: int | None) -> int:
     return batch if batch is not None else 1
 
 
+TARGETED = ("train_step", "train_round", "evaluate")
+
+
 def check_targets(op: str, tree: TensorTree, batch: int, stacked: int | None) -> None:
-    """Training needs one target tensor whose batch matches the inputs'."""
-    if op not in ("train_step", "train_round"):
+    """Training and evaluation need one target tensor whose batch matches the inputs'."""
+    if op not in TARGETED:
         if tree.layout != "none":
             raise BadInput(f"{op} takes no target")
         return
@@ -93,6 +104,6 @@ def check_targets(op: str, tree: TensorTree, batch: int, stacked: int | None) ->
     shape = list(tree.metas[0].shape)
     if stacked is not None:
         if len(shape) < 2 or shape[0] != stacked or shape[1] != batch:
-            raise BadInput(f"train_round targets must be stacked [K={stacked}, B={batch}, ...], got {shape}")
+            raise BadInput(f"{op} targets must be stacked [K={stacked}, B={batch}, ...] like the inputs, got {shape}")
     elif not shape or shape[0] != batch:
         raise BadInput(f"target batch size must be {batch} (the input's), got shape {shape}")

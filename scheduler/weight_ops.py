@@ -15,6 +15,7 @@ the jobs accepted before it and nothing after, with no barrier needed:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,10 @@ from core.messages import (
     Ack,
     BarrierRequest,
     CopyWeights,
+    GetHparams,
     GetWeights,
+    ResetModel,
+    SetHparams,
     SetWeights,
     SnapshotRequest,
     WeightsReply,
@@ -34,7 +38,7 @@ from core.messages import (
 from core.spec import GroupSpec, ModelKey
 from core.tensors import TensorTree, check_buffers
 from scheduler.barrier import Barrier, Barriers
-from scheduler.config import CoordinatorConfig
+from scheduler.config import CoordinatorConfig, hparam_problem
 from scheduler.host_copies import HostCopies
 from scheduler.jobs import Job
 from scheduler.snapshots import SnapshotWriter
@@ -50,7 +54,8 @@ ReplyError = Callable[[bytes, int, CohortError], None]
 class JobQueue:
     """What weight operations need of the coordinator: make a bank job, and see what is queued."""
 
-    bank_job: Callable[..., Job]  # (op, models, on_done, *, option, inputs, buffers, source, blocked, timeout)
+    bank_job: Callable[..., Job]  # (op, models, on_done, *, option, inputs, buffers, source, blocked, hparams,
+    #                                 seed, timeout): see Coordinator.bank_job
     feed: Callable[[Job, TensorTree, list[Any]], None]  # a blocked job's inputs have come: it may run
     fail: Callable[[Job, CohortError], None]  # a blocked job will never run: answer it with this error
     given_up: Callable[[ModelKey], bool]  # the model's worker kept crashing and is not restarted
@@ -129,6 +134,65 @@ class WeightOps:
             self.queue.feed(write, tree, buffers)
 
         self.queue.bank_job("read", [src], read, option="all", timeout=msg.timeout_s)
+
+    # ------------------------------------------------------------------ hyperparameters and new trials
+
+    def on_set_hparams(self, client: bytes, msg: SetHparams, _: list[Any]) -> None:
+        """New hyperparameters from the models' next step on: a job in their queue, like a step."""
+        models = self._models_of(msg.target)
+        spec = self.specs[models[0][0]]
+        if not msg.values:
+            raise BadInput("set_hparams needs at least one value, e.g. set_hparams('mlp/0', lr=0.01)")
+        per_model: dict[str, dict[ModelKey, float]] = {}
+        for name, values in msg.values.items():
+            if len(values) not in (1, len(models)):
+                raise BadInput(f"set_hparams {msg.target}: {name} has {len(values)} values; give one, or one per "
+                               f"model ({len(models)})")
+            values = values * len(models) if len(values) == 1 else values
+            for v in values:
+                problem = hparam_problem(spec.optimizer, name, v) if math.isfinite(v) else f"{name} = {v} is not finite"
+                if problem is not None:
+                    raise BadInput(f"set_hparams {msg.target}: {problem}")
+            per_model[name] = dict(zip(models, values))
+
+        def done(job: Job, error: CohortError | None) -> None:
+            if error is not None:
+                return self.reply_error(client, msg.req_id, error)
+            self.reply(client, Ack(msg.req_id, {"models": len(models)}), None)
+
+        self.queue.bank_job("set_hparams", models, done, hparams=per_model, timeout=msg.timeout_s)
+
+    def on_get_hparams(self, client: bytes, msg: GetHparams, _: list[Any]) -> None:
+        model = parse_model(msg.model, self.specs)
+        names = list(self.specs[model[0]].hparams)
+
+        def done(job: Job, error: CohortError | None) -> None:
+            if error is not None:
+                return self.reply_error(client, msg.req_id, error)
+            values = next(iter(job.results.values()))[2] or []
+            detail: dict[str, Any] = dict(zip(names, values))
+            detail["step"] = int(values[len(names)])
+            self.reply(client, Ack(msg.req_id, detail), None)
+
+        self.queue.bank_job("get_hparams", [model], done, timeout=msg.timeout_s)
+
+    def on_reset(self, client: bytes, msg: ResetModel, _: list[Any]) -> None:
+        model = parse_model(msg.model, self.specs)
+
+        def done(job: Job, error: CohortError | None) -> None:
+            if error is not None:
+                return self.reply_error(client, msg.req_id, error)
+            self.versions[model] += 1
+            self.reply(client, Ack(msg.req_id, {"version": self.versions[model]}), None)
+
+        self.queue.bank_job("reset", [model], done, seed=msg.seed, timeout=msg.timeout_s)
+
+    def _models_of(self, target: str) -> list[ModelKey]:
+        """A model id's model, or a group's models in index order."""
+        if target.rstrip("/") in self.specs:
+            spec = self.specs[target.rstrip("/")]
+            return [(spec.name, i) for i in spec.indices]
+        return [parse_model(target, self.specs)]
 
     # ------------------------------------------------------------------ host copies, barriers, snapshots
 

@@ -24,6 +24,7 @@ from typing import Any
 import zmq
 
 from core.bank import leftover_shm, unlink_shm
+from core.codec import zero_copy
 from core.spec import GroupSpec
 from scheduler.jobs import Part
 from scheduler.placement import Block
@@ -68,6 +69,7 @@ class WorkerHandle:
     restarts: int = 0
     deaths: list[float] = field(default_factory=list)  # monotonic times of recent deaths
     counters: dict[str, int] = field(default_factory=dict)  # the worker's counts as of its last heartbeat
+    compiled_shapes: list[str] = field(default_factory=list)  # its compiled call shapes, and how each came
     restore: bool = False
     shm_prefix: str = ""
 
@@ -122,7 +124,7 @@ class WorkerHandle:
         if self.socket is None:
             return False
         try:
-            self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=not zero_copy(frames))
             return True
         except zmq.ZMQError:
             return False

@@ -41,10 +41,11 @@ def write(bank: Bank, slot: int, tensors: dict[str, torch.Tensor], everything: b
 
 @torch.no_grad()
 def copy(bank: Bank, dst: list[int], src: list[int]) -> None:
-    """Every entry (weights and optimizer state) of slots ``src`` onto slots ``dst``."""
+    """Weights and optimizer state of slots ``src`` onto slots ``dst`` (hyperparameters stay)."""
+    names = bank.entries(everything=True)
     for d, s in zip(dst, src):
-        for tensor in bank.tensors.values():
-            tensor[d].copy_(tensor[s])
+        for name in names:
+            bank.tensors[name][d].copy_(bank.tensors[name][s])
 
 
 @torch.no_grad()

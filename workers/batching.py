@@ -36,6 +36,9 @@ class Ready:
     targets: Any
     option: str = ""
     source: list[int] = field(default_factory=list)
+    shared: bool = False
+    hparams: dict[str, list[float]] = field(default_factory=dict)
+    seed: int | None = None
 
 
 @dataclass

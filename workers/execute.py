@@ -1,9 +1,12 @@
-"""Running jobs on one group's bank: infer, train_step, ensemble, train_round.
+"""Running jobs on one group's bank: infer, train_step, ensemble, train_round, evaluate,
+and the per-model operations on hyperparameters and new trials.
 
 A ``GroupRuntime`` owns the module (built once, its own parameters unused) and the
 bank. Every call binds model ``slot``'s views of the bank into the module with
 ``torch.func.functional_call``: no weights are copied in or out. The views of each
-model are taken once, when the runtime is built: the bank never moves.
+model are taken once, when the runtime is built: the bank never moves. Floating-point
+inputs are cast to the dtype the models compute in (a float32 batch into a bfloat16
+group); under ``precision = "bf16-mixed"`` forward and loss run under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -13,17 +16,33 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import torch
 
 from core.bank import Bank
-from core.definition import build_module
+from core.definition import (
+    STEPS,
+    build_module,
+    cast_floating,
+    compute_dtype,
+    hparam_name,
+    import_object,
+)
 from core.errors import CohortError, ConfigError
 from core.spec import GroupSpec
+from core.tensors import DTYPES
+from workers import compiled as compiled_module
+from workers import fused as fused_module
+from workers import losses as losses_module
+from workers import module as module_module
+from workers import training as training_module
+from workers.compile_cache import CompileCache, source_hash
+from workers.compiled import CompiledCalls, Padding
 from workers.fused import FUSE_MIN_MODELS, FusedGroup
 from workers.losses import resolve_loss
-from workers.module import BankTables, GroupModule
-from workers.optim import optimizer_step
+from workers.module import BankTables, GroupModule, SlotModules
 from workers.outcome import AlreadyStepped, is_transient
+from workers.training import Trainer
 
 log = logging.getLogger("cohort.worker")
 PROGRESS_EVERY_S = 2.0
@@ -36,48 +55,101 @@ class GroupRuntime:
         self.spec = spec
         self.bank = bank
         self.device = device
-        self.module = GroupModule(build_module(spec.factory, spec.kwargs, "meta").to_empty(device=device))
+        autocast = torch.bfloat16 if spec.precision == "bf16-mixed" else None
+        self.module = GroupModule(build_module(spec.factory, spec.kwargs, "meta").to_empty(device=device), autocast)
         self.loss_fn = resolve_loss(spec.loss)
-        hparams = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in spec.hparams.items()}
+        hparams = {hp: bank.tensors[hparam_name(hp)] for hp in spec.hparams}
         self.tables = BankTables(bank.role("param"), bank.role("buffer"), bank.role("state"), hparams)
-        self._views = [self.tables.model(slot) for slot in range(len(spec.indices))]
-        self.fused = FusedGroup(spec.name, self.module, self.loss_fn, spec.optimizer, self.tables, device,
-                                spec.batching.compile)
+        self.dtype = compute_dtype([DTYPES[e.dtype] for e in spec.entries if e.role == "param"])
+        self.trainer = Trainer(spec.optimizer, spec.schedule)
+        self.slots = SlotModules(build_module(spec.factory, spec.kwargs, "meta"), self.tables)
+        self.fused = FusedGroup(spec.name, self.module, self.loss_fn, self.trainer, self.tables, device)
         self.fused.enabled = spec.batching.fuse
         self.mirror: Bank | None = None  # the coordinator's host copy of this bank
         self._meta_module: GroupModule | None = None
         self._meta_outputs: dict[tuple[Any, ...], Any] = {}
 
+    def enable_compile(self, mode: str, cache: CompileCache | None) -> CompiledCalls:
+        """Compile the fused calls in ``mode``, shared through ``cache`` (None: this worker only)."""
+        meta = build_module(self.spec.factory, self.spec.kwargs, "meta")
+        base = {"factory": self.spec.factory, "kwargs": self.spec.kwargs,
+                "factory_source": source_hash(import_object(self.spec.factory, "factory")),
+                "module": repr(meta), "entries": msgspec.to_builtins(self.spec.entries), "loss": self.spec.loss,
+                "loss_source": "" if self.spec.loss in ("cross_entropy", "mse") else source_hash(
+                    import_object(self.spec.loss, "loss")),
+                "precision": self.spec.precision, "inputs": msgspec.to_builtins(self.spec.inputs),
+                "cohort": source_hash(fused_module, module_module, losses_module, compiled_module, training_module),
+                "device": self.device.type}
+        padding = Padding(self.spec.batching.buckets, self._outputs_lead_with_batch(),
+                          self.spec.loss == "cross_entropy" and not _mixes_rows(meta))
+        static = [*self.tables.params.values(), *self.tables.buffers.values()]
+        self.fused.compiled = CompiledCalls(self.spec.name, mode, self.device, len(self.spec.indices), base, padding,
+                                            self.fused, static, cache)
+        return self.fused.compiled
+
+    def _outputs_lead_with_batch(self) -> bool:
+        """Whether every output of one model leads with the batch dim (so padded rows can be cut)."""
+        from core.definition import example_inputs
+
+        for batch in (2, 3):
+            inputs = example_inputs(self.spec.inputs, self.spec.single_input, batch, "cpu")
+            out = self.output_meta(cast_floating(inputs, self.dtype))
+            leaves = out.values() if isinstance(out, dict) else (out if isinstance(out, tuple) else (out,))
+            if not all(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == batch for t in leaves):
+                return False
+        return True
+
     # ------------------------------------------------------------------ weights
 
     def initialise(self) -> None:
-        """Fill the bank from the group's init: seeded like plain PyTorch, or safetensors files.
+        """Fill the bank from the group's init: seeded like plain PyTorch, or safetensors files;
+        hyperparameters from the config.
 
         Progress goes to the log every few seconds when it takes that long (many models,
         large files)."""
         began = shown = time.monotonic()
         total = len(self.spec.indices)
         for slot, index in enumerate(self.spec.indices):
-            if self.spec.init_safetensors is not None:
-                weights = self._load_safetensors(index)
-            else:
-                weights = self._seeded_weights(index)
-            views = self.bank.model_state(slot)
+            self.reset(slot, None, index)
             with torch.no_grad():
-                for name, view in views.items():
-                    view.copy_(weights[name])
-            self.bank.reset_optimizer_state(slot)
+                for hp, values in self.spec.hparams.items():
+                    self.tables.hparams[hp][slot] = values[slot]
             if time.monotonic() - shown > PROGRESS_EVERY_S:
                 shown = time.monotonic()
                 log.info("group %s: %d/%d models initialised (%.0f s)", self.spec.name, slot + 1, total, shown - began)
         if time.monotonic() - began > PROGRESS_EVERY_S:
             log.info("group %s: all %d models initialised in %.1f s", self.spec.name, total, time.monotonic() - began)
 
-    def _seeded_weights(self, index: int) -> dict[str, torch.Tensor]:
+    def reset(self, slot: int, seed: int | None, index: int | None = None) -> None:
+        """A new trial in ``slot``: weights as ``manual_seed(seed); factory()`` makes them (``seed`` None:
+        the group's own rule for this model), optimizer state and step count cleared."""
+        index = self.spec.indices[slot] if index is None else index
+        if seed is None and self.spec.init_safetensors is not None:
+            weights = self._load_safetensors(index)
+        else:
+            weights = self._seeded_weights((self.spec.init_seed or 0) + index if seed is None else seed)
+        with torch.no_grad():
+            for name, view in self.bank.model_state(slot).items():
+                view.copy_(weights[name])
+        self.bank.reset_optimizer_state(slot)
+
+    def set_hparams(self, slots: list[int], values: dict[str, list[float]]) -> None:
+        """New hyperparameters for ``slots`` (one value per slot), from their next step on."""
+        with torch.no_grad():
+            for name, per_slot in values.items():
+                table = self.tables.hparams[name]
+                for slot, value in zip(slots, per_slot):
+                    table[slot] = value
+
+    def get_hparams(self, slot: int) -> torch.Tensor:
+        """The model's hyperparameters in the spec's order, then its step count: ``[len(hparams) + 1]``."""
+        values = [self.tables.hparams[name][slot] for name in self.spec.hparams]
+        return torch.stack([*values, self.tables.state[STEPS][slot]]).to(torch.float64)
+
+    def _seeded_weights(self, seed: int) -> dict[str, torch.Tensor]:
         # Model ``index`` is what ``torch.manual_seed(seed + index); factory(**kwargs)`` builds.
-        assert self.spec.init_seed is not None
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.spec.init_seed + index)
+            torch.manual_seed(seed)
             module = build_module(self.spec.factory, self.spec.kwargs, "cpu")
         return dict(module.state_dict())
 
@@ -106,28 +178,27 @@ class GroupRuntime:
     # ------------------------------------------------------------------ jobs
 
     def infer(self, slot: int, inputs: Any) -> Any:
-        self.module.mode(False)
-        with torch.no_grad():
-            return self.module(self._views[slot], inputs)
+        module = self.slots.get(slot, training=False)
+        with torch.no_grad(), self.module.compute():
+            return _call(module, cast_floating(inputs, self.dtype))
 
     def train_step(self, slot: int, inputs: Any, target: torch.Tensor) -> torch.Tensor:
         """One optimizer step of model ``slot``; returns the loss (a 0-dim tensor on the device).
 
         The gradient is computed first, touching nothing; a failure once the optimizer
         step has begun raises ``AlreadyStepped``."""
-        self.module.mode(True)
-        params = self.tables.params
-        leaves = {n: t[slot].detach().requires_grad_(True) for n, t in params.items()}
-        output = self.module({**self._views[slot], **leaves}, inputs)
-        loss = self.loss_fn(output, target)  # the target was checked on the host (check_job)
+        module = self.slots.get(slot, training=True)
+        leaves = self.slots.parameters(slot)
+        with self.module.compute():
+            loss = self.loss_fn(_call(module, cast_floating(inputs, self.dtype)), target)  # target checked on the host
         names = list(leaves)
         grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
         # Like torch.optim, a parameter without a gradient is left alone, state included.
         used = {n: g.unsqueeze(0) for n, g in zip(names, grads) if g is not None}
         window = slice(slot, slot + 1)
+        params = self.tables.params
         try:
-            optimizer_step(
-                self.spec.optimizer,
+            self.trainer.step(
                 {n: params[n][window] for n in used},
                 used,
                 {n: t[window] for n, t in self.tables.state.items()},
@@ -137,8 +208,15 @@ class GroupRuntime:
             raise AlreadyStepped(exc) from exc
         return loss.detach()
 
+    def evaluate_one(self, slot: int, inputs: Any, target: torch.Tensor) -> torch.Tensor:
+        """The loss of model ``slot`` without a step, in eval mode (a 0-dim tensor)."""
+        module = self.slots.get(slot, training=False)
+        with torch.no_grad(), self.module.compute():
+            return self.loss_fn(_call(module, cast_floating(inputs, self.dtype)), target).float()
+
     def ensemble(self, slots: list[int], inputs: Any) -> Any:
         """The same inputs through models ``slots``: outputs stacked ``[n, ...]``, fused when it can."""
+        inputs = cast_floating(inputs, self.dtype)
         return self._fused_or_loop(
             len(slots),
             lambda: self.fused.forward(slots, inputs, shared=True),
@@ -147,25 +225,37 @@ class GroupRuntime:
 
     def infer_stacked(self, slots: list[int], inputs: Any) -> Any:
         """Row ``j`` of the stacked inputs through model ``slots[j]``: outputs stacked ``[n, ...]``."""
+        inputs = cast_floating(inputs, self.dtype)
         return self._fused_or_loop(
             len(slots),
             lambda: self.fused.forward(slots, inputs, shared=False),
             lambda: stack_outputs([self.infer(s, index_rows(inputs, j)) for j, s in enumerate(slots)]),
         )
 
-    def train_round(self, slots: list[int], inputs: Any, targets: torch.Tensor) -> torch.Tensor:
-        """One step for each model in ``slots``; row ``j`` of inputs and targets goes to ``slots[j]``."""
+    def train_round(self, slots: list[int], inputs: Any, targets: torch.Tensor, shared: bool = False) -> torch.Tensor:
+        """One step for each model in ``slots``: on one batch for all (``shared``), or row ``j`` of the
+        stacked inputs and targets for ``slots[j]``."""
+        inputs = cast_floating(inputs, self.dtype)
         return self._fused_or_loop(
             len(slots),
-            lambda: self.fused.train(slots, inputs, targets),
-            lambda: self._train_each(slots, inputs, targets),
+            lambda: self.fused.train(slots, inputs, targets, shared),
+            lambda: self._train_each(slots, inputs, targets, shared),
         )
 
-    def _train_each(self, slots: list[int], inputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, slots: list[int], inputs: Any, targets: torch.Tensor, shared: bool = False) -> torch.Tensor:
+        """Each model's loss without a step (``[n]``, float32), on one batch for all or stacked ones."""
+        inputs = cast_floating(inputs, self.dtype)
+        return self._fused_or_loop(
+            len(slots),
+            lambda: self.fused.evaluate(slots, inputs, targets, shared),
+            lambda: torch.stack([self.evaluate_one(s, *_row(inputs, targets, j, shared)) for j, s in enumerate(slots)]),
+        )
+
+    def _train_each(self, slots: list[int], inputs: Any, targets: torch.Tensor, shared: bool) -> torch.Tensor:
         losses = []
         for j, slot in enumerate(slots):
             try:
-                losses.append(self.train_step(slot, index_rows(inputs, j), targets[j]))
+                losses.append(self.train_step(slot, *_row(inputs, targets, j, shared)))
             except AlreadyStepped:
                 raise
             except Exception as exc:
@@ -204,6 +294,20 @@ class GroupRuntime:
             with torch.no_grad():
                 self._meta_outputs[key] = self._meta_module({}, meta)
         return self._meta_outputs[key]
+
+
+def _call(module: torch.nn.Module, inputs: Any) -> Any:
+    return module(**inputs) if isinstance(inputs, dict) else module(inputs)
+
+
+def _mixes_rows(module: torch.nn.Module) -> bool:
+    """A layer whose training step couples the rows of a batch (padding rows would change it)."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def _row(inputs: Any, targets: torch.Tensor, j: int, shared: bool) -> tuple[Any, torch.Tensor]:
+    """Model ``j``'s batch: the shared one, or row ``j`` of stacked inputs and targets."""
+    return (inputs, targets) if shared else (index_rows(inputs, j), targets[j])
 
 
 def index_rows(inputs: Any, j: int) -> Any:

@@ -4,19 +4,14 @@ The bank already holds every parameter as ``[K, *shape]``, so a window of models
 view (contiguous slots) or a gather (scattered slots), and ``vmap`` over dim 0 runs
 them all in one batched call: one kernel over K weight sets instead of K small ones.
 Training computes every model's gradient with ``vmap(grad_and_value(...))`` and takes
-one optimizer step over the window, each model with its own hyperparameters.
+one optimizer step over the window, each model with its own hyperparameters; evaluation
+is the vmap'd loss. A batch shared by every model is passed once (``in_dims=None``).
 
-With the group's ``batching.compile`` set, the vmap'd forward and the vmap'd gradient
-computation go through ``torch.compile`` (``"reduce-overhead"`` captures CUDA graphs on
-a GPU): a vmap'd call pays Python overhead that, for small models, is larger than its
-kernels. The optimizer step stays eager: it updates the bank in place.
-
-Every ``torch.compile(vmap(...))`` would trace the same code object inside torch, and
-dynamo's recompile limit is counted per code object: past 8 call shapes in a whole
-worker it would quietly run the rest eagerly. So each compiled call shape gets a
-wrapper with a code object of its own, and hitting a limit anyway raises instead of
-going quiet. A call that cannot compile runs eagerly, says why once in the log, and is
-counted (``compiled_calls`` and ``eager_calls``).
+With the group's ``batching.compile`` set, the vmap'd calls go through the compiler
+(``workers.compiled``: steady shapes, compiled once per machine and loaded everywhere
+else); the optimizer step stays eager (it updates the bank in place). A call that cannot
+compile runs eagerly, says why once in the log, and is counted (``compiled_calls`` and
+``eager_calls``).
 """
 
 from __future__ import annotations
@@ -28,19 +23,18 @@ from typing import Any
 import torch
 from torch.func import grad_and_value, vmap
 
+from workers.compiled import CompiledCalls
 from workers.module import BankTables, GroupModule
-from workers.optim import optimizer_step
 from workers.outcome import AlreadyStepped, is_transient
+from workers.training import Trainer
 
 log = logging.getLogger("cohort.worker")
 
 # A vmap'd call costs ~140 us of Python on top of its kernels, a plain call ~25 us (measured
 # on a 2-core CPU, torch 2.13): below this many models, one call per model is faster.
 FUSE_MIN_MODELS = 4
-# Past this many call shapes of one kind, each new one is still compiled, with a warning:
-# varying batch sizes compile again and again.
-MANY_SHAPES = 16
-GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
+
+Kind = tuple[str, bool]  # ("forward" | "train" | "evaluate", one batch shared by every model)
 
 
 def _window(slots: list[int]) -> slice | None:
@@ -50,87 +44,46 @@ def _window(slots: list[int]) -> slice | None:
     return None
 
 
-def own_code(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
-    """``fn`` behind a wrapper whose code object is its own, so dynamo counts its compiles apart."""
-
-    def call(*args: Any) -> Any:
-        return fn(*args)
-
-    name = "cohort_" + "".join(c if c.isalnum() else "_" for c in label)
-    call.__code__ = call.__code__.replace(co_name=name, co_qualname=name)
-    return call
-
-
 class FusedGroup:
-    """vmap'd forward and training step over any set of one group's models on this worker."""
+    """vmap'd forward, training step and evaluation over any set of one group's models on this worker."""
 
     def __init__(self, name: str, module: GroupModule, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
-                 optimizer: str, tables: BankTables, device: torch.device, compile_mode: str = "") -> None:
+                 trainer: Trainer, tables: BankTables, device: torch.device) -> None:
         self.name = name
         self.module = module
         self.loss_fn = loss_fn
-        self.optimizer = optimizer
+        self.trainer = trainer
         self.tables = tables
         self.device = device
         self.enabled = True
-        self.compile_mode = compile_mode
-        # Called before a call that may compile: the worker says it may be silent a while.
-        self.on_compile: Callable[[], None] = lambda: None
+        self.compiled: CompiledCalls | None = None  # set when the group compiles its fused calls
         self.compiled_calls = 0
         self.eager_calls = 0
-        self._eager: dict[Any, Callable[..., Any]] = {}
-        self._compiled: dict[tuple[Any, Any], Callable[..., Any]] = {}
-        self._shapes: dict[Any, int] = {}
+        self._eager: dict[Kind, Callable[..., Any]] = {}
         self._said: set[str] = set()
-        self._replayed: dict[tuple[Any, Any], torch.cuda.Event] = {}
-        self._static = False
 
     # ------------------------------------------------------------------ calls
 
     def forward(self, slots: list[int], inputs: Any, shared: bool) -> Any:
         """Outputs ``[n, ...]`` of models ``slots``; ``shared``: one input for all, else stacked ``[n, ...]``."""
         self.module.mode(False)
-        select = self._select(slots)
-        in_dims = (0, 0, None if shared else 0)
+        with torch.no_grad(), self.module.compute():
+            return self._run(("forward", shared), slots, (inputs,))
 
-        def make() -> Callable[..., Any]:
-            fused = vmap(self._call, in_dims=in_dims, randomness="different")
-
-            def forward(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], select: Any, x: Any) -> Any:
-                return fused(_take(params, select), _take(buffers, select), x)
-
-            return forward
-
-        signature = (_signature(select), _shapes(inputs))
-        with torch.no_grad():
-            return self._run(("forward", shared), make, signature, self.tables.params, self.tables.buffers, select,
-                             inputs)
-
-    def train(self, slots: list[int], inputs: Any, targets: torch.Tensor) -> torch.Tensor:
-        """One optimizer step of every model in ``slots``; inputs and targets stacked ``[n, ...]``; losses ``[n]``.
+    def train(self, slots: list[int], inputs: Any, targets: torch.Tensor, shared: bool = False) -> torch.Tensor:
+        """One optimizer step of every model in ``slots``, on one batch for all (``shared``) or on
+        stacked ``[n, ...]`` inputs and targets; losses ``[n]``.
 
         Gradients are computed first, touching nothing; a failure after the optimizer
         step has begun raises ``AlreadyStepped``, so that nobody runs these models again."""
         self.module.mode(True)
+        with self.module.compute():
+            grads, losses = self._run(("train", shared), slots, (inputs, targets))
         select = self._select(slots)
-
-        def make() -> Callable[..., Any]:
-            fused = vmap(grad_and_value(self._loss_of), randomness="different")
-
-            def gradients(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], select: Any, x: Any,
-                          t: torch.Tensor) -> Any:
-                taken = {n: p.detach() for n, p in _take(params, select).items()}
-                return fused(taken, _take(buffers, select), x, t)
-
-            return gradients
-
-        signature = (_signature(select), _shapes(inputs), _shapes(targets))
-        grads, losses = self._run("train", make, signature, self.tables.params, self.tables.buffers, select, inputs,
-                                  targets)
         try:
             params = _take(self.tables.params, select)
             state = _take(self.tables.state, select)
-            optimizer_step(self.optimizer, params, grads, state, _take(self.tables.hparams, select))
+            self.trainer.step(params, grads, state, _take(self.tables.hparams, select))
             if not isinstance(select, slice):  # a gather copied them: write the stepped weights and state back
                 with torch.no_grad():
                     for table, taken in ((self.tables.params, params), (self.tables.state, state)):
@@ -140,7 +93,46 @@ class FusedGroup:
             raise AlreadyStepped(exc) from exc
         return losses.detach()
 
-    # ------------------------------------------------------------------ plumbing
+    def evaluate(self, slots: list[int], inputs: Any, targets: torch.Tensor, shared: bool = False) -> torch.Tensor:
+        """Every model's loss without a step, in eval mode: ``[n]`` float32."""
+        self.module.mode(False)
+        with torch.no_grad(), self.module.compute():
+            return self._run(("evaluate", shared), slots, (inputs, targets)).float()
+
+    # ------------------------------------------------------------------ the vmap'd functions
+
+    def eager(self, kind: Kind) -> Callable[..., Any]:
+        """The vmap'd function of ``kind``: ``fn(params, buffers, select, *data)``, made once."""
+        fn = self._eager.get(kind)
+        if fn is None:
+            fn = self._eager[kind] = self._make(kind)
+        return fn
+
+    def _make(self, kind: Kind) -> Callable[..., Any]:
+        name, shared = kind
+        data_dims = None if shared else 0
+        if name == "forward":
+            fused = vmap(self._call, in_dims=(0, 0, data_dims), randomness="different")
+
+            def forward(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], select: Any, x: Any) -> Any:
+                return fused(_take(params, select), _take(buffers, select), x)
+
+            return forward
+        if name == "train":
+            grads = vmap(grad_and_value(self._loss_of), in_dims=(0, 0, data_dims, data_dims), randomness="different")
+
+            def gradients(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], select: Any, x: Any,
+                          t: torch.Tensor) -> Any:
+                return grads({n: p.detach() for n, p in _take(params, select).items()}, _take(buffers, select), x, t)
+
+            return gradients
+        losses_of = vmap(self._loss_of, in_dims=(0, 0, data_dims, data_dims), randomness="different")
+
+        def losses(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], select: Any, x: Any,
+                   t: torch.Tensor) -> Any:
+            return losses_of(_take(params, select), _take(buffers, select), x, t)
+
+        return losses
 
     def _call(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: Any) -> Any:
         return self.module({**params, **buffers}, x)
@@ -149,74 +141,28 @@ class FusedGroup:
                  target: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self._call(params, buffers, x), target)
 
-    def _run(self, kind: Any, make: Callable[[], Callable[..., Any]], signature: Any, *args: Any) -> Any:
-        """Call the vmap'd function ``kind`` (made once by ``make``), compiled when the group asks."""
-        eager = self._eager.get(kind)
-        if eager is None:
-            eager = self._eager[kind] = make()
-        if not self.compile_mode:
+    def _run(self, kind: Kind, slots: list[int], data: tuple[Any, ...]) -> Any:
+        """``kind`` over ``slots`` on ``data``: compiled when the group asks and it can, else eager."""
+        eager = self.eager(kind)
+        params, buffers = self.tables.params, self.tables.buffers
+        if self.compiled is None:
             self.eager_calls += 1
-            return eager(*args)
-        compiled = self._compiled.get((kind, signature))
-        if compiled is None:
-            compiled = self._compile(kind, signature, eager)
+            return eager(params, buffers, self._select(slots), *data)
         try:
-            result = self._replay(kind, signature, compiled, args) if self._graphs else compiled(*args)
+            result = self.compiled.call(kind, eager, slots, params, buffers, data)
         except Exception as compile_error:
             if is_transient(compile_error):
                 raise
             # The calls are pure functions of their arguments: run again eagerly. Bad data
             # raises here, and compiling stays on; otherwise the compiler is at fault.
-            result = eager(*args)
-            self._say(f"torch.compile(mode={self.compile_mode!r}) failed, running fused calls eagerly: "
-                      f"{type(compile_error).__name__}: {compile_error}")
-            self.compile_mode = ""
+            result = eager(params, buffers, self._select(slots), *data)
+            self._say(f"compiled fused calls failed, running them eagerly: {type(compile_error).__name__}: "
+                      f"{compile_error}")
+            self.compiled = None
             self.eager_calls += 1
             return result
         self.compiled_calls += 1
         return result
-
-    @property
-    def _graphs(self) -> bool:
-        """Whether compiled calls replay CUDA graphs (static input and output buffers per graph)."""
-        return self.device.type == "cuda" and self.compile_mode in GRAPH_MODES
-
-    def _replay(self, kind: Any, signature: Any, compiled: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-        """One replay of a captured graph, ordered after the previous replay of the same graph.
-
-        Jobs of different models run on different streams, and two replays of one graph
-        share its static buffers: the second must wait for the first. Its outputs live in
-        the graph's buffers until the next replay, so they are cloned before it may start."""
-        stream = torch.cuda.current_stream(self.device)
-        previous = self._replayed.get((kind, signature))
-        if previous is not None:
-            stream.wait_event(previous)
-        result = _clone(compiled(*args))
-        done = torch.cuda.Event()
-        done.record(stream)
-        self._replayed[(kind, signature)] = done
-        return result
-
-    def _compile(self, kind: Any, signature: Any, eager: Callable[..., Any]) -> Callable[..., Any]:
-        seen = self._shapes[kind] = self._shapes.get(kind, 0) + 1
-        if seen == MANY_SHAPES + 1:
-            log.warning("group %s: more than %d call shapes of %s compiled; each new batch size compiles "
-                        "again (keep batch sizes steady)", self.name, MANY_SHAPES, kind)
-        self.on_compile()  # before anything slow: the first import of torch's compiler alone takes seconds
-        import torch._dynamo
-
-        torch._dynamo.config.fail_on_recompile_limit_hit = True  # an error we see, not a quiet eager run
-        if self._graphs and not self._static:
-            # The bank never moves and is updated in place: a replay reads it where it is
-            # instead of copying K models' weights into the graph's own input buffers.
-            for table in (self.tables.params, self.tables.buffers):
-                for tensor in table.values():
-                    torch._dynamo.mark_static_address(tensor)
-            self._static = True
-        label = f"{self.name}_{kind}_{len(self._compiled)}"
-        compiled = torch.compile(own_code(eager, label), mode=self.compile_mode, dynamic=False)
-        self._compiled[(kind, signature)] = compiled
-        return compiled
 
     def _say(self, text: str) -> None:
         if text not in self._said:
@@ -237,31 +183,10 @@ class FusedGroup:
         return window if window is not None else self._index(slots)
 
 
-def _clone(value: Any) -> Any:
-    """A copy of a call's outputs (tensors, or tuples and dicts of them) out of a graph's buffers."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_clone(v) for v in value)
-    return value
-
-
-def _take(table: dict[str, torch.Tensor], select: slice | torch.Tensor) -> dict[str, torch.Tensor]:
-    """Models ``select`` of every bank tensor: views of a contiguous window, else a gather (a copy)."""
+def _take(table: dict[str, torch.Tensor], select: slice | torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Models ``select`` of every bank tensor: all (None), views of a window, or a gather (a copy)."""
+    if select is None:
+        return table
     if isinstance(select, slice):
         return {n: t[select] for n, t in table.items()}
     return {n: t.index_select(0, select) for n, t in table.items()}
-
-
-def _signature(select: slice | torch.Tensor) -> Any:
-    """What a compiled call specializes on in the selection: the window's bounds, or how many gathered."""
-    return (select.start, select.stop) if isinstance(select, slice) else ("gather", int(select.shape[0]))
-
-
-def _shapes(value: Any) -> Any:
-    """Shapes and dtypes of a tensor or dict of tensors: what a compiled call specializes on."""
-    if isinstance(value, dict):
-        return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(value.items()))
-    return (tuple(value.shape), value.dtype)

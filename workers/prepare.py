@@ -16,7 +16,7 @@ import torch
 
 from core.errors import BadInput, JobTimeout
 from core.messages import RunJob
-from core.tensors import decode_into
+from core.tensors import decode_tensors
 from workers import bank_ops
 from workers.batching import Ready, Run, plan, run_joined
 from workers.execute import GroupRuntime, index_rows
@@ -34,7 +34,17 @@ def run_job(runtime: GroupRuntime, job: Ready) -> tuple[Any, Any]:
     if op == "ensemble":
         return runtime.ensemble(slots, job.inputs), None
     if op == "train_round":
-        return None, runtime.train_round(slots, job.inputs, job.targets)
+        return None, runtime.train_round(slots, job.inputs, job.targets, job.shared)
+    if op == "evaluate":
+        return None, runtime.evaluate(slots, job.inputs, job.targets, job.shared)
+    if op == "set_hparams":
+        runtime.set_hparams(slots, job.hparams)
+        return None, None
+    if op == "get_hparams":
+        return None, runtime.get_hparams(slots[0])
+    if op == "reset":
+        runtime.reset(slots[0], job.seed)
+        return None, None
     if op == "read":
         return bank_ops.read(runtime.bank, slots[0], job.option == "all"), None
     if op == "write":
@@ -51,11 +61,11 @@ def run_job(runtime: GroupRuntime, job: Ready) -> tuple[Any, Any]:
     raise BadInput(f"unknown op {op!r}")
 
 
-def check_targets(runtime: GroupRuntime, op: str, inputs: Any, targets: Any) -> None:
-    """Training targets against the output's shape on meta and their values, on the host."""
-    if op not in ("train_step", "train_round"):
+def check_targets(runtime: GroupRuntime, op: str, inputs: Any, targets: Any, shared: bool) -> None:
+    """Training and evaluation targets against the output's shape on meta and their values, on the host."""
+    if op not in ("train_step", "train_round", "evaluate"):
         return
-    stacked = op == "train_round"
+    stacked = op in ("train_round", "evaluate") and not shared
     first = index_rows(inputs, 0) if stacked else inputs
     output = runtime.output_meta(first)
     for target in (targets.unbind(0) if stacked else (targets,)):
@@ -85,11 +95,13 @@ def prepare(runtimes: dict[str, GroupRuntime], job: RunJob, buffers: list[Any], 
     """Decode a job's tensors (into pinned memory when headed for a GPU) and check them on the host."""
     check_deadline(job)
     runtime = runtimes[job.group]
-    n_in = len(job.inputs.metas)
-    inputs = decode_into(job.inputs, buffers[:n_in], pinned)
-    targets = decode_into(job.targets, buffers[n_in:], pinned)
-    check_targets(runtime, job.op, inputs, targets)
-    return Ready(job.job_id, job.op, job.group, list(job.slots), inputs, targets, job.option, list(job.source))
+    n_in = job.inputs.frames
+    # The coordinator checked the sizes against its bound; these only must match their headers.
+    inputs = decode_tensors(job.inputs, buffers[:n_in], 1 << 62, pinned)
+    targets = decode_tensors(job.targets, buffers[n_in:], 1 << 62, pinned)
+    check_targets(runtime, job.op, inputs, targets, job.shared)
+    return Ready(job.job_id, job.op, job.group, list(job.slots), inputs, targets, job.option, list(job.source),
+                 job.shared, job.hparams, job.seed)
 
 
 def run_on_device(runtime: GroupRuntime, run: Run) -> list[tuple[Any, torch.Tensor | None]]:

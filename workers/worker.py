@@ -20,11 +20,13 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import torch
 import zmq
 
+from core.arena import Arena, ArenaReader
 from core.bank import Bank, BankHandle, bank_layout, unlink_shm
-from core.codec import unbundle, worker_codec
+from core.codec import unbundle, worker_codec, zero_copy
 from core.device import resolve_device
 from core.errors import CohortError
 from core.messages import (
@@ -41,14 +43,18 @@ from core.messages import (
     WorkerReady,
 )
 from core.spec import GroupSpec
-from core.tensors import encode_tensors
+from core.tensors import encode_tensors, tensor_nbytes, to_arena
 from workers import bank_ops
+from workers.compile_cache import CompileCache
 from workers.execute import GroupRuntime
 from workers.executors import make_executor
 from workers.lifeline import Lifeline
 from workers.outcome import Finished
 
 REPORT_S = 0.25
+SHM_MIN_BYTES = 256 * 1024  # results this large go through the arena for a local client
+RESULT_ARENA_BYTES = 256 << 20  # address space: pages are allocated as results are first written
+RESULT_RECLAIM_S = 120.0  # a result its client never read (it died) is given up after this
 INIT_TIMEOUT_S = 60.0
 LOG_LEVEL_ENV = "COHORT_LOG_LEVEL"
 FATAL_DEVICE_EXIT = 3  # the coordinator reads this exit code as "its GPU context was lost" (scheduler.supervisor)
@@ -70,9 +76,13 @@ class Worker:
         self.running = True
         self.fatal = False
         self._last_report = 0.0
+        self.arenas = ArenaReader()  # local clients' arenas, where large inputs may lie
+        self.out: Arena | None = None  # this worker's arena for large results, made on first use
+        self.shm_results: set[int] = set()  # jobs whose client reads results from shared memory
+        self.shm_prefix = ""
         self.handlers: dict[type, Callable[[Any, list[Any], list[tuple[RunJob, list[Any]]]], None]] = {
-            RunJob: lambda m, buffers, jobs: jobs.append((m, buffers)),
-            RunJobs: lambda m, buffers, jobs: jobs.extend(unbundle(m.jobs, buffers)),
+            RunJob: lambda m, buffers, jobs: jobs.append(self._local(m, buffers)),
+            RunJobs: lambda m, buffers, jobs: jobs.extend(self._local(j, b) for j, b in unbundle(m.jobs, buffers)),
             Shutdown: lambda m, buffers, jobs: setattr(self, "running", False),
         }
 
@@ -96,9 +106,11 @@ class Worker:
         return True
 
     def _init(self, init: InitWorker) -> None:
+        self.shm_prefix = init.shm_prefix
         device = resolve_device(init.device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        cache = self._compile_cache(init, device)
         for spec, mirror in zip(init.groups, init.mirrors, strict=True):
             bank = Bank.create(spec.name, spec.entries, len(spec.indices), device, f"{init.shm_prefix}{spec.name}")
             self.banks.append(bank)
@@ -110,12 +122,30 @@ class Worker:
                 runtime.initialise()
                 bank_ops.mirror(bank, runtime.mirror, list(range(len(spec.indices))))  # the first restore point
             self.runtimes[spec.name] = runtime
+            if spec.batching.compile:
+                compiled = runtime.enable_compile(spec.batching.compile, cache)
+                if compiled.preload(runtime.fused.eager):  # shapes any worker compiled before: no wait later
+                    log.info("group %s: %d compiled call shapes loaded", spec.name, compiled.loaded)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.executor = make_executor(self.runtimes, device, init.streams)
         self.max_wait_s = max((g.batching.max_wait_ms for g in init.groups), default=0.0) / 1000
         self.max_jobs = max((g.batching.max_jobs for g in init.groups), default=1)
         self._send(WorkerReady(self.worker_id, str(device), [b.handle for b in self.banks]))
+
+    @staticmethod
+    def _compile_cache(init: InitWorker, device: torch.device) -> CompileCache | None:
+        """The machine's cache of compiled calls, when a group compiles; its kernels directory is this
+        worker's TORCHINDUCTOR_CACHE_DIR. None (each worker compiles alone) if it cannot be used."""
+        if not any(g.batching.compile for g in init.groups):
+            return None
+        try:
+            cache = CompileCache(device, init.compile_cache_dir)
+        except OSError as exc:
+            log.warning("compile cache at %r unusable (%s); compiling in this worker only", init.compile_cache_dir, exc)
+            return None
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.inductor_dir
+        return cache
 
     # ------------------------------------------------------------------ loop
 
@@ -152,11 +182,41 @@ class Worker:
             message, buffers = self.codec.decode([f.buffer for f in frames])
             self.handlers[type(message)](message, buffers, jobs)
 
+    def _local(self, job: RunJob, buffers: list[Any]) -> tuple[RunJob, list[Any]]:
+        """A job whose tensors lie in a client's arena, as if they had come in frames (views, no copy):
+        the region stays the client's until the job's reply. An arena that cannot be read fails the
+        job when it is prepared (its header no longer matches)."""
+        if job.shm_results:
+            self.shm_results.add(job.job_id)
+        if not (job.inputs.shm or job.targets.shm):
+            return job, buffers
+        try:
+            own: list[Any] = []
+            trees = {}
+            for name in ("inputs", "targets"):
+                tree = getattr(job, name)
+                if tree.shm:
+                    own += [self.arenas.read(ref, tensor_nbytes(meta)) for ref, meta in zip(tree.shm, tree.metas)]
+                    trees[name] = msgspec.structs.replace(tree, shm=())
+                else:
+                    own += buffers[:tree.frames] if name == "inputs" else buffers[job.inputs.frames:]
+            return msgspec.structs.replace(job, **trees), own
+        except (OSError, ValueError) as exc:
+            log.warning("job %d: its tensors in shared memory cannot be read: %s", job.job_id, exc)
+            return job, buffers
+
+    def _arena_out(self) -> Arena:
+        if self.out is None:
+            self.out = Arena(f"{self.shm_prefix}out", RESULT_ARENA_BYTES, reclaim_after_s=RESULT_RECLAIM_S)
+        return self.out
+
     def _reply(self, finished: list[Finished]) -> None:
         """Every finished job in one message: one system call and one wake-up for the coordinator."""
         results: list[JobResult | JobError] = []
         buffers: list[Any] = []
         for item in finished:
+            shm = item.job_id in self.shm_results
+            self.shm_results.discard(item.job_id)
             if item.error is not None:
                 results.append(JobError(self.worker_id, item.job_id, type(item.error).__name__, item.error.message,
                                         item.traceback))
@@ -167,6 +227,8 @@ class Worker:
             except CohortError as exc:
                 results.append(JobError(self.worker_id, item.job_id, type(exc).__name__, f"model output: {exc}"))
                 continue
+            if shm and self.shm_prefix and sum(b.nbytes for b in own) >= SHM_MIN_BYTES:
+                tree, own, _ = to_arena(tree, own, self._arena_out())  # the client hands the region back
             results.append(JobResult(self.worker_id, item.job_id, tree, item.losses))
             buffers += own
         if len(results) == 1:
@@ -179,13 +241,18 @@ class Worker:
         now = time.monotonic()
         if now - self._last_report >= REPORT_S:
             self._last_report = now
-            self._send(Heartbeat(self.worker_id, self.counters()))
+            shapes = [f"{name} {shape}" for name, rt in self.runtimes.items() if rt.fused.compiled is not None
+                      for shape in rt.fused.compiled.shapes]
+            self._send(Heartbeat(self.worker_id, self.counters(), shapes))
 
     def counters(self) -> dict[str, int]:
         ex = self.executor
         fused = [rt.fused for rt in self.runtimes.values()]
+        compiled = [f.compiled for f in fused if f.compiled is not None]
         return {"calls": getattr(ex, "calls", 0), "joined_jobs": getattr(ex, "joined_jobs", 0),
-                "compiled_calls": sum(f.compiled_calls for f in fused), "eager_calls": sum(f.eager_calls for f in fused)}
+                "compiled_calls": sum(f.compiled_calls for f in fused), "eager_calls": sum(f.eager_calls for f in fused),
+                "compile_loaded": sum(c.loaded for c in compiled), "compile_compiled": sum(c.compiled_here for c in compiled),
+                "compile_ms": int(1000 * sum(c.compile_s for c in compiled))}
 
     def remove_shm(self) -> None:
         """Unlink this worker's shared-memory banks by name (safe from another thread: nothing is unmapped)."""
@@ -194,9 +261,13 @@ class Worker:
                 unlink_shm(bank.handle.shm_name)
 
     def _send(self, message: Any, buffers: list[Any] | None = None) -> None:
-        self.socket.send_multipart(self.codec.encode(message, buffers), copy=False)
+        frames = self.codec.encode(message, buffers)
+        self.socket.send_multipart(frames, copy=not zero_copy(frames))
 
     def close(self) -> None:
+        self.arenas.close()
+        if self.out is not None:
+            self.out.close()
         for bank in self.banks:
             bank.close()
         self.banks = []

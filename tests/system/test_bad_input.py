@@ -85,9 +85,13 @@ def test_target_that_does_not_fit_the_loss(running, target, match) -> None:
     still_serving(running)
 
 
-def test_train_round_needs_stacked_inputs(running) -> None:
-    with running.client(timeout=10) as c, pytest.raises(BadInput, match="stacked"):
-        c.train_round("mlp", torch.randn(4, 8), torch.zeros(4, dtype=torch.int64))
+def test_train_round_takes_a_shared_batch_or_one_stacked_per_model(running) -> None:
+    with running.client(timeout=10) as c:
+        assert len(c.train_round("mlp", torch.randn(4, 8), torch.zeros(4, dtype=torch.int64))) == 2  # shared
+        with pytest.raises(BadInput, match="stacked"):  # stacked, but 3 rows for the group's 2 models
+            c.train_round("mlp", torch.randn(3, 4, 8), torch.zeros(3, 4, dtype=torch.int64))
+        with pytest.raises(BadInput, match="target batch size"):  # a shared batch with stacked targets
+            c.train_round("mlp", torch.randn(4, 8), torch.zeros(2, 4, dtype=torch.int64))
 
 
 def test_exception_inside_the_model_is_job_failed(running) -> None:

@@ -26,6 +26,7 @@ def test_weights_with_optimizer_state_move_a_model_exactly(cohort) -> None:
         assert all(torch.equal(a[k], b[k]) for k in a)
         # Only the weights: the optimizer starts afresh, so the next steps differ.
         c.set_weights("m/2", c.get_weights("m/0"))
+        assert c.train_step("m/2", x, t) == c.train_step("m/0", x, t)  # a step's loss comes before its update
         assert c.train_step("m/2", x, t) != c.train_step("m/0", x, t)
         missing = {k: v for k, v in full.items() if not k.startswith("optim.exp_avg_sq.")}
         try:

@@ -79,6 +79,9 @@ def messages(direction: str, rows: int = 4) -> list[tuple[msgspec.Struct, list[A
             (P.CopyWeights(9, "mlp/0", "mlp/3"), [], []),
             (P.SnapshotRequest(10, "ckpt/", None), [], []),
             (P.StatsRequest(11), [], []),
+            (P.SetHparams(15, "mlp", {"lr": [0.1, 0.2], "momentum": [0.9]}, 1.0), [], []),
+            (P.GetHparams(16, "mlp/1"), [], []),
+            (P.ResetModel(17, "mlp/1", 7), [], []),
             (P.Requests(0, [P.SubmitJob(12, "infer", "mlp/1", x_tree), P.ListModels(13),
                             P.SetWeights(14, "mlp/2", d_tree)]), x_bufs + d_bufs, [x_tree, d_tree]),
         ]

@@ -11,9 +11,11 @@ import torch
 
 from core import bank as B
 from core.definition import (
+    STEPS,
     build_definition,
     build_module,
     example_inputs,
+    hparam_name,
     import_object,
     state_name,
 )
@@ -188,7 +190,10 @@ def test_build_definition() -> None:
     params = [(e.name, e.shape, e.dtype) for e in spec.entries if e.role == "param"]
     assert params == [(n, tuple(p.shape), "float32") for n, p in reference.named_parameters()]
     state = [e.name for e in spec.entries if e.role == "state"]
-    assert state[:len(params)] == [state_name("step", n) for n, _, _ in params] and len(state) == 3 * len(params)
+    assert state[0] == STEPS  # the model's step count, which a schedule follows
+    assert state[1:len(params) + 1] == [state_name("step", n) for n, _, _ in params] and len(state) == 3 * len(params) + 1
+    hparams = {e.name: (e.shape, e.dtype) for e in spec.entries if e.role == "hparam"}
+    assert hparams == {hparam_name(hp): ((), "float64") for hp in spec.hparams}  # in the bank: restored with it
     assert spec.indices == [0, 1, 2] and spec.optimizer == "adam"
     assert spec.hparams["lr"] == [1e-3, 2e-3, 3e-3]
     assert spec.init_seed == 0 and spec.loss == "cross_entropy"

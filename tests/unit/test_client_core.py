@@ -343,7 +343,8 @@ def test_every_call_is_written_once_and_both_flavours_get_it() -> None:
     from scheduler.client_api import PUBLIC_CALLS, BaseClient
 
     assert set(PUBLIC_CALLS) == {"submit", "infer", "train_step", "ensemble", "train_round", "models", "barrier",
-                                 "get_weights", "set_weights", "copy_weights", "snapshot", "stats"}
+                                 "get_weights", "set_weights", "copy_weights", "snapshot", "stats",
+                                 "evaluate", "set_hparams", "get_hparams", "reset"}
     for name in PUBLIC_CALLS:
         declared = getattr(BaseClient, name)
         assert getattr(Client, name) is declared, f"Client.{name} is written again"

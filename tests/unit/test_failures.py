@@ -11,7 +11,7 @@ import torch
 
 from core.errors import JobFailed
 from tests.unit.runtimes import run_job, runtime_for
-from workers import fused as fused_module
+from workers import training as training_module
 from workers.executors import SyncExecutor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "system"))
@@ -86,10 +86,7 @@ def test_a_joined_training_run_that_fails_mid_step_is_never_run_again(monkeypatc
     and no model takes that step a second time (before, the run was re-launched job by job)."""
     rt, bank = runtime_for(MLP_GROUP, fuse=fuse)
     try:
-        real_step = fused_module.optimizer_step if fuse else None
-        from workers import execute
-
-        target_module = fused_module if fuse else execute
+        target_module = training_module
         real_step = target_module.optimizer_step
         calls = []
 

@@ -89,46 +89,82 @@ MLP_GROUP = {"name": "c", "factory": "examples.models:mlp", "kwargs": {"d_in": 4
 
 
 def test_a_compile_failure_falls_back_to_eager_but_bad_data_keeps_compiling(monkeypatch) -> None:
-    from workers import fused as fused_module
+    from workers import compiled as compiled_module
 
     def broken_compile(fn, **_):
         def run(*args):
             raise RuntimeError("inductor could not compile this")
         return run
 
-    monkeypatch.setattr(fused_module.torch, "compile", broken_compile)
+    monkeypatch.setattr(compiled_module.torch, "compile", broken_compile)
     rt, bank = runtime_for(MLP_GROUP, True)
     try:
-        rt.fused.compile_mode = "default"
+        rt.enable_compile("default", None)
         with pytest.raises(Exception):  # noqa: B017 - the model's own error for bad data, whatever its type
             rt.ensemble([0, 1, 2, 3], torch.randn(2, 5))  # wrong width: eager fails too
-        assert rt.fused.compile_mode == "default"  # bad data is not the compiler's fault
+        assert rt.fused.compiled is not None  # bad data is not the compiler's fault
         x = torch.randn(2, 4)
         got = rt.ensemble([0, 1, 2, 3], x)
-        assert rt.fused.compile_mode == ""  # the compiler's failure: eager from now on
+        assert rt.fused.compiled is None  # the compiler's failure: eager from now on
         torch.testing.assert_close(got, torch.stack([rt.infer(k, x) for k in range(4)]))
     finally:
         bank.close()
 
 
 def test_every_new_call_shape_compiles_and_is_announced(monkeypatch) -> None:
-    from workers import fused as fused_module
+    from workers import compiled as compiled_module
 
     compiled_calls = []
-    monkeypatch.setattr(fused_module.torch, "compile", lambda fn, **_: lambda *a: compiled_calls.append(1) or fn(*a))
-    rt, bank = runtime_for(MLP_GROUP, True)
+    monkeypatch.setattr(compiled_module.torch, "compile", lambda fn, **_: lambda *a: compiled_calls.append(1) or fn(*a))
+    rt, bank = runtime_for({**MLP_GROUP, "batching": {"buckets": []}}, True)  # no padding: every batch size
     try:
         notices = []
-        rt.fused.compile_mode, rt.fused.on_compile = "default", lambda: notices.append(1)
-        shapes = fused_module.MANY_SHAPES + 3
+        calls = rt.enable_compile("default", None)
+        calls.on_compile = lambda: notices.append(1)
+        shapes = compiled_module.MANY_SHAPES + 3
         for batch in range(1, shapes + 1):
             rt.ensemble([0, 1, 2, 3], torch.randn(batch, 4))
             rt.ensemble([0, 1, 2, 3], torch.randn(batch, 4))  # the same shape again: no new notice
-        assert len(notices) == shapes
+        assert len(notices) == shapes and calls.compiled_here == shapes and len(calls.shapes) == shapes
         assert len(compiled_calls) == 2 * shapes and rt.fused.compiled_calls == 2 * shapes
         assert rt.fused.eager_calls == 0
     finally:
         bank.close()
+
+
+def test_batch_sizes_are_padded_to_buckets_and_results_cut_back(monkeypatch) -> None:
+    """Batches of 5, 6 and 7 rows share the bucket of 8: one compiled shape; every result equals eager,
+    training included (padded rows carry the ignored target), and a partial selection of models too."""
+    from workers import compiled as compiled_module
+
+    traced = []
+    monkeypatch.setattr(compiled_module.torch, "compile", lambda fn, **_: lambda *a: traced.append(1) or fn(*a))
+    group = {**MLP_GROUP, "count": 6, "optimizer": {"name": "adam", "lr": 0.01}}
+    compiled, b1 = runtime_for(group, True)
+    eager, b2 = runtime_for(group, True)
+    try:
+        calls = compiled.enable_compile("default", None)
+        g = torch.Generator().manual_seed(0)
+        for batch in (5, 6, 7):
+            x = torch.randn(batch, 4, generator=g)
+            torch.testing.assert_close(compiled.ensemble(list(range(6)), x), eager.ensemble(list(range(6)), x))
+            xs = torch.randn(4, batch, 4, generator=g)
+            torch.testing.assert_close(compiled.infer_stacked([5, 0, 2, 3], xs), eager.infer_stacked([5, 0, 2, 3], xs))
+            t = torch.randint(0, 3, (batch,), generator=g)
+            torch.testing.assert_close(compiled.train_round(list(range(6)), x, t, shared=True),
+                                       eager.train_round(list(range(6)), x, t, shared=True))
+            ts = torch.randint(0, 3, (4, batch), generator=g)
+            torch.testing.assert_close(compiled.train_round([1, 2, 3, 4], xs, ts), eager.train_round([1, 2, 3, 4], xs, ts))
+            torch.testing.assert_close(compiled.evaluate(list(range(6)), x, t, shared=True),
+                                       eager.evaluate(list(range(6)), x, t, shared=True))
+        for name, value in compiled.bank.tensors.items():
+            torch.testing.assert_close(value, eager.bank.tensors[name], msg=name)
+        signatures = [s.split(":")[0] for s in calls.shapes]
+        assert len(signatures) == 5 and all("[8, 4]" in s or "[6, 8, 4]" in s for s in signatures), signatures
+        assert compiled.fused.eager_calls == 0
+    finally:
+        b1.close()
+        b2.close()
 
 
 def test_more_compiled_wrappers_than_dynamos_recompile_limit_all_compile(monkeypatch) -> None:
@@ -136,7 +172,7 @@ def test_more_compiled_wrappers_than_dynamos_recompile_limit_all_compile(monkeyp
     (8) is counted per code object, so without wrappers of their own the 9th shape on ran eagerly."""
     import torch._dynamo
 
-    from workers import fused as fused_module
+    from workers import compiled as compiled_module
 
     torch._dynamo.reset()
     graphs = []
@@ -146,13 +182,13 @@ def test_more_compiled_wrappers_than_dynamos_recompile_limit_all_compile(monkeyp
         return gm.forward
 
     real_compile = torch.compile
-    monkeypatch.setattr(fused_module.torch, "compile",
+    monkeypatch.setattr(compiled_module.torch, "compile",
                         lambda fn, **kw: real_compile(fn, backend=counting_backend, dynamic=False))
-    runtimes = [runtime_for({**MLP_GROUP, "name": f"g{i}"}, True) for i in range(3)]
+    runtimes = [runtime_for({**MLP_GROUP, "name": f"g{i}", "batching": {"buckets": []}}, True) for i in range(3)]
     try:
         wanted = 0
         for rt, _ in runtimes:
-            rt.fused.compile_mode = "default"
+            rt.enable_compile("default", None)
             for batch in range(1, 5):  # 3 groups x 4 shapes: 12 compiled wrappers
                 x = torch.randn(batch, 4)
                 torch.testing.assert_close(rt.ensemble([0, 1, 2, 3], x), torch.stack([rt.infer(k, x) for k in range(4)]))

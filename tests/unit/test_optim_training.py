@@ -39,7 +39,7 @@ from core.bank import Bank
 from core.definition import build_definition
 from core.tensors import DTYPE_NAMES
 from scheduler.config import OPTIMIZER_DEFAULTS, parse_config
-from workers import fused as fused_module
+from workers import training as training_module
 from workers.execute import GroupRuntime
 from workers.fused import FUSE_MIN_MODELS
 from workers.losses import resolve_loss
@@ -196,14 +196,14 @@ def test_fused_training_follows_torch_optim(make_runtime, monkeypatch, kind: str
     hp = hparams_for(kind, dtype)
     rt = make_runtime(dtype, {"name": kind, **hp}, fuse=True)
     stepped: list[dict[str, torch.Tensor]] = []  # the gradients each fused round stepped with
-    real_step = fused_module.optimizer_step
+    real_step = training_module.optimizer_step
 
     def recording_step(optimizer, params, grads, state, hparams) -> None:
         assert all(g.shape[0] == K for g in grads.values()), "one optimizer step over all K models"
         stepped.append({n: g.clone() for n, g in grads.items()})
         real_step(optimizer, params, grads, state, hparams)
 
-    monkeypatch.setattr(fused_module, "optimizer_step", recording_step)
+    monkeypatch.setattr(training_module, "optimizer_step", recording_step)
     xs, ts = batches(dtype)
     losses = torch.stack([rt.train_round(list(range(K)), xs, ts) for _ in range(STEPS)])
     assert len(stepped) == STEPS and rt.fused.enabled, "every round ran fused"

@@ -57,7 +57,8 @@ def test_unknown_remote_error_becomes_job_failed() -> None:
 
 def test_clients_are_classes_with_the_documented_methods() -> None:
     methods = ["models", "infer", "train_step", "ensemble", "train_round", "submit", "barrier",
-               "get_weights", "set_weights", "copy_weights", "snapshot", "stats"]
+               "get_weights", "set_weights", "copy_weights", "snapshot", "stats",
+               "evaluate", "set_hparams", "get_hparams", "reset"]
     for cls in (scheduler.Client, scheduler.AsyncClient):
         assert inspect.isclass(cls)
         for m in methods:

@@ -1,0 +1,77 @@
+"""Bulk tensors of a client on the coordinator's machine go through shared memory, not the sockets;
+results are the same, and a client that dies mid-call leaves nothing that is not cleaned up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+from cohort_harness import mlp_group, stop_and_check_clean
+
+from scheduler.leftovers import remove_stale
+
+SCALE = {"name": "s", "factory": "examples.models:scale", "kwargs": {"d": 256}, "count": 1,
+         "input": {"shape": [-1, 256], "dtype": "float32"}, "loss": "mse", "optimizer": {"name": "sgd", "lr": 0.01}}
+
+
+def arenas(pid: int) -> list[str]:
+    return sorted(p.name for p in Path("/dev/shm").glob(f"cohort-{pid}-*-arena"))
+
+
+def test_large_tensors_of_a_local_client_go_through_shared_memory(cohort) -> None:
+    running = cohort([SCALE, mlp_group("m", 4, kwargs={"d_in": 256, "hidden": 16, "d_out": 4},
+                                       input={"shape": [-1, 256], "dtype": "float32"})], workers=1)
+    run_id = running.info["run_id"]
+    x = torch.randn(2048, 256)  # 2 MB in, 2 MB out
+    with running.client(timeout=60, shm=False) as plain, running.client(timeout=60) as local:
+        want = plain.infer("s/0", x)
+        got = local.infer("s/0", x)
+        assert torch.equal(got, want)
+        assert arenas(os.getpid()), "the local client made no arena"
+        assert list(Path("/dev/shm").glob(f"cohort-{run_id}-w*-out")), "the worker sent its result through the socket"
+        ts = torch.randint(0, 4, (2048,))
+        before = plain.evaluate("m", x, ts)
+        losses = local.train_round("m", x, ts)  # the shared batch through the arena
+        assert losses == before  # a step's loss is computed before its update
+        xs, tss = torch.randn(4, 600, 256), torch.randint(0, 4, (4, 600))  # stacked: sliced by rows in the arena
+        assert local.evaluate("m", xs, tss) == plain.evaluate("m", xs, tss)
+        weights = {k: torch.randn_like(v) for k, v in plain.get_weights("s/0").items()}
+        weights["weight"] = torch.randn(256)
+        local.set_weights("s/0", weights)
+        assert torch.equal(plain.get_weights("s/0")["weight"], weights["weight"])
+        for _ in range(50):  # the ring is reused: regions go back as replies come
+            assert torch.equal(local.infer("s/0", x), x * weights["weight"])
+    assert arenas(os.getpid()) == [], "the client's arena outlived it"
+    assert stop_and_check_clean(running) == 0
+
+
+def test_a_client_killed_mid_call_harms_nothing_and_its_arena_is_cleaned(cohort) -> None:
+    running = cohort([SCALE], workers=1)
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from scheduler import Client
+        c = Client({running.address!r}, timeout=60)
+        futures = [c.submit("infer", "s/0", torch.randn(4096, 256)) for _ in range(20)]
+        print("submitted", flush=True)
+        sys.stdin.read()
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    assert child.stdout.readline().strip() == b"submitted"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(10)
+    time.sleep(0.5)
+    with running.client(timeout=60) as c:
+        x = torch.randn(4096, 256)
+        assert torch.equal(c.infer("s/0", x), x * c.get_weights("s/0")["weight"])
+        assert c.stats()["workers"][0]["restarts"] == 0
+    assert arenas(child.pid), "expected the killed client's arena to be left behind"
+    remove_stale()  # what the next coordinator start does
+    assert arenas(child.pid) == []
+    assert stop_and_check_clean(running) == 0
