@@ -139,11 +139,14 @@ class _ClusterBase:
     _flavour: type[BaseClient] = Client
 
     def __init__(self, ray_address: str = "auto", *, timeout: float = DEFAULT_TIMEOUT_S,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, curve: CurveClient | None = None) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, curve: CurveClient | None = None,
+                 shm: bool | None = None) -> None:
         self.ray_address = ray_address
         self.timeout = timeout
+        # Each coordinator's client as ``Client`` would be made for it (``shm``: large tensors through shared
+        # memory to a coordinator on this machine; None decides by its address).
         self._options: dict[str, Any] = {"timeout": timeout, "max_message_bytes": max_message_bytes,
-                                         "curve": curve or CurveClient.from_env()}
+                                         "curve": curve or CurveClient.from_env(), "shm": shm}
         self._lock = threading.Lock()
         self._clients: dict[int, Any] = {}
         self._retired: list[Any] = []  # clients of a former address: closed with this client
@@ -267,6 +270,7 @@ class ClusterClient(_ClusterBase):
     """
 
     _flavour = Client
+    map = Client.map  # built on submit alone: over the cluster as over one coordinator
 
     def close(self) -> None:
         """Close every coordinator's client; leave Ray if this client joined it."""
@@ -419,6 +423,7 @@ class AsyncClusterClient(_ClusterBase):
     """
 
     _flavour = AsyncClient
+    map = AsyncClient.map  # built on submit alone
 
     async def close(self) -> None:
         with self._lock:

@@ -305,7 +305,7 @@ def _cut(value: Any, start: int, count: int, stacked: bool) -> Any:
 def _cut_keyword(name: str, key: str, value: Any, start: int, count: int, total: int, stacked: bool) -> Any:
     if _is_tensors(value):
         return _cut(value, start, count, stacked)
-    if isinstance(value, list):  # one value per model of the group
+    if isinstance(value, (list, tuple)):  # one value per model of the group
         if len(value) != total:
             raise BadInput(f"{name}: {key} has {len(value)} values; give one, or one per model ({total})")
         return value[start:start + count]

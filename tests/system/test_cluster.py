@@ -107,13 +107,26 @@ def test_ensemble_and_training_rounds_equal_plain_pytorch(client: ClusterClient)
             opt.step()
             want.append(loss.item())
         assert client.train_round("mlp", xs, ts) == pytest.approx(want, abs=1e-5, rel=0)
+    x1, t1 = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)  # one batch for all
+    want = []
+    for model, opt in zip(models, optimizers):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x1), t1)
+        loss.backward()
+        opt.step()
+        want.append(loss.item())
+    assert client.train_round("mlp", x1, t1) == pytest.approx(want, abs=1e-5, rel=0)
+    with torch.no_grad():
+        want = [nn.functional.cross_entropy(m(x1), t1).item() for m in models]
+    assert client.evaluate("mlp", x1, t1) == pytest.approx(want, abs=1e-5, rel=0)
+    assert client.evaluate("mlp/4", x1, t1) == pytest.approx(want[4], abs=1e-5, rel=0)
     future = client.submit("ensemble", "mlp", x)
     with torch.no_grad():
         torch.testing.assert_close(future.result(60), torch.stack([m(x) for m in models]), atol=1e-5, rtol=0)
     for k in (0, 4):  # one on each coordinator
         assert weights_equal(client.get_weights(f"mlp/{k}"), models[k].state_dict(), atol=1e-5)
     versions = {m.id: m.version for m in client.models()}
-    assert versions["mlp/0"] == versions["mlp/4"] == 4
+    assert versions["mlp/0"] == versions["mlp/4"] == 5
 
 
 def test_weights_are_copied_across_coordinators_with_their_optimizer_state(client: ClusterClient) -> None:
@@ -132,6 +145,22 @@ def test_weights_are_copied_across_coordinators_with_their_optimizer_state(clien
         client.copy_weights(src="adam/0", dst="mlp/0")
 
 
+def test_hyperparameters_reset_and_map_follow_the_cluster_indices(client: ClusterClient) -> None:
+    client.set_hparams("mlp", lr=[0.5, 0.4, 0.3, 0.2, 0.1], momentum=0.5)  # one value each, cut by block
+    assert [client.get_hparams(f"mlp/{k}")["lr"] for k in range(K)] == pytest.approx([0.5, 0.4, 0.3, 0.2, 0.1])
+    assert client.get_hparams("mlp/4")["momentum"] == pytest.approx(0.5)
+    client.set_hparams("mlp/3", lr=0.01)
+    assert client.get_hparams("mlp/3")["lr"] == pytest.approx(0.01)
+    client.reset("mlp/4")  # the group's own rule: as the cluster's model 4 was built, seed 11 + 4
+    assert weights_equal(client.get_weights("mlp/4"), reference(11, K)[4].state_dict())
+    client.reset("mlp/0", seed=15)
+    assert weights_equal(client.get_weights("mlp/0"), reference(11, K)[4].state_dict())
+    batches = [torch.randn(3, 8) for _ in range(5)]
+    assert [y.shape for y in client.map("ensemble", "mlp", batches, depth=2)] == [(K, 3, 4)] * 5
+    ys = list(client.map("infer", "mlp/4", batches))
+    torch.testing.assert_close(ys[2], client.infer("mlp/4", batches[2]), atol=1e-6, rtol=0)  # joined batches
+
+
 def test_the_async_client_makes_the_same_calls(client: ClusterClient) -> None:
     x = torch.randn(3, 8)
 
@@ -146,6 +175,9 @@ def test_the_async_client_makes_the_same_calls(client: ClusterClient) -> None:
             await a.copy_weights(src="mlp/4", dst="mlp/1")  # coordinator 1 -> coordinator 0
             assert weights_equal(await a.get_weights("mlp/1"), await a.get_weights("mlp/4"))
             assert [e["error"] for e in (await a.stats())["coordinators"]] == [None, None]
+            await a.set_hparams("adam", lr=(0.1, 0.2, 0.3))
+            assert (await a.get_hparams("adam/2"))["lr"] == pytest.approx(0.3)
+            assert [y.shape async for y in a.map("infer", "adam/1", [x, x])] == [(3, 4), (3, 4)]
 
     asyncio.run(calls())
 

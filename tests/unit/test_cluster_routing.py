@@ -48,6 +48,11 @@ def test_every_public_call_of_client_is_routed_with_its_signature() -> None:
         assert inspect.signature(getattr(ClusterClient, name)) == inspect.signature(getattr(scheduler.Client, name))
         assert getattr(ClusterClient, name).__doc__ == getattr(BaseClient, name).__doc__
         assert inspect.iscoroutinefunction(getattr(scheduler.AsyncClusterClient, name)), name
+    for flavour, cluster in ((scheduler.Client, ClusterClient), (scheduler.AsyncClient, scheduler.AsyncClusterClient)):
+        assert inspect.signature(cluster.map) == inspect.signature(flavour.map)  # built on submit alone
+    for option in inspect.signature(scheduler.Client).parameters:  # the same options, but the address
+        if option != "address":
+            assert option in inspect.signature(ClusterClient).parameters, option
 
 
 def test_import_scheduler_loads_neither_ray_nor_the_cluster() -> None:
