@@ -212,8 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.ray_address is None:
             from tools import harness
 
-            single = harness.start(GROUPS, {**SETTINGS, "address": f"ipc://{work}/single.sock"}, directory=work / "one",
-                                   env={"OMP_NUM_THREADS": "1"})  # as the cluster's coordinators (1 CPU each)
+            from scheduler.cluster.supervisor import free_port
+
+            # As the cluster's coordinators: TCP on loopback, one thread per worker (a bundle of 1 CPU).
+            single = harness.start(GROUPS, {**SETTINGS, "address": f"tcp://127.0.0.1:{free_port('127.0.0.1')}"},
+                                   directory=work / "one", env={"OMP_NUM_THREADS": "1"})
             own = OwnCluster(work, 2)
             args.ray_address = "auto"
         report = measure(args, own, single)
