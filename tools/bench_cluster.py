@@ -210,9 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="cohort-bench-cluster-"))
     try:
         if args.ray_address is None:
-            from tools import harness
-
             from scheduler.cluster.supervisor import free_port
+            from tools import harness
 
             # As the cluster's coordinators: TCP on loopback, one thread per worker (a bundle of 1 CPU).
             single = harness.start(GROUPS, {**SETTINGS, "address": f"tcp://127.0.0.1:{free_port('127.0.0.1')}"},
