@@ -1,5 +1,5 @@
 # cohort: `make run` starts the demo coordinator, `make test` runs the tests.
-# Both set up .venv on first use.
+# Both set up .venv on first use (with the ray extra: the cluster tests run on a local Ray).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 CONFIG ?= examples/demo.toml
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup run test demo bench bench-quick gpu-check monitor soak clean
+.PHONY: setup run cluster test demo bench bench-quick gpu-check monitor soak clean
 
 setup: $(VENV)/.installed
 
@@ -17,11 +17,15 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
-	@$(PY) -m pip install -q -e ".[test]"
+	@$(PY) -m pip install -q -e ".[test,ray]"
 	@touch $@
 
 run: setup
 	$(PY) -m scheduler run --config $(CONFIG)
+
+# One coordinator per GPU on Ray (a local Ray when none runs); COORDINATORS=2 on a machine without GPUs.
+cluster: setup
+	$(PY) -m scheduler cluster --config $(CONFIG) $(if $(COORDINATORS),--coordinators $(COORDINATORS))
 
 demo: setup
 	$(PY) examples/demo_client.py

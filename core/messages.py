@@ -132,6 +132,7 @@ class ModelInfo(msgspec.Struct, frozen=True):
     worker: int
     version: int
     device: str
+    coordinator: int = 0  # which coordinator of a cluster holds it (ClusterClient); 0 on one coordinator
 
 
 class Reply(msgspec.Struct, tag=True, array_like=True):

@@ -3,6 +3,7 @@
 The public API is the client library and its errors::
 
     from scheduler import Client, AsyncClient, CohortError
+    from scheduler import ClusterClient, AsyncClusterClient   # a cluster on Ray (pip install cohort[ray])
 """
 
 from __future__ import annotations
@@ -23,10 +24,25 @@ from core.errors import (
 from core.messages import ModelInfo
 from scheduler.client import AsyncClient, Client, default_address
 
+_CLUSTER = ("AsyncClusterClient", "ClusterClient")
+
+
+def __getattr__(name: str) -> object:
+    """The cluster clients, imported on first use: ``import scheduler`` never loads the cluster
+    package (nor Ray, which only a cluster client's constructor imports)."""
+    if name in _CLUSTER:
+        from scheduler.cluster import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'scheduler' has no attribute {name!r}")
+
+
 __all__ = [
     "AsyncClient",
+    "AsyncClusterClient",
     "BadInput",
     "Client",
+    "ClusterClient",
     "CohortError",
     "ConfigError",
     "JobFailed",

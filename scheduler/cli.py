@@ -1,4 +1,5 @@
-"""The ``cohort`` command line: ``run`` a coordinator, ``snapshot`` and ``load`` weights, make ``keys``."""
+"""The ``cohort`` command line: ``run`` a coordinator, ``snapshot`` and ``load`` weights, make ``keys``,
+run a ``cluster`` of coordinators on Ray."""
 
 from __future__ import annotations
 
@@ -25,7 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     keys_parser = sub.add_parser("keys", help="make CURVE certificates for a coordinator reachable from other machines")
     keys_parser.add_argument("directory", help="where to write them (created, mode 0700)")
     keys_parser.add_argument("--clients", type=int, default=1, help="client key pairs to make")
+    cluster_parser = sub.add_parser("cluster", help="run one coordinator per GPU of a Ray cluster (needs cohort[ray])")
+    from scheduler.cluster.launcher import add_arguments  # imports no Ray
+
+    add_arguments(cluster_parser)
     args = parser.parse_args(argv)
+    if args.command == "cluster":
+        from scheduler.cluster.launcher import cluster_command
+
+        return cluster_command(args)
     if args.command == "keys":
         return make_keys_command(args.directory, args.clients)
     if args.command in ("snapshot", "load"):

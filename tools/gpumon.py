@@ -3,12 +3,14 @@
     python tools/gpumon.py [--address ADDR] [--interval S] [--once] [--json]
                            [--prometheus PORT [--prometheus-bind HOST]]
                            [--export-svg FILE] [--export-text FILE] [--width COLS]
+    python tools/gpumon.py --cluster [--ray-address ADDR] [--interval S] [--once] [--json]
 
 Live terminal view by default; `--once` prints one view and exits (`--export-svg` and
 `--export-text` also save that view, for screenshots); `--json` prints samples as JSON
 lines (with `--once`, one line); `--prometheus PORT` serves the same figures on
 http://HOST:PORT/metrics until Ctrl-C. No GPU, no NVML or no coordinator is reported
-in the view and never ends the monitor.
+in the view and never ends the monitor. `--cluster` watches every coordinator of a cohort
+cluster on Ray instead, each GPU read on its own node (tools/gpumon_cluster.py).
 """
 
 from __future__ import annotations
@@ -84,7 +86,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="COLS",
         help="draw the view this many columns wide (default: the terminal's)",
     )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="watch every coordinator of a cohort cluster on Ray (needs cohort[ray])",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default="auto",
+        help="with --cluster: the Ray cluster (default: %(default)s, a running `ray start`)",
+    )
     args = parser.parse_args(argv)
+    if args.cluster and args.prometheus is not None:
+        parser.error("--cluster has a terminal view and --json; --prometheus watches one coordinator")
     if args.interval <= 0:
         parser.error("--interval must be positive")
     if args.width is not None and args.width < 40:
@@ -204,8 +218,40 @@ def pause(started: float, interval: float) -> None:
     time.sleep(max(0.0, interval - (time.monotonic() - started)))
 
 
+def run_cluster(args: argparse.Namespace, console: Console) -> int:
+    """`--cluster`: a row per coordinator of a cohort cluster, until Ctrl-C (or once)."""
+    from gpumon_cluster import ClusterSampler, render_cluster
+
+    timeout = min(max(args.interval, MIN_COORDINATOR_TIMEOUT_S), MAX_COORDINATOR_TIMEOUT_S)
+    sampler = ClusterSampler(args.ray_address, timeout)
+    try:
+        if args.once:
+            sample = sampler.sample()
+            if args.json:
+                print_json(sample)
+            else:
+                console.print(render_cluster(sample))
+            return 0
+        if args.json:
+            while True:
+                started = time.monotonic()
+                print_json(sampler.sample())
+                pause(started, args.interval)
+        with Live(Text("sampling..."), console=console, auto_refresh=False) as live:
+            while True:
+                started = time.monotonic()
+                live.update(render_cluster(sampler.sample()), refresh=True)
+                pause(started, args.interval)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        sampler.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.cluster:
+        return run_cluster(args, Console(width=args.width))
     sampler = make_sampler(args.address, args.interval)
     console = Console(width=args.width, record=bool(args.export_svg or args.export_text))
     try:
