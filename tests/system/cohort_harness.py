@@ -7,10 +7,13 @@ import path (``fixture_models``), and assertions instead of records.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -74,3 +77,15 @@ def stop_and_check_clean(running: Cohort, sig: int = signal.SIGINT) -> int | Non
     assert leaks.shm_left == [], f"shared memory left behind: {leaks.shm_left}"
     assert leaks.run_dirs_left == [], f"run directories left behind: {leaks.run_dirs_left}"
     return stopped.exit_code
+
+
+def started_by(tmp: Path) -> list[psutil.Process]:
+    """Processes that inherited ``TMPDIR=tmp``: everything a command run with it started, at any depth."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and process.environ().get("TMPDIR") == str(tmp):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
+from cohort_harness import started_by
 
 ROOT = Path(__file__).resolve().parents[2]
 MODES = ("sequential", "processes", "processes_mps", "vmap", "vmap_compiled", "cohort_per_model", "cohort_fused",
@@ -35,16 +35,6 @@ def short_tmp() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _started_by(tmp: Path) -> list[psutil.Process]:
-    """Processes that inherited the run's TMPDIR: everything the benchmark started, at any depth."""
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if process.pid != os.getpid() and process.environ().get("TMPDIR") == str(tmp):
-                found.append(process)
-        except psutil.Error:
-            continue
-    return found
 
 
 def _run_bench(tmp: Path, out: Path) -> subprocess.CompletedProcess[str]:
@@ -76,9 +66,9 @@ def test_quick_run_writes_every_figure_and_leaves_nothing_behind(short_tmp: Path
     out = short_tmp / "report" / "quick.json"
     try:
         done = _run_bench(short_tmp, out)
-        leftovers = _started_by(short_tmp)
+        leftovers = started_by(short_tmp)
     finally:
-        for process in _started_by(short_tmp):  # never let a failed run leak into the next test
+        for process in started_by(short_tmp):  # never let a failed run leak into the next test
             process.kill()
     assert done.returncode == 0, done.stderr[-3000:]
     assert not leftovers, [p.cmdline() for p in leftovers]

@@ -16,8 +16,8 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
+from cohort_harness import started_by
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -36,21 +36,11 @@ def short_tmp() -> Iterator[Path]:
     """The examples' TMPDIR: short (ipc:// paths live in it), private (what they leave is theirs)."""
     path = Path(tempfile.mkdtemp(prefix="cex-"))
     yield path
-    for process in _started_by(path):  # never let a failed run leak into the next test
+    for process in started_by(path):  # never let a failed run leak into the next test
         process.kill()
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _started_by(tmp: Path) -> list[psutil.Process]:
-    """Processes that inherited the run's TMPDIR: everything the example started, at any depth."""
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if process.pid != os.getpid() and process.environ().get("TMPDIR") == str(tmp):
-                found.append(process)
-        except psutil.Error:
-            continue
-    return found
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -80,7 +70,7 @@ def assert_nothing_left(tmp: Path, output: str) -> None:
     assert leftover_shm(run_id) == []
     assert leftover_run_dirs(run_id, tmp) == []
     assert list(tmp.glob("cohort-example-*")) == []  # the config, log and socket directory
-    left = _started_by(tmp)
+    left = started_by(tmp)
     assert left == [], [p.cmdline() for p in left]
 
 
