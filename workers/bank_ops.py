@@ -68,6 +68,6 @@ def restore(bank: Bank, host: Bank) -> None:
 def pin(host: Bank) -> None:
     """Page-lock a host copy for this process, so copies between it and the GPU are asynchronous DMA."""
     raw = host.raw
-    code = torch.cuda.cudart().cudaHostRegister(raw.data_ptr(), raw.numel(), 0)
+    code = torch.cuda.cudart().cudaHostRegister(raw.data_ptr(), raw.numel(), 1)  # cudaHostRegisterPortable
     if int(code) != 0:
         raise RuntimeError(f"cudaHostRegister of the host copy ({raw.numel()} bytes) failed: {code}")
