@@ -160,8 +160,9 @@ def check_buffers(tree: TensorTree, buffers: list[Any], max_bytes: int) -> int:
         return _total(tree, max_bytes)
     for meta, buf in zip(tree.metas, buffers):
         need = tensor_nbytes(meta)
-        if need != memoryview(buf).nbytes:
-            raise ProtocolError(f"tensor {list(meta.shape)} {meta.dtype} needs {need} bytes, frame has {memoryview(buf).nbytes}")
+        have = buf.numel() if isinstance(buf, torch.Tensor) else memoryview(buf).nbytes
+        if need != have:
+            raise ProtocolError(f"tensor {list(meta.shape)} {meta.dtype} needs {need} bytes, frame has {have}")
         total += need
     if total > max_bytes:
         raise BadInput(f"tensors of {total} bytes exceed the message bound of {max_bytes} bytes")
@@ -176,6 +177,12 @@ def _total(tree: TensorTree, max_bytes: int) -> int:
 
 
 def _decode_tensor(meta: TensorMeta, buf: Any, pinned: bool) -> torch.Tensor:
+    if isinstance(buf, torch.Tensor) and not pinned:  # bytes already in memory that stays ours: as they are
+        return _in_place_tensor(meta, buf)
+    if isinstance(buf, torch.Tensor):
+        out = torch.empty(meta.shape, dtype=DTYPES[meta.dtype], pin_memory=True)
+        out.reshape(-1).view(torch.uint8).copy_(buf)
+        return out
     # Copy into a tensor we own: received frames are read-only and short-lived.
     out = torch.empty(meta.shape, dtype=DTYPES[meta.dtype], pin_memory=pinned)
     if out.numel():
@@ -216,6 +223,18 @@ def _in_place(meta: TensorMeta, view: memoryview) -> torch.Tensor:
     if not view.nbytes:
         return torch.empty(meta.shape, dtype=DTYPES[meta.dtype])
     return torch.frombuffer(view, dtype=DTYPES[meta.dtype]).view(meta.shape)
+
+
+def _in_place_tensor(meta: TensorMeta, raw: torch.Tensor) -> torch.Tensor:
+    """A tensor over ``raw``'s bytes (uint8), without a copy."""
+    if not raw.numel():
+        return torch.empty(meta.shape, dtype=DTYPES[meta.dtype])
+    return raw.view(DTYPES[meta.dtype]).view(meta.shape)
+
+
+def byte_tensor(view: memoryview) -> torch.Tensor:
+    """Bytes in shared memory as a uint8 tensor: a buffer ``decode_tensors`` uses without a copy."""
+    return torch.frombuffer(view, dtype=torch.uint8) if view.nbytes else torch.empty(0, dtype=torch.uint8)
 
 
 def slice_rows(tree: TensorTree, buffers: list[Any], lo: int, hi: int) -> tuple[TensorTree, list[Any]]:

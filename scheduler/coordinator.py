@@ -82,7 +82,7 @@ from scheduler.mps import MpsDaemon
 from scheduler.placement import place
 from scheduler.security import CurveServer
 from scheduler.stats import JobStats
-from scheduler.supervisor import StartupError, Supervisor, worker_threads
+from scheduler.supervisor import StartupError, Supervisor, worker_malloc, worker_threads
 from scheduler.validate import (
     check_inputs,
     check_op,
@@ -199,6 +199,7 @@ class Coordinator:
             **gpu.client_environment(self.plan, self.mps.mode == "on", dict(os.environ)),
             **self.mps.worker_env(self.cc.workers),
             **worker_threads(self.cc.workers),
+            **worker_malloc(),
             "COHORT_LOG_LEVEL": logging.getLevelName(log.getEffectiveLevel()),
         }
         for w in self.workers:

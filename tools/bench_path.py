@@ -113,6 +113,9 @@ def calls_in_flight(seconds: float) -> dict[str, Any]:
         return functional_call(base, {**p, **b}, (xx,))
 
     fused = vmap(one, in_dims=(0, 0, None))
+    # The worker computes with (cores - 1) // workers intra-op threads (one here): so does the reference.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (psutil.cpu_count() or 1) - 1))
     with torch.no_grad():
         for _ in range(20):
             fused(params, buffers, x)
@@ -121,6 +124,7 @@ def calls_in_flight(seconds: float) -> dict[str, Any]:
             fused(params, buffers, x)
             calls += 1
     raw = calls / (time.perf_counter() - began)
+    torch.set_num_threads(threads)
     with start([MLPS], {"workers": 1}) as running, Client(running.address, timeout=60) as c:
         for _ in range(20):
             c.ensemble("mlp", x)

@@ -43,7 +43,7 @@ from core.messages import (
     WorkerReady,
 )
 from core.spec import GroupSpec
-from core.tensors import encode_tensors, tensor_nbytes, to_arena
+from core.tensors import byte_tensor, encode_tensors, tensor_nbytes, to_arena
 from workers import bank_ops
 from workers.compile_cache import CompileCache
 from workers.execute import GroupRuntime
@@ -183,8 +183,8 @@ class Worker:
             self.handlers[type(message)](message, buffers, jobs)
 
     def _local(self, job: RunJob, buffers: list[Any]) -> tuple[RunJob, list[Any]]:
-        """A job whose tensors lie in a client's arena, as if they had come in frames (views, no copy):
-        the region stays the client's until the job's reply. An arena that cannot be read fails the
+        """A job whose tensors lie in a client's arena, as if they had come in frames: byte tensors over
+        the arena, which the job computes on in place (the region stays the client's until the reply). An arena that cannot be read fails the
         job when it is prepared (its header no longer matches)."""
         if job.shm_results:
             self.shm_results.add(job.job_id)
@@ -196,7 +196,8 @@ class Worker:
             for name in ("inputs", "targets"):
                 tree = getattr(job, name)
                 if tree.shm:
-                    own += [self.arenas.read(ref, tensor_nbytes(meta)) for ref, meta in zip(tree.shm, tree.metas)]
+                    own += [byte_tensor(self.arenas.read(ref, tensor_nbytes(meta)))
+                            for ref, meta in zip(tree.shm, tree.metas)]
                     trees[name] = msgspec.structs.replace(tree, shm=())
                 else:
                     own += buffers[:tree.frames] if name == "inputs" else buffers[job.inputs.frames:]
