@@ -79,7 +79,9 @@ def wait_replaced(c: Any, pid: int, timeout: float = 300.0) -> float:
 
 
 def steady(c: Any, seconds: float, seed: int = 0) -> float:
-    """models x samples per second over calls with random batch sizes."""
+    """models x samples per second over calls with random batch sizes (each bucket made first)."""
+    for batch in (1, 2, 4, 8, 16, 32, 64):  # the power-of-two buckets 1..64 fall into
+        c.ensemble("m", torch.randn(batch, 64))
     rng = random.Random(seed)
     done, began = 0, time.monotonic()
     while time.monotonic() - began < seconds:
