@@ -105,6 +105,7 @@ class AsyncClient(BaseClient):
             if not await self._send_when_connected(call):
                 raise connection.not_reached(call, timeout)
             connection.sent([call])
+            await self._take_replies_seen_by_send()
             try:
                 return await asyncio.wait_for(call.future, max(0.0, call.deadline - time.monotonic()))
             except TimeoutError:
@@ -149,6 +150,13 @@ class AsyncClient(BaseClient):
             except zmq.Again:
                 return dropped
             dropped = dropped or event["event"] == DROPPED
+
+    async def _take_replies_seen_by_send(self) -> None:
+        """A send processes the socket's pending events, replies included, and so can consume
+        the edge its file descriptor signals them with: the reader would then sleep on replies
+        already waiting. Take them here when the socket says some wait."""
+        if self._socket.get(zmq.EVENTS) & zmq.POLLIN:
+            await self._take_replies()
 
     async def _take_replies(self) -> None:
         while True:

@@ -39,3 +39,22 @@ def test_map_streams_batches_in_order_with_calls_in_flight(cohort) -> None:
         for a, b in zip(got_async, want):
             torch.testing.assert_close(a, b)
     assert stop_and_check_clean(running) == 0
+
+
+def test_async_calls_in_flight_never_sleep_on_replies_already_waiting(cohort) -> None:
+    """Many small calls in flight from several tasks: a send that takes the socket's pending
+    replies with it must not leave the reader asleep (each round would then hang to its timeout)."""
+    running = cohort([mlp_group("m", 2)], workers=1)
+    batches = [torch.full((1, 8), float(i)) for i in range(64)]
+
+    async def rounds() -> int:
+        async with AsyncClient(running.address, timeout=20) as a:
+            done = 0
+            for _ in range(10):
+                streams = [[y async for y in a.map("infer", f"m/{k % 2}", batches, depth=16)] for k in range(2)]
+                results = await asyncio.gather(*(a.infer("m/0", x) for x in batches))
+                done += sum(len(s) for s in streams) + len(results)
+            return done
+
+    assert asyncio.run(rounds()) == 10 * 3 * 64
+    assert stop_and_check_clean(running) == 0
