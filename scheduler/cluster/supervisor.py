@@ -55,6 +55,7 @@ from scheduler.cluster.layout import (
     toml_text,
 )
 from scheduler.gpu import VISIBLE, Gpu, probe_gpus, visible_gpus
+from scheduler.leftovers import remove_stale
 
 log = logging.getLogger("cohort.cluster")
 
@@ -176,6 +177,10 @@ class Supervisor:
         if not self.stopping:
             log.error("coordinator %d exited with code %s; the supervisor exits so that Ray restarts it", self.index,
                       code)
+            # A coordinator killed hard leaves its run directory and shared memory; with no
+            # restarts left no new coordinator on this node would remove them at its start.
+            for removed in remove_stale():
+                log.info("coordinator %d: removed %s", self.index, removed)
             os._exit(1)  # ray.actor.exit_actor() would be a clean exit, which Ray does not restart
 
     def info(self) -> dict[str, Any]:
