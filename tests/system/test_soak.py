@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
 import soak  # noqa: E402
 
-LOAD_S = 25
-KILL_EVERY_S = 5
+LOAD_S = 15
+KILL_EVERY_S = 4
 
 
 @pytest.mark.slow
