@@ -233,6 +233,26 @@ def _worker_metrics(workers: list[Mapping[str, Any]]) -> Iterator[Metric]:
             if _is_number(worker.get(key)):
                 family.add_metric([str(worker.get("id"))], worker[key])
         yield family
+    yield from _compile_metrics(workers)
+
+
+def _compile_metrics(workers: list[Mapping[str, Any]]) -> Iterator[Metric]:
+    shapes = GaugeMetricFamily("cohort_worker_compiled_shapes",
+                               "Compiled call shapes per worker, by how they came (loaded from the compile cache or "
+                               "compiled by the worker)", labels=["worker", "how"])
+    seconds = CounterMetricFamily("cohort_worker_compile_seconds", "Seconds a worker spent compiling call shapes",
+                                  labels=["worker"])
+    for worker in workers:
+        info = worker.get("compile")
+        if not isinstance(info, Mapping):
+            continue
+        wid = str(worker.get("id"))
+        for how in ("loaded", "compiled"):
+            if _is_number(info.get(how)):
+                shapes.add_metric([wid, how], info[how])
+        if _is_number(info.get("seconds")):
+            seconds.add_metric([wid], info["seconds"])
+    yield from (shapes, seconds)
 
 
 def _model_metrics(models: Mapping[str, Any]) -> Iterator[Metric]:

@@ -217,6 +217,7 @@ def _workers_table(stats: Mapping[str, Any]) -> Table:
         "In flight",
         "Done",
         "Restarts",
+        "Compiled",
     ):
         table.add_column(column, justify="left" if column in ("State", "Device") else "right")
     for worker in stats.get("workers") or []:
@@ -231,8 +232,23 @@ def _workers_table(stats: Mapping[str, Any]) -> Table:
             _number(worker.get("in_flight")),
             _number(worker.get("jobs_done")),
             _number(worker.get("restarts")),
+            _compile_text(worker.get("compile")),
         )
     return table
+
+
+def _compile_text(compile_stats: Any) -> Text:
+    """Compiled call shapes: how many were loaded from the cache, how many compiled here, and the
+    seconds spent; a worker compiling shapes at run time (not loading them) is what to look at."""
+    if not isinstance(compile_stats, Mapping):
+        return Text("-")
+    loaded, compiled = compile_stats.get("loaded") or 0, compile_stats.get("compiled") or 0
+    if not loaded and not compiled:
+        return Text("-")
+    text = Text(f"{loaded} loaded")
+    if compiled:
+        text.append(f", {compiled} compiled in {_number(compile_stats.get('seconds'), '.1f')} s", style="yellow")
+    return text
 
 
 def _models_table(stats: Mapping[str, Any]) -> RenderableType:

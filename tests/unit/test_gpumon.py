@@ -61,6 +61,7 @@ STATS: dict[str, Any] = {
             "in_flight": 2,
             "jobs_done": 10,
             "restarts": 0,
+            "compile": {"loaded": 3, "compiled": 0, "seconds": 0.0, "shapes": []},
         },
         {
             "id": 1,
@@ -72,6 +73,7 @@ STATS: dict[str, Any] = {
             "in_flight": 0,
             "jobs_done": 7,
             "restarts": 1,
+            "compile": {"loaded": 1, "compiled": 2, "seconds": 41.25, "shapes": []},
         },
     ],
     "queued": 3,
@@ -183,6 +185,7 @@ def test_render_with_gpu_shows_every_section() -> None:
     assert "GPU 0 util  ▂▅▇  87%" in out  # 10%, 50%, 87% on the fixed 0..100 scale
     assert "jobs/s      ███  3.5" in out
     assert "unreachable" not in out and "no GPU figures" not in out
+    assert "3 loaded" in out and "1 loaded, 2 compiled in 41.2 s" in out  # worker 1 compiled at run time
 
 
 def test_render_without_gpu_or_coordinator_says_why_in_one_line() -> None:
@@ -364,6 +367,9 @@ def test_prometheus_scrape_shows_figures() -> None:
         ("cohort_coordinator_up", ()): 1,
         ("cohort_worker_state", (("worker", "1"), ("state", "starting"))): 1,
         ("cohort_mps_info", (("mode", "on"), ("requested", "auto"))): 1,
+        ("cohort_worker_compiled_shapes", (("worker", "0"), ("how", "loaded"))): 3,
+        ("cohort_worker_compiled_shapes", (("worker", "1"), ("how", "compiled"))): 2,
+        ("cohort_worker_compile_seconds_total", (("worker", "1"),)): 41.25,
     }
     for (name, labels), value in expected.items():
         assert metrics[(name, frozenset(labels))] == pytest.approx(value), name
