@@ -16,6 +16,8 @@ control_plane. Modes (``--mode``, default all), each on the same models, seeds a
     cohort_per_model  a real coordinator; K concurrent per-model jobs per step
     cohort_fused      the same coordinator; one ensemble / train_round per step (a round's
                       inputs stacked [K, B, ...]: K copies of the batch in a sweep)
+    cohort_fused_pipelined  the same requests kept 4 in flight (as Client.map keeps them),
+                      so the coordinator and workers work on the next while one answers
     cohort_fused_shared  w4_sweep_train only: one train_round(group, x, t) per step, the
                       shared batch sent once for every model
     cohort_fused_compiled  the same with the group's fused calls through torch.compile
@@ -59,6 +61,7 @@ MODES = (
     "vmap_compiled",
     "cohort_per_model",
     "cohort_fused",
+    "cohort_fused_pipelined",
     "cohort_fused_shared",
     "cohort_fused_compiled",
 )
@@ -119,7 +122,7 @@ def figure(result: Result) -> str:
 
 def progress_printer(started: float) -> Progress:
     def show(workload: str, mode: str, result: Result) -> None:
-        print(f"[bench {time.monotonic() - started:6.1f}s] {workload:<22} {mode:<17} {figure(result)}", file=sys.stderr, flush=True)
+        print(f"[bench {time.monotonic() - started:6.1f}s] {workload:<22} {mode:<22} {figure(result)}", file=sys.stderr, flush=True)
 
     return show
 

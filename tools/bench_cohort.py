@@ -12,7 +12,9 @@ coordinator in these modes: ``cohort_per_model`` (K concurrent ``submit("infer" 
 ``cohort_fused_shared`` (shared-batch workloads only: one ``train_round(group, x, t)``
 with the batch sent once for every model) and ``cohort_fused_compiled`` (as
 ``cohort_fused`` on a twin group, ``<workload>_compiled``, whose fused calls go through
-``torch.compile``). Every cohort mode records the bytes its requests carry per step
+``torch.compile``), ``cohort_fused_pipelined`` (the fused requests of ``cohort_fused`` kept
+4 in flight, as ``Client.map`` keeps them: a step ends when the oldest answers and the next
+is already sent; its p50/p99 are the times between answers). Every cohort mode records the bytes its requests carry per step
 (inputs and targets, as the client encodes them).
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,8 +37,11 @@ from tools import harness
 from tools.bench_measure import Result, describe, error, time_steps, with_gpu_metrics
 from tools.bench_workloads import Batch, Workload, build_models, loss_function, make_batches
 
-COHORT_MODES = ("cohort_per_model", "cohort_fused", "cohort_fused_shared", "cohort_fused_compiled")
+COHORT_MODES = ("cohort_per_model", "cohort_fused", "cohort_fused_pipelined", "cohort_fused_shared",
+                "cohort_fused_compiled")
 COMPILED_MODE = "cohort_fused_compiled"
+PIPELINED_MODE = "cohort_fused_pipelined"
+PIPELINE_DEPTH = 4  # fused calls in flight, as ``Client.map(..., depth=4)`` keeps them
 SHARED_MODE = "cohort_fused_shared"  # runs only for shared-batch workloads (``Workload.shared``)
 READY_TIMEOUT_S = 180.0
 JOB_TIMEOUT_S = 300.0
@@ -169,6 +175,29 @@ def make_step(client: Client, jobs: list[Job]) -> Callable[[], object]:
     return lambda: _wait_all([client.submit(*j) for j in jobs])
 
 
+class Pipeline:
+    """Steps of one request each, kept ``depth`` in flight: step ``i`` submits what keeps the
+    window full and waits for the oldest answer. ``drain`` waits for the rest."""
+
+    def __init__(self, client: Client, jobs: list[list[Job]], depth: int) -> None:
+        if any(len(step) != 1 for step in jobs):
+            raise ValueError("a pipelined step is one request")
+        self.client, self.jobs, self.depth = client, jobs, depth
+        self.in_flight: deque[Any] = deque()
+        self.sent = 0
+
+    def step(self, _: int) -> object:
+        while len(self.in_flight) < self.depth:
+            op, target, inputs, targets = self.jobs[self.sent % len(self.jobs)][0]
+            self.in_flight.append(self.client.submit(op, target, inputs, targets, timeout=JOB_TIMEOUT_S))
+            self.sent += 1
+        return self.in_flight.popleft().result(timeout=JOB_TIMEOUT_S)
+
+    def drain(self) -> None:
+        while self.in_flight:
+            self.in_flight.popleft().result(timeout=JOB_TIMEOUT_S)
+
+
 def reference_check(client: Client, group: str, workload: Workload, batch: Batch) -> dict[str, Any]:
     """cohort against plain PyTorch with the same seeds, on fresh weights, before anything is timed.
 
@@ -194,17 +223,24 @@ def reference_check(client: Client, group: str, workload: Workload, batch: Batch
 def _measure(client: Client, workload: Workload, mode: str, device: str) -> Result:
     group = group_name(workload, mode)
     jobs = [step_jobs(mode, group, workload, b) for b in make_batches(workload, "cpu")]
-    steps = [make_step(client, j) for j in jobs]
+    if mode == PIPELINED_MODE:
+        pipeline = Pipeline(client, jobs, PIPELINE_DEPTH)
+        step: Callable[[int], object] = pipeline.step
+    else:
+        steps = [make_step(client, j) for j in jobs]
+        step = lambda i: steps[i % len(steps)]()  # noqa: E731
     result = with_gpu_metrics(
         device,
-        lambda: time_steps(
-            lambda i: steps[i % len(steps)](), workload.warmup, workload.steps, device,
-            workload.samples_per_step, workload.budget_s,
-        ),
+        lambda: time_steps(step, workload.warmup, workload.steps, device, workload.samples_per_step,
+                           workload.budget_s),
     )
+    if mode == PIPELINED_MODE:
+        pipeline.drain()  # the calls still in flight must not run into the next mode's timing
     result["bytes_sent_per_step"] = bytes_sent(jobs[0])
     op = jobs[0][0][0]
     count = f"{workload.count} concurrent" if len(jobs[0]) > 1 else "one"
+    if mode == PIPELINED_MODE:
+        count = f"one (kept {PIPELINE_DEPTH} in flight; p50/p99 between answers)"
     how = ""
     if op == "train_round":
         how = " on one shared batch, sent once" if mode == SHARED_MODE else " with inputs stacked [K, B, ...]"

@@ -161,6 +161,7 @@ def _checks(workloads: list[dict[str, Any]]) -> list[str]:
 SWEEP_MODES = {
     "cohort_per_model": "K train_step jobs",
     "cohort_fused": "train_round, inputs stacked [K, B, ...]",
+    "cohort_fused_pipelined": "train_round stacked, 4 in flight",
     "cohort_fused_shared": "train_round(group, x, t), one batch",
     "cohort_fused_compiled": "train_round stacked, compiled",
 }

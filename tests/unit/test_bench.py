@@ -34,7 +34,7 @@ from tools.bench_baselines import (  # noqa: E402
     run_processes,
     shards,
 )
-from tools.bench_cohort import SHARED_MODE, _run_one, bytes_sent, group_table, step_jobs  # noqa: E402
+from tools.bench_cohort import SHARED_MODE, Pipeline, _run_one, bytes_sent, group_table, step_jobs  # noqa: E402
 from tools.bench_control import control_ratios, merge_control_runs, pipelined, round_trips  # noqa: E402
 from tools.bench_measure import MIN_STEPS, best_of, latency_ms, measure_steps, ok, skipped  # noqa: E402
 from tools.bench_report import (  # noqa: E402
@@ -551,3 +551,31 @@ def test_markdown_tables_with_a_sweep_have_consistent_columns() -> None:
             tables.append([])
     for table in (t for t in tables if t):
         assert len({row.count("|") for row in table}) == 1, table
+
+
+def test_pipelined_mode_keeps_the_window_full_and_answers_in_order() -> None:
+    from concurrent.futures import Future
+
+    class FakeClient:
+        def __init__(self) -> None:
+            self.sent: list[tuple[str, str, Any]] = []
+            self.futures: list[Future[Any]] = []
+
+        def submit(self, op: str, target: str, inputs: Any, targets: Any, timeout: float) -> Future[Any]:
+            self.sent.append((op, target, inputs))
+            future: Future[Any] = Future()
+            future.set_result(("answer", inputs))
+            self.futures.append(future)
+            return future
+
+    client = FakeClient()
+    jobs = [[("ensemble", "g", b, None)] for b in range(3)]  # three batches, cycled
+    pipeline = Pipeline(client, jobs, depth=4)  # type: ignore[arg-type]
+    assert pipeline.step(0) == ("answer", 0)
+    assert len(client.sent) == 4 and len(pipeline.in_flight) == 3  # the window was filled before waiting
+    assert [pipeline.step(i) for i in range(1, 6)] == [("answer", b % 3) for b in range(1, 6)]
+    assert len(client.sent) == 9 and [x for _, _, x in client.sent] == [b % 3 for b in range(9)]
+    pipeline.drain()
+    assert not pipeline.in_flight
+    with pytest.raises(ValueError, match="one request"):
+        Pipeline(client, [[("infer", "g/0", 0, None), ("infer", "g/1", 0, None)]], depth=2)  # type: ignore[arg-type]
