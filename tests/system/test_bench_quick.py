@@ -23,7 +23,7 @@ from cohort_harness import started_by
 
 ROOT = Path(__file__).resolve().parents[2]
 MODES = ("sequential", "processes", "processes_mps", "vmap", "vmap_compiled", "cohort_per_model", "cohort_fused",
-         "cohort_fused_compiled")
+         "cohort_fused_pipelined", "cohort_fused_compiled")  # cohort_fused_shared: shared-batch workloads only
 RUN_TIMEOUT_S = 200
 
 
@@ -86,7 +86,7 @@ def test_quick_run_writes_every_figure_and_leaves_nothing_behind(short_tmp: Path
         _check_mode(mode, result)
     modes = workload["modes"]
     assert modes["sequential"]["vs_sequential"] == 1.0
-    for mode in ("sequential", "processes", "vmap", "cohort_per_model", "cohort_fused"):
+    for mode in ("sequential", "processes", "vmap", "cohort_per_model", "cohort_fused", "cohort_fused_pipelined"):
         assert modes[mode]["status"] == "ok", (mode, modes[mode])
     if report["device"] == "cpu":
         assert modes["processes_mps"]["status"] == "skipped" and "GPU" in modes["processes_mps"]["reason"]
