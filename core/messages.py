@@ -262,11 +262,28 @@ class JobError(FromWorker):
     traceback: str = ""
 
 
+class PlanReport(msgspec.Struct, array_like=True):
+    """How a worker runs one kind of call (a group's op on inputs of one shape), and why.
+
+    Costs are per job (per model for ensembles, rounds and evaluations), measured on the
+    device, keyed by candidate: ``one_by_one``, ``concat@8`` (8 jobs of a model as one
+    batch), ``vmap@16`` (16 jobs or models as one vmap'd call), ``vmap_compiled@16``."""
+
+    group: str
+    op: str
+    inputs: str  # one job's input shapes and dtypes, the batch rounded up to a power of two
+    in_use: dict[int, str]  # jobs (or models) at once, rounded down to a power of two -> the candidate run
+    per_job_us: dict[str, float]  # each measured candidate's cost
+    pinned: bool = False  # batching.plan names the plan
+    notes: list[str] = []  # e.g. layers without a vmap batching rule (torch runs them in a slow loop)
+
+
 class Heartbeat(FromWorker):
     """The worker's counts, sent while its loop is free (liveness itself is stamped into a file)."""
 
     counters: dict[str, int] = {}  # calls, joined_jobs, compiled_calls, eager_calls, ...
     compiled_shapes: list[str] = []  # each compiled call shape: loaded from the cache or compiled here
+    plans: list[PlanReport] = []  # how each kind of call runs, with the measured cost of each way
 
 
 class WorkerFailed(FromWorker):

@@ -34,6 +34,11 @@ class InputSpec(msgspec.Struct, array_like=True, frozen=True):
     dtype: str
 
 
+# How a worker may run a group's calls (``batching.plan``): "auto" measures each and picks the
+# cheapest; the others pin one (workers/plans.py).
+PINNABLE_PLANS = ("auto", "one_by_one", "concat", "vmap")
+
+
 class BatchingSpec(msgspec.Struct, frozen=True):
     """A group's batching policy (the ``batching`` table of its config)."""
 
@@ -42,6 +47,7 @@ class BatchingSpec(msgspec.Struct, frozen=True):
     max_wait_ms: float = 0.0  # how long a worker may hold a lone job for others to join it
     compile: str = ""  # torch.compile mode for fused calls ("default", "reduce-overhead", ...); "" = eager
     buckets: list[int] | None = None  # compiled calls: batch sizes padded up to these; None: powers of two
+    plan: str = "auto"  # how calls run: measured ("auto"), or pinned: "one_by_one" | "concat" | "vmap"
 
 
 class ScheduleSpec(msgspec.Struct, frozen=True):

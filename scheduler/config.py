@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError
-from core.spec import PRECISIONS, BatchingSpec, GroupConfig, InputSpec, ScheduleSpec
+from core.spec import PINNABLE_PLANS, PRECISIONS, BatchingSpec, GroupConfig, InputSpec, ScheduleSpec
 from core.tensors import DTYPES
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
@@ -235,7 +235,7 @@ def _schedule(raw: Any, key: str, path: str) -> ScheduleSpec:
 
 def _batching(raw: Any, key: str, path: str) -> BatchingSpec:
     _expect(raw, dict, key, path)
-    known = {"fuse", "max_jobs", "max_wait_ms", "compile", "buckets"}
+    known = {"fuse", "max_jobs", "max_wait_ms", "compile", "buckets", "plan"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{path}: {key}.{sorted(unknown)[0]} unknown; known: {', '.join(sorted(known))}")
@@ -260,7 +260,12 @@ def _batching(raw: Any, key: str, path: str) -> BatchingSpec:
         if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in buckets):
             raise ConfigError(f"{path}: {key}.buckets must be a list of batch sizes (positive integers), got {buckets!r}")
         buckets = sorted(set(buckets))
-    return BatchingSpec(fuse, max_jobs, float(wait), compiled, buckets)
+    plan = _expect(raw.get("plan", "auto"), str, f"{key}.plan", path)
+    if plan not in PINNABLE_PLANS:
+        raise ConfigError(f"{path}: {key}.plan must be one of {', '.join(PINNABLE_PLANS)}, got {plan!r}")
+    if plan == "vmap" and not fuse:
+        raise ConfigError(f"{path}: {key}.plan = \"vmap\" needs {key}.fuse = true")
+    return BatchingSpec(fuse, max_jobs, float(wait), compiled, buckets, plan)
 
 
 def _input_spec(raw: Any, name: str, key: str, path: str) -> InputSpec:

@@ -118,6 +118,8 @@ class Supervisor:
     def on_heartbeat(self, w: WorkerHandle, msg: Heartbeat, _: list[Any]) -> None:
         w.counters = dict(msg.counters)
         w.compiled_shapes = list(msg.compiled_shapes)
+        # As named fields: stats() is read by people and by the monitor.
+        w.plans = [{f: getattr(report, f) for f in report.__struct_fields__} for report in msg.plans]
 
     def on_failed(self, w: WorkerHandle, msg: WorkerFailed, _: list[Any]) -> None:
         if w.state == "starting" and not w.restore:

@@ -70,6 +70,7 @@ class WorkerHandle:
     deaths: list[float] = field(default_factory=list)  # monotonic times of recent deaths
     counters: dict[str, int] = field(default_factory=dict)  # the worker's counts as of its last heartbeat
     compiled_shapes: list[str] = field(default_factory=list)  # its compiled call shapes, and how each came
+    plans: list[Any] = field(default_factory=list)  # how it runs each kind of call (PlanReport, as plain data)
     restore: bool = False
     shm_prefix: str = ""
 

@@ -1,27 +1,35 @@
-"""Coalescing: jobs waiting in a worker joined into fewer, larger calls.
+"""Jobs waiting in a worker, joined into fewer, larger calls where that is measured to pay.
 
-Jobs are taken in arrival order and only neighbours are joined, so every model's jobs
-keep their order. A run of neighbouring jobs of one group joins when:
+Jobs are taken in arrival order and cut into *segments* of neighbours that could share a
+call: ``infer`` jobs of one group whose inputs are alike but for the batch size, or
+``train_step`` jobs of one group on distinct models with inputs and targets of one shape
+(a model appearing twice ends the segment: its second step must see the first one's
+weights). Every other job is a segment of its own. Each segment is then cut into calls
+as the group's ``PlanChooser`` says (``workers.plans``):
 
-- ``infer`` on one model, inputs alike but for the batch size: concatenated along the
-  batch dimension (dynamic batching), one call, outputs split back by rows;
-- ``infer`` on several models, inputs of one shape: stacked ``[n, B, ...]`` and run as
-  one vmap'd call over those models' weights;
-- ``train_step`` on distinct models, inputs and targets of one shape: one fused
-  training step over those models (a model appearing twice ends the run: its second
-  step must see the first one's weights).
+- ``one_by_one``: each job alone;
+- ``concat``: the ``infer`` jobs of each model concatenated along the batch dimension
+  (dynamic batching), one call per model, outputs split back by rows;
+- ``vmap@n`` / ``vmap_compiled@n``: ``n`` jobs stacked ``[n, B, ...]`` and run as one vmap'd
+  call over those models' weights (one fused training step for ``train_step``).
 
+An ensemble, training round or evaluation over n models is one job; the chooser says
+whether it runs as one vmap'd call or model by model. Only ``infer`` jobs of different
+models ever change order (they change nothing), so every model's jobs keep theirs.
 Nothing ever waits for company unless the group's policy says so (``max_wait_ms``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from core.spec import BatchingSpec
+from workers.plans import CONCAT, ONE_BY_ONE, VMAP, VMAP_COMPILED, Candidate, Choice, bucket_down
+
+MULTI_MODEL_OPS = ("ensemble", "train_round", "evaluate")
 
 
 @dataclass
@@ -43,10 +51,17 @@ class Ready:
 
 @dataclass
 class Run:
-    """Jobs joined into one call; ``kind`` says how."""
+    """Jobs run as one call; ``kind`` says how, ``choice`` why (None: not a call the chooser weighs)."""
 
     kind: str  # "single" | "concat" | "stack_infer" | "stack_train"
     jobs: list[Ready] = field(default_factory=list)
+    choice: Choice | None = None
+    measured_as: Candidate | None = None  # what the call's time is recorded under
+
+    @property
+    def plan(self) -> str:
+        """How a multi-model job runs: ``one_by_one``, ``vmap`` or ``vmap_compiled``."""
+        return ONE_BY_ONE if self.choice is None else self.choice.candidate.plan
 
 
 def _signature(value: Any, skip_batch: bool) -> Any:
@@ -60,40 +75,141 @@ def _signature(value: Any, skip_batch: bool) -> Any:
     return None
 
 
-def _joins(run: Run, job: Ready, policy: BatchingSpec) -> str | None:
-    """How ``job`` joins ``run`` (the new kind), or None."""
-    first = run.jobs[0]
-    if len(run.jobs) >= policy.max_jobs or job.group != first.group or job.op != first.op:
-        return None
+def _joins(segment: list[Ready], job: Ready) -> bool:
+    """Whether ``job`` belongs to the segment of its neighbours before it."""
+    first = segment[0]
+    if job.group != first.group or job.op != first.op:
+        return False
     if job.op == "infer":
-        same_model = all(j.slots == job.slots for j in run.jobs)
-        if run.kind in ("single", "concat") and same_model and \
-                _signature(job.inputs, True) == _signature(first.inputs, True):
-            return "concat"
-        if run.kind in ("single", "stack_infer") and policy.fuse and \
-                _signature(job.inputs, False) == _signature(first.inputs, False):
-            return "stack_infer"
-        return None
-    if job.op == "train_step" and policy.fuse and run.kind in ("single", "stack_train"):
-        if any(j.slots == job.slots for j in run.jobs):
-            return None
-        if _signature(job.inputs, False) == _signature(first.inputs, False) and \
-                _signature(job.targets, False) == _signature(first.targets, False):
-            return "stack_train"
-    return None
+        return _signature(job.inputs, True) == _signature(first.inputs, True)
+    if any(j.slots == job.slots for j in segment):
+        return False
+    return _signature(job.inputs, False) == _signature(first.inputs, False) and \
+        _signature(job.targets, False) == _signature(first.targets, False)
 
 
-def plan(jobs: list[Ready], policies: dict[str, BatchingSpec]) -> list[Run]:
-    """Split jobs, in order, into runs of neighbours that can share one call."""
-    runs: list[Run] = []
+def segments(jobs: list[Ready]) -> list[list[Ready]]:
+    """Jobs, in order, as runs of neighbours that could share a call."""
+    out: list[list[Ready]] = []
     for job in jobs:
-        if runs and job.op in ("infer", "train_step"):
-            kind = _joins(runs[-1], job, policies[job.group])
-            if kind is not None:
-                runs[-1].kind = kind
-                runs[-1].jobs.append(job)
-                continue
-        runs.append(Run("single", [job]))
+        if out and job.op in ("infer", "train_step") and _joins(out[-1], job):
+            out[-1].append(job)
+        else:
+            out.append([job])
+    return out
+
+
+def plan(jobs: list[Ready], runtimes: dict[str, Any]) -> list[Run]:
+    """The calls to make for jobs that arrived together, in order, each as its group's chooser says."""
+    runs: list[Run] = []
+    for segment in segments(jobs):
+        first = segment[0]
+        runtime = runtimes[first.group]
+        if first.op in ("infer", "train_step"):
+            runs += _cut(segment, runtime)
+        elif first.op in MULTI_MODEL_OPS:
+            runs.append(_multi_model(first, runtime))
+        else:
+            runs.append(Run("single", segment))
+    return runs
+
+
+def _case(job: Ready, n_models: int) -> tuple[Hashable, Callable[[], str]]:
+    """What a choice is about: the op on inputs of one shape, the batch rounded up to a power of two."""
+    inputs = job.inputs
+    leaves = sorted(inputs.items()) if isinstance(inputs, dict) else [("", inputs)]
+    lead = 2 if job.op in MULTI_MODEL_OPS and not job.shared else 1  # stacked: [n, B, ...]
+    key = (job.op, job.shared, n_models,
+           tuple((k, tuple(t.shape[:lead - 1]), 1 << max(0, (int(t.shape[lead - 1]) - 1).bit_length()),
+                  tuple(t.shape[lead:]), t.dtype) for k, t in leaves))
+
+    def describe() -> str:
+        parts = []
+        for name, t in leaves:
+            batch = 1 << max(0, (int(t.shape[lead - 1]) - 1).bit_length())
+            shape = "x".join(str(d) for d in (*t.shape[:lead - 1], batch, *t.shape[lead:]))
+            parts.append(f"{name + ' ' if name else ''}{shape} {str(t.dtype).removeprefix('torch.')}")
+        suffix = f" over {n_models} models" + (", one shared batch" if job.shared else "") if n_models > 1 else ""
+        return ", ".join(parts) + suffix
+
+    return key, describe
+
+
+def _multi_model(job: Ready, runtime: Any) -> Run:
+    """An ensemble, round or evaluation over n models: as one vmap'd call, or model by model."""
+    n = len(job.slots)
+    candidates = [Candidate(ONE_BY_ONE)]
+    if n >= 2 and runtime.fused.enabled:
+        candidates.append(Candidate(VMAP, n))
+        if runtime.fused.compiled is not None:
+            candidates.append(Candidate(VMAP_COMPILED, n))
+    key, describe = _case(job, n)
+    choice = runtime.plans.choose(key, job.op, describe, candidates, n)
+    return Run("single", [job], choice, choice.candidate)
+
+
+def _cut(segment: list[Ready], runtime: Any) -> list[Run]:
+    """A segment of joinable jobs as calls: the chooser picks a candidate for what is left, again
+    and again, until every job has its call."""
+    runs: list[Run] = []
+    key, describe = _case(segment[0], 1)
+    policy = runtime.spec.batching
+    rest = segment
+    while rest:
+        choice = runtime.plans.choose(key, rest[0].op, describe, _candidates(rest, runtime, policy.max_jobs), len(rest))
+        candidate = choice.candidate
+        if candidate.plan == ONE_BY_ONE:
+            taken = rest[:1] if choice.learning else rest
+            runs += [Run("single", [job], choice, candidate) for job in taken]
+        elif candidate.plan == CONCAT:
+            taken = rest
+            runs += _concat(rest, choice, policy.max_jobs)
+        else:
+            taken = rest[:candidate.size]
+            runs.append(Run("stack_infer" if rest[0].op == "infer" else "stack_train", taken, choice, candidate))
+        rest = rest[len(taken):]
+    return runs
+
+
+def _candidates(rest: list[Ready], runtime: Any, max_jobs: int) -> list[Candidate]:
+    """The ways ``rest`` (a segment's jobs not yet given a call) can run next."""
+    out = [Candidate(ONE_BY_ONE)]
+    if len(rest) < 2 or max_jobs < 2:
+        return out
+    if rest[0].op == "infer":
+        per_model: dict[int, int] = {}
+        for job in rest:
+            per_model[job.slots[0]] = per_model.get(job.slots[0], 0) + 1
+        if max(per_model.values()) >= 2:
+            out.append(Candidate(CONCAT, bucket_down(min(max_jobs, max(2, len(rest) // len(per_model))))))
+    if not (runtime.spec.batching.fuse and runtime.fused.enabled):
+        return out
+    alike = len(rest)
+    if rest[0].op == "infer":  # one vmap'd call needs one shape; the segment only shares all but the batch
+        shape = _signature(rest[0].inputs, False)
+        alike = next((i for i, j in enumerate(rest) if _signature(j.inputs, False) != shape), len(rest))
+    plans = [(VMAP, min(alike, max_jobs))]
+    if runtime.fused.compiled is not None:  # a compiled call is made for the bank's count of models
+        plans.append((VMAP_COMPILED, min(alike, max_jobs, len(runtime.spec.indices))))
+    for name, most in plans:
+        size = 2
+        while size <= most:
+            out.append(Candidate(name, size))
+            size *= 2
+    return out
+
+
+def _concat(jobs: list[Ready], choice: Choice, max_jobs: int) -> list[Run]:
+    """Each model's jobs as one batch (at most ``max_jobs`` jobs a call), models in first-seen order."""
+    per_model: dict[int, list[Ready]] = {}
+    for job in jobs:
+        per_model.setdefault(job.slots[0], []).append(job)
+    runs = []
+    for own in per_model.values():
+        for i in range(0, len(own), max_jobs):
+            part = own[i:i + max_jobs]
+            measured = Candidate(CONCAT, bucket_down(len(part))) if len(part) > 1 else Candidate(ONE_BY_ONE)
+            runs.append(Run("concat" if len(part) > 1 else "single", part, choice, measured))
     return runs
 
 
@@ -141,8 +257,10 @@ def run_joined(runtime: Any, run: Run) -> list[tuple[Any, torch.Tensor | None]]:
         outputs = runtime.infer(jobs[0].slots[0], concat_rows([j.inputs for j in jobs]))
         return [(o, None) for o in split_rows(outputs, sizes)]
     slots = [j.slots[0] for j in jobs]
+    plan = None if run.measured_as is None else run.measured_as.plan
     if run.kind == "stack_infer":
-        outputs = runtime.infer_stacked(slots, stack([j.inputs for j in jobs]))
+        outputs = runtime.infer_stacked(slots, stack([j.inputs for j in jobs]), plan=plan)
         return [(o, None) for o in unstack(outputs, len(jobs))]
-    losses = runtime.train_round(slots, stack([j.inputs for j in jobs]), torch.stack([j.targets for j in jobs]))
+    losses = runtime.train_round(slots, stack([j.inputs for j in jobs]), torch.stack([j.targets for j in jobs]),
+                                 plan=plan)
     return [(None, losses[i].reshape(1)) for i in range(len(jobs))]

@@ -29,6 +29,7 @@ from core.definition import (
     import_object,
 )
 from core.errors import CohortError, ConfigError
+from core.messages import PlanReport
 from core.spec import GroupSpec
 from core.tensors import DTYPES
 from workers import compiled as compiled_module
@@ -38,10 +39,11 @@ from workers import module as module_module
 from workers import training as training_module
 from workers.compile_cache import CompileCache, source_hash
 from workers.compiled import CompiledCalls, Padding
-from workers.fused import FUSE_MIN_MODELS, FusedGroup
+from workers.fused import FusedGroup
 from workers.losses import resolve_loss
 from workers.module import BankTables, GroupModule, SlotModules
 from workers.outcome import AlreadyStepped, is_transient
+from workers.plans import ONE_BY_ONE, VMAP, PlanChooser
 from workers.training import Trainer
 
 log = logging.getLogger("cohort.worker")
@@ -65,6 +67,8 @@ class GroupRuntime:
         self.slots = SlotModules(build_module(spec.factory, spec.kwargs, "meta"), self.tables)
         self.fused = FusedGroup(spec.name, self.module, self.loss_fn, self.trainer, self.tables, device)
         self.fused.enabled = spec.batching.fuse
+        # On a GPU a call is timed only when the chooser asks (timing means waiting for the device).
+        self.plans = PlanChooser(spec.name, spec.batching.plan, always_measure=device.type != "cuda")
         self.mirror: Bank | None = None  # the coordinator's host copy of this bank
         self._meta_module: GroupModule | None = None
         self._meta_outputs: dict[tuple[Any, ...], Any] = {}
@@ -86,6 +90,20 @@ class GroupRuntime:
         self.fused.compiled = CompiledCalls(self.spec.name, mode, self.device, len(self.spec.indices), base, padding,
                                             self.fused, static, cache)
         return self.fused.compiled
+
+    def compile_seconds(self) -> float:
+        """Seconds this group's fused calls have spent compiling (or loading) so far on this worker."""
+        return 0.0 if self.fused.compiled is None else self.fused.compiled.compile_s
+
+    def plan_reports(self) -> list[PlanReport]:
+        """How each kind of call runs (``stats()``), with the operators vmap loops over."""
+        reports = self.plans.report()
+        for report in reports:
+            kind = "forward" if report.op in ("infer", "ensemble") else "evaluate" if report.op == "evaluate" else "train"
+            slow = self.fused.slow_ops.get(kind)
+            if slow:
+                report.notes = [*report.notes, f"vmap has no batching rule for {', '.join(slow)} (torch loops there)"]
+        return reports
 
     def _outputs_lead_with_batch(self) -> bool:
         """Whether every output of one model leads with the batch dim (so padded rows can be cut)."""
@@ -214,40 +232,43 @@ class GroupRuntime:
         with torch.no_grad(), self.module.compute():
             return self.loss_fn(_call(module, cast_floating(inputs, self.dtype)), target).float()
 
-    def ensemble(self, slots: list[int], inputs: Any) -> Any:
-        """The same inputs through models ``slots``: outputs stacked ``[n, ...]``, fused when it can."""
+    def ensemble(self, slots: list[int], inputs: Any, plan: str | None = None) -> Any:
+        """The same inputs through models ``slots``: outputs stacked ``[n, ...]``. ``plan``: ``one_by_one``,
+        ``vmap`` (eager), ``vmap_compiled``; None: one vmap'd call, compiled where the group compiles."""
         inputs = cast_floating(inputs, self.dtype)
         return self._fused_or_loop(
-            len(slots),
-            lambda: self.fused.forward(slots, inputs, shared=True),
+            plan,
+            lambda compiled: self.fused.forward(slots, inputs, shared=True, compiled=compiled),
             lambda: stack_outputs([self.infer(s, inputs) for s in slots]),
         )
 
-    def infer_stacked(self, slots: list[int], inputs: Any) -> Any:
+    def infer_stacked(self, slots: list[int], inputs: Any, plan: str | None = None) -> Any:
         """Row ``j`` of the stacked inputs through model ``slots[j]``: outputs stacked ``[n, ...]``."""
         inputs = cast_floating(inputs, self.dtype)
         return self._fused_or_loop(
-            len(slots),
-            lambda: self.fused.forward(slots, inputs, shared=False),
+            plan,
+            lambda compiled: self.fused.forward(slots, inputs, shared=False, compiled=compiled),
             lambda: stack_outputs([self.infer(s, index_rows(inputs, j)) for j, s in enumerate(slots)]),
         )
 
-    def train_round(self, slots: list[int], inputs: Any, targets: torch.Tensor, shared: bool = False) -> torch.Tensor:
+    def train_round(self, slots: list[int], inputs: Any, targets: torch.Tensor, shared: bool = False,
+                    plan: str | None = None) -> torch.Tensor:
         """One step for each model in ``slots``: on one batch for all (``shared``), or row ``j`` of the
         stacked inputs and targets for ``slots[j]``."""
         inputs = cast_floating(inputs, self.dtype)
         return self._fused_or_loop(
-            len(slots),
-            lambda: self.fused.train(slots, inputs, targets, shared),
+            plan,
+            lambda compiled: self.fused.train(slots, inputs, targets, shared, compiled=compiled),
             lambda: self._train_each(slots, inputs, targets, shared),
         )
 
-    def evaluate(self, slots: list[int], inputs: Any, targets: torch.Tensor, shared: bool = False) -> torch.Tensor:
+    def evaluate(self, slots: list[int], inputs: Any, targets: torch.Tensor, shared: bool = False,
+                 plan: str | None = None) -> torch.Tensor:
         """Each model's loss without a step (``[n]``, float32), on one batch for all or stacked ones."""
         inputs = cast_floating(inputs, self.dtype)
         return self._fused_or_loop(
-            len(slots),
-            lambda: self.fused.evaluate(slots, inputs, targets, shared),
+            plan,
+            lambda compiled: self.fused.evaluate(slots, inputs, targets, shared, compiled=compiled),
             lambda: torch.stack([self.evaluate_one(s, *_row(inputs, targets, j, shared)) for j, s in enumerate(slots)]),
         )
 
@@ -264,13 +285,14 @@ class GroupRuntime:
                 raise AlreadyStepped(exc) from exc  # the models before this one have taken their step
         return torch.stack(losses)
 
-    def _fused_or_loop(self, n_models: int, fused: Callable[[], Any], loop: Callable[[], Any]) -> Any:
-        """Run fused. If vmap cannot run this model but the loop can, keep to the loop from now on;
-        a transient error (out of memory) or the model's own error leaves fusion on."""
-        if not self.fused.enabled or n_models < FUSE_MIN_MODELS:
+    def _fused_or_loop(self, plan: str | None, fused: Callable[[bool], Any], loop: Callable[[], Any]) -> Any:
+        """Run as ``plan`` says: ``one_by_one`` (or fusion off) the loop, else one vmap'd call, compiled
+        for ``vmap_compiled``. If vmap cannot run this model but the loop can, the loop from now on; a
+        transient error (out of memory) or the model's own error leaves fusion on."""
+        if plan == ONE_BY_ONE or not self.fused.enabled:
             return loop()
         try:
-            return fused()
+            return fused(plan != VMAP)
         except (CohortError, AlreadyStepped):
             raise
         except Exception as fused_error:

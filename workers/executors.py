@@ -16,7 +16,7 @@ from core.messages import JOB_OPS, RunJob
 from workers.batching import Run
 from workers.execute import GroupRuntime
 from workers.outcome import AlreadyStepped, Finished, failure
-from workers.prepare import planned_runs, run_on_device
+from workers.prepare import planned_runs, run_measured
 
 
 def rerun_singly(run: Run, exc: BaseException) -> bool:
@@ -56,7 +56,7 @@ class SyncExecutor:
 
     def _run(self, run: Run) -> None:
         try:
-            results = run_on_device(self.runtimes[run.jobs[0].group], run)
+            results = run_measured(self.runtimes[run.jobs[0].group], run)
         except Exception as exc:
             if rerun_singly(run, exc):
                 for job in run.jobs:

@@ -17,6 +17,8 @@ compile runs eagerly, says why once in the log, and is counted (``compiled_calls
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -30,9 +32,8 @@ from workers.training import Trainer
 
 log = logging.getLogger("cohort.worker")
 
-# A vmap'd call costs ~140 us of Python on top of its kernels, a plain call ~25 us (measured
-# on a 2-core CPU, torch 2.13): below this many models, one call per model is faster.
-FUSE_MIN_MODELS = 4
+# torch's warning when vmap has no batching rule for an operator and runs it in a loop over the models.
+SLOW_LAYER = re.compile(r"batching rule for (aten::[\w.]+)")
 
 Kind = tuple[str, bool]  # ("forward" | "train" | "evaluate", one batch shared by every model)
 
@@ -61,16 +62,21 @@ class FusedGroup:
         self.eager_calls = 0
         self._eager: dict[Kind, Callable[..., Any]] = {}
         self._said: set[str] = set()
+        self._watched: set[Kind] = set()
+        # Per kind of call ("forward", "train", "evaluate"): operators vmap runs without a batching rule.
+        self.slow_ops: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ calls
 
-    def forward(self, slots: list[int], inputs: Any, shared: bool) -> Any:
-        """Outputs ``[n, ...]`` of models ``slots``; ``shared``: one input for all, else stacked ``[n, ...]``."""
+    def forward(self, slots: list[int], inputs: Any, shared: bool, compiled: bool = True) -> Any:
+        """Outputs ``[n, ...]`` of models ``slots``; ``shared``: one input for all, else stacked ``[n, ...]``.
+        ``compiled``: through the compiled call where the group compiles (else eager)."""
         self.module.mode(False)
         with torch.no_grad(), self.module.compute():
-            return self._run(("forward", shared), slots, (inputs,))
+            return self._run(("forward", shared), slots, (inputs,), compiled)
 
-    def train(self, slots: list[int], inputs: Any, targets: torch.Tensor, shared: bool = False) -> torch.Tensor:
+    def train(self, slots: list[int], inputs: Any, targets: torch.Tensor, shared: bool = False,
+              compiled: bool = True) -> torch.Tensor:
         """One optimizer step of every model in ``slots``, on one batch for all (``shared``) or on
         stacked ``[n, ...]`` inputs and targets; losses ``[n]``.
 
@@ -78,7 +84,7 @@ class FusedGroup:
         step has begun raises ``AlreadyStepped``, so that nobody runs these models again."""
         self.module.mode(True)
         with self.module.compute():
-            grads, losses = self._run(("train", shared), slots, (inputs, targets))
+            grads, losses = self._run(("train", shared), slots, (inputs, targets), compiled)
         select = self._select(slots)
         try:
             params = _take(self.tables.params, select)
@@ -93,11 +99,12 @@ class FusedGroup:
             raise AlreadyStepped(exc) from exc
         return losses.detach()
 
-    def evaluate(self, slots: list[int], inputs: Any, targets: torch.Tensor, shared: bool = False) -> torch.Tensor:
+    def evaluate(self, slots: list[int], inputs: Any, targets: torch.Tensor, shared: bool = False,
+                 compiled: bool = True) -> torch.Tensor:
         """Every model's loss without a step, in eval mode: ``[n]`` float32."""
         self.module.mode(False)
         with torch.no_grad(), self.module.compute():
-            return self._run(("evaluate", shared), slots, (inputs, targets)).float()
+            return self._run(("evaluate", shared), slots, (inputs, targets), compiled).float()
 
     # ------------------------------------------------------------------ the vmap'd functions
 
@@ -141,13 +148,15 @@ class FusedGroup:
                  target: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self._call(params, buffers, x), target)
 
-    def _run(self, kind: Kind, slots: list[int], data: tuple[Any, ...]) -> Any:
+    def _run(self, kind: Kind, slots: list[int], data: tuple[Any, ...], compiled: bool = True) -> Any:
         """``kind`` over ``slots`` on ``data``: compiled when the group asks and it can, else eager."""
         eager = self.eager(kind)
         params, buffers = self.tables.params, self.tables.buffers
-        if self.compiled is None:
+        if self.compiled is None or not compiled:
             self.eager_calls += 1
-            return eager(params, buffers, self._select(slots), *data)
+            if kind in self._watched:
+                return eager(params, buffers, self._select(slots), *data)
+            return self._first_eager(kind, eager, params, buffers, slots, data)
         try:
             result = self.compiled.call(kind, eager, slots, params, buffers, data)
         except Exception as compile_error:
@@ -162,6 +171,23 @@ class FusedGroup:
             self.eager_calls += 1
             return result
         self.compiled_calls += 1
+        return result
+
+    def _first_eager(self, kind: Kind, eager: Callable[..., Any], params: dict[str, torch.Tensor],
+                     buffers: dict[str, torch.Tensor], slots: list[int], data: tuple[Any, ...]) -> Any:
+        """The first eager call of a kind, listening for operators vmap has no batching rule for: torch
+        runs those model by model inside the "fused" call, which the plan report should say."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = eager(params, buffers, self._select(slots), *data)
+        self._watched.add(kind)
+        slow = sorted({m.group(1) for w in caught if (m := SLOW_LAYER.search(str(w.message)))})
+        if slow:
+            self.slow_ops[kind[0]] = sorted({*self.slow_ops.get(kind[0], []), *slow})
+            self._say(f"vmap has no batching rule for {', '.join(slow)}: torch loops over the models there")
+        for w in caught:  # everything else as it would have been shown
+            if not SLOW_LAYER.search(str(w.message)):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return result
 
     def _say(self, text: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,25 +19,27 @@ from core.errors import BadInput, JobTimeout
 from core.messages import RunJob
 from core.tensors import decode_tensors
 from workers import bank_ops
-from workers.batching import Ready, Run, plan, run_joined
+from workers.batching import MULTI_MODEL_OPS, Ready, Run, plan, run_joined
 from workers.execute import GroupRuntime, index_rows
 from workers.losses import check_target
 from workers.outcome import Finished, failure
+from workers.plans import ONE_BY_ONE
 
 
-def run_job(runtime: GroupRuntime, job: Ready) -> tuple[Any, Any]:
-    """Run one job's computation; return ``(outputs, losses tensor or None)`` on the device."""
+def run_job(runtime: GroupRuntime, job: Ready, plan: str = ONE_BY_ONE) -> tuple[Any, Any]:
+    """Run one job's computation; return ``(outputs, losses tensor or None)`` on the device. ``plan``:
+    how an ensemble, round or evaluation runs (``one_by_one``, ``vmap``, ``vmap_compiled``)."""
     op, slots = job.op, job.slots
     if op == "infer":
         return runtime.infer(slots[0], job.inputs), None
     if op == "train_step":
         return None, runtime.train_step(slots[0], job.inputs, job.targets).reshape(1)
     if op == "ensemble":
-        return runtime.ensemble(slots, job.inputs), None
+        return runtime.ensemble(slots, job.inputs, plan), None
     if op == "train_round":
-        return None, runtime.train_round(slots, job.inputs, job.targets, job.shared)
+        return None, runtime.train_round(slots, job.inputs, job.targets, job.shared, plan)
     if op == "evaluate":
-        return None, runtime.evaluate(slots, job.inputs, job.targets, job.shared)
+        return None, runtime.evaluate(slots, job.inputs, job.targets, job.shared, plan)
     if op == "set_hparams":
         runtime.set_hparams(slots, job.hparams)
         return None, None
@@ -88,7 +91,7 @@ def planned_runs(runtimes: dict[str, GroupRuntime], items: list[tuple[RunJob, li
             ready.append(prepare(runtimes, job, buffers, pinned))
         except Exception as exc:
             failed.append(failure(job.job_id, exc))
-    return plan(ready, {name: rt.spec.batching for name, rt in runtimes.items()})
+    return plan(ready, runtimes)
 
 
 def prepare(runtimes: dict[str, GroupRuntime], job: RunJob, buffers: list[Any], pinned: bool) -> Ready:
@@ -104,10 +107,31 @@ def prepare(runtimes: dict[str, GroupRuntime], job: RunJob, buffers: list[Any], 
                  job.shared, job.hparams, job.seed)
 
 
+def run_measured(runtime: GroupRuntime, run: Run,
+                 synchronize: Callable[[], None] | None = None) -> list[tuple[Any, torch.Tensor | None]]:
+    """``run_on_device``, timed for the group's chooser when the run's choice asks. On a GPU
+    ``synchronize`` waits for the device before and after, so the time is this call's alone."""
+    choice = run.choice
+    if choice is None or not choice.measure:
+        return run_on_device(runtime, run)
+    if synchronize is not None:
+        synchronize()
+    compiling = runtime.compile_seconds()
+    began = time.perf_counter()
+    results = run_on_device(runtime, run)
+    if synchronize is not None:
+        synchronize()
+    seconds = time.perf_counter() - began
+    if runtime.compile_seconds() == compiling:  # a call that compiled says nothing of its steady cost
+        work = len(run.jobs[0].slots) if run.jobs[0].op in MULTI_MODEL_OPS else len(run.jobs)
+        runtime.plans.record(choice, seconds, work, run.measured_as)
+    return results
+
+
 def run_on_device(runtime: GroupRuntime, run: Run) -> list[tuple[Any, torch.Tensor | None]]:
     """A run's computation, ``(outputs, losses)`` per job in order: one joined call, or one job."""
     if len(run.jobs) > 1:
         return run_joined(runtime, run)
-    return [run_job(runtime, run.jobs[0])]
+    return [run_job(runtime, run.jobs[0], run.plan)]
 
 

@@ -23,7 +23,7 @@ from workers.batching import Run
 from workers.execute import GroupRuntime
 from workers.executors import rerun_singly
 from workers.outcome import Finished, failure
-from workers.prepare import planned_runs, run_on_device
+from workers.prepare import planned_runs, run_measured
 
 
 @dataclass
@@ -131,8 +131,8 @@ class StreamExecutor:
         error: BaseException | None = None
         try:
             with torch.cuda.stream(self.copy):
-                moved = Run(run.kind, [replace(j, inputs=_to_device(j.inputs, self.device),
-                                               targets=_to_device(j.targets, self.device)) for j in run.jobs])
+                moved = replace(run, jobs=[replace(j, inputs=_to_device(j.inputs, self.device),
+                                                   targets=_to_device(j.targets, self.device)) for j in run.jobs])
                 copied = torch.cuda.Event()
                 copied.record(self.copy)
             keep += [value for j in moved.jobs for value in (j.inputs, j.targets)]
@@ -143,7 +143,8 @@ class StreamExecutor:
                     stream.wait_event(previous[1])
             with torch.cuda.stream(stream):
                 _record_stream(keep, stream)
-                for job, (outputs, losses) in zip(run.jobs, run_on_device(self.runtimes[group], moved)):
+                computed = run_measured(self.runtimes[group], moved, self._synchronize)
+                for job, (outputs, losses) in zip(run.jobs, computed):
                     keep += [outputs, losses]
                     results.append((job.job_id, _to_host(outputs), _to_host(losses)))
         except Exception as exc:
@@ -167,6 +168,10 @@ class StreamExecutor:
         else:
             self._in_flight.append(_InFlight(done, [], [failure(job.job_id, error) for job in run.jobs], keep=keep))
         self._waiter.watch(done)
+
+    def _synchronize(self) -> None:
+        """Wait for everything queued on the device: a call the plan chooser times runs alone."""
+        torch.cuda.synchronize(self.device)
 
     def poll(self) -> list[Finished]:
         """Finished runs, in launch order. Events are queried newest first: a run that waits for an

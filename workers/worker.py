@@ -244,7 +244,8 @@ class Worker:
             self._last_report = now
             shapes = [f"{name} {shape}" for name, rt in self.runtimes.items() if rt.fused.compiled is not None
                       for shape in rt.fused.compiled.shapes]
-            self._send(Heartbeat(self.worker_id, self.counters(), shapes))
+            plans = [report for rt in self.runtimes.values() for report in rt.plan_reports()]
+            self._send(Heartbeat(self.worker_id, self.counters(), shapes, plans))
 
     def counters(self) -> dict[str, int]:
         ex = self.executor

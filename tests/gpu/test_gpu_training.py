@@ -12,7 +12,7 @@ from examples.models import mlp
 
 pytestmark = pytest.mark.gpu
 
-K = 4  # workers.fused.FUSE_MIN_MODELS: the smallest group that is fused
+K = 4  # a group's fused rounds are compared with torch.optim (batching.plan = "vmap" pins them)
 OPTIMIZERS = {
     "sgd": ({"name": "sgd", "lr": [0.05, 0.1, 0.2, 0.3], "momentum": 0.9},
             lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9)),

@@ -20,7 +20,7 @@ from fixture_models import OutOfMemoryOnDemand  # noqa: E402
 K = 4
 OOM_GROUP = {"name": "oom", "factory": "fixture_models:out_of_memory_on_demand", "kwargs": {"d": 4}, "count": K,
              "input": {"shape": [-1, 4], "dtype": "float32"}, "loss": "mse", "optimizer": {"name": "sgd", "lr": 0.1},
-             "init": {"seed": 0}}
+             "init": {"seed": 0}, "batching": {"plan": "vmap"}}  # fused calls, as these tests need, not measured
 MLP_GROUP = {"name": "mlp", "factory": "examples.models:mlp", "kwargs": {"d_in": 4, "hidden": 8, "d_out": 3},
              "count": K, "input": {"shape": [-1, 4], "dtype": "float32"}, "loss": "cross_entropy",
              "optimizer": {"name": "adam", "lr": 0.01}, "init": {"seed": 0}}
@@ -84,7 +84,7 @@ def _weights(rt) -> dict[str, torch.Tensor]:
 def test_a_joined_training_run_that_fails_mid_step_is_never_run_again(monkeypatch, fuse: bool) -> None:
     """The optimizer runs out of memory after stepping one parameter: every job of the run fails,
     and no model takes that step a second time (before, the run was re-launched job by job)."""
-    rt, bank = runtime_for(MLP_GROUP, fuse=fuse)
+    rt, bank = runtime_for({**MLP_GROUP, "batching": {"plan": "vmap" if fuse else "one_by_one"}}, fuse=fuse)
     try:
         target_module = training_module
         real_step = target_module.optimizer_step
