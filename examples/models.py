@@ -38,6 +38,27 @@ def cnn(channels: int = 3, width: int = 16, classes: int = 10) -> nn.Module:
     )
 
 
+def bn_cnn(channels: int = 3, width: int = 16, classes: int = 10) -> nn.Module:
+    """The small CNN with batch norm after each convolution (input ``[B, channels, 32, 32]``).
+
+    In training, batch norm updates its running statistics in place, which vmap cannot
+    batch: cohort trains such a group model by model."""
+    return nn.Sequential(
+        nn.Conv2d(channels, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.BatchNorm2d(2 * width),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * width * 8 * 8, 64),
+        nn.ReLU(),
+        nn.Linear(64, classes),
+    )
+
+
 class TinyTransformer(nn.Module):
     """A tiny causal language model over integer tokens ``[B, T]`` -> logits ``[B, T, vocab]``."""
 

@@ -6,7 +6,8 @@
 
 Workloads (``--workload``, default all): w1_mlp_infer, w1_scaling, w2_cnn_train,
 w3_transformer_train, w4_sweep_train (a sweep: every model trains on one shared batch),
-control_plane. Modes (``--mode``, default all), each on the same models, seeds and data:
+control_plane, load_curve (per-job cost against jobs in flight, per plan and as the workers
+choose: tools/bench_load.py). Modes (``--mode``, default all), each on the same models, seeds and data:
 
     sequential        one process looping over the K models (the baseline)
     processes         N plain processes, each with its share of the models, side by side
@@ -66,7 +67,8 @@ MODES = (
     "cohort_fused_compiled",
 )
 FULL_REPEAT = 2  # a full run takes each mode's best of two
-WORKLOADS = ("w1_mlp_infer", "w1_scaling", "w2_cnn_train", "w3_transformer_train", "w4_sweep_train", "control_plane")
+WORKLOADS = ("w1_mlp_infer", "w1_scaling", "w2_cnn_train", "w3_transformer_train", "w4_sweep_train", "control_plane",
+             "load_curve")
 
 Progress = Callable[[str, str, Result], None]
 
@@ -294,6 +296,13 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     print(f"[bench] {device} ({info['machine']['cpu_model']}, {info['machine']['cores']} cores) -> {out}", file=sys.stderr)
     table = all_workloads(args.quick)
     for name in dict.fromkeys(args.workload or WORKLOADS):
+        if name == "load_curve":
+            from tools.bench_load import run_load_curve
+
+            report["load_curve"] = run_load_curve(args.quick, device, lambda line: print(line, file=sys.stderr, flush=True))
+            report["duration_s"] = time.monotonic() - started
+            write_json(report, out)
+            continue
         items = table[name]
         if isinstance(items[0], ControlPlane):
             runs = repeated(
@@ -310,6 +319,10 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     markdown, plot = out.with_suffix(".md"), out.with_suffix(".png")
     markdown.write_text(render_markdown(report))
     report["artifacts"] = {"json": str(out), "markdown": str(markdown), "plot": write_plot(report, plot)}
+    if report.get("load_curve"):
+        from tools.bench_load import write_plot as write_load_plot
+
+        report["artifacts"]["load_plot"] = write_load_plot(report["load_curve"], out.with_name(out.stem + "-load.png"))
     report["duration_s"] = time.monotonic() - started
     write_json(report, out)
     return report

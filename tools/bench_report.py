@@ -295,6 +295,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += [*sweeps, ""]
     if report.get("control_plane"):
         lines += [*_control_plane(report["control_plane"]), ""]
+    if report.get("load_curve"):
+        from tools.bench_load import render_load_curve
+
+        lines += [*render_load_curve(report["load_curve"]), ""]
     return "\n".join(lines)
 
 

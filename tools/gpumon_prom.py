@@ -234,6 +234,26 @@ def _worker_metrics(workers: list[Mapping[str, Any]]) -> Iterator[Metric]:
                 family.add_metric([str(worker.get("id"))], worker[key])
         yield family
     yield from _compile_metrics(workers)
+    yield from _plan_metrics(workers)
+
+
+def _plan_metrics(workers: list[Mapping[str, Any]]) -> Iterator[Metric]:
+    labels = ["worker", "group", "op", "inputs"]
+    cost = GaugeMetricFamily("cohort_plan_job_cost_seconds",
+                             "Measured cost per job of each way a worker can run a kind of call", labels=[*labels, "plan"])
+    in_use = GaugeMetricFamily("cohort_plan_in_use", "The plan a worker runs a kind of call with, per jobs at once (1)",
+                               labels=[*labels, "jobs", "plan"])
+    for worker in workers:
+        for plan in worker.get("plans") or []:
+            if not isinstance(plan, Mapping):
+                continue
+            key = [str(worker.get("id")), str(plan.get("group")), str(plan.get("op")), str(plan.get("inputs"))]
+            for label, us in (plan.get("per_job_us") or {}).items():
+                if _is_number(us):
+                    cost.add_metric([*key, str(label)], us / 1e6)
+            for jobs, label in (plan.get("in_use") or {}).items():
+                in_use.add_metric([*key, str(jobs), str(label)], 1)
+    yield from (cost, in_use)
 
 
 def _compile_metrics(workers: list[Mapping[str, Any]]) -> Iterator[Metric]:

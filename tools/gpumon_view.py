@@ -48,6 +48,9 @@ def render(sample: Mapping[str, Any], history: History) -> RenderableType:
     parts.append(_sparklines(sample, history))
     if stats:
         parts.append(_workers_table(stats))
+        plans = _plans_table(stats)
+        if plans is not None:
+            parts.append(plans)
         parts.append(_models_table(stats))
     return Group(*parts)
 
@@ -249,6 +252,37 @@ def _compile_text(compile_stats: Any) -> Text:
     if compiled:
         text.append(f", {compiled} compiled in {_number(compile_stats.get('seconds'), '.1f')} s", style="yellow")
     return text
+
+
+def _plans_table(stats: Mapping[str, Any]) -> Table | None:
+    """How each worker runs each kind of call: the plan in use per load, and the cheapest measured
+    costs per job (``batching.plan``; the workers choose by measuring unless it is pinned)."""
+    rows = [(w.get("id", "?"), p) for w in stats.get("workers") or [] for p in (w.get("plans") or [])
+            if isinstance(p, Mapping)]
+    if not rows:
+        return None
+    table = Table(title="Plans (jobs at once: plan; measured cost per job)", title_justify="left", expand=False)
+    for column in ("Worker", "Group", "Op", "Inputs", "In use", "Per job"):
+        table.add_column(column, justify="right" if column == "Worker" else "left")
+    for worker_id, plan in rows:
+        in_use = plan.get("in_use") or {}
+        use = Text(", ".join(f"{n}: {label}" for n, label in in_use.items()) if isinstance(in_use, Mapping) else "-")
+        if plan.get("pinned"):
+            use.append(" (pinned)", style="dim")
+        costs = plan.get("per_job_us") or {}
+        ranked = sorted(costs.items(), key=lambda item: _as_float(item[1])) if isinstance(costs, Mapping) else []
+        cost = Text("  ".join(f"{label} {_micros(us)}" for label, us in ranked[:4]))
+        for note in plan.get("notes") or []:
+            cost.append(f"\n{note}", style="yellow")
+        table.add_row(str(worker_id), str(plan.get("group", "?")), str(plan.get("op", "?")),
+                      str(plan.get("inputs", "?")), use, cost)
+    return table
+
+
+def _micros(value: Any) -> str:
+    if not _is_number(value):
+        return "-"
+    return f"{value / 1000:.2f} ms" if value >= 1000 else f"{value:.0f} us"
 
 
 def _models_table(stats: Mapping[str, Any]) -> RenderableType:

@@ -48,6 +48,16 @@ class GroupModule:
         return torch.func.functional_call(self.module, tensors, (inputs,), strict=False)
 
 
+def own_version(view: torch.Tensor) -> torch.Tensor:
+    """The memory of ``view`` as a tensor whose autograd version counter is its own.
+
+    Every tensor of a bank is a view of one buffer, and views share one version counter:
+    batch norm updating its running statistics in place during a training forward would
+    then look like a change to the weights saved for the backward pass, and the step fail."""
+    alias = torch.empty(0, dtype=view.dtype, device=view.device)
+    return alias.set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
+
+
 @dataclass(frozen=True)
 class BankTables:
     """A group's bank on this worker by role; every tensor is ``[K, *shape]``, hyperparameters ``[K]``."""
@@ -99,9 +109,9 @@ class SlotModules:
             owner_name, _, leaf = alias.rpartition(".")
             owner = module.get_submodule(owner_name)
             if name in self.tables.params:
-                owner._parameters[leaf] = nn.Parameter(views[name], requires_grad=True)
+                owner._parameters[leaf] = nn.Parameter(own_version(views[name]), requires_grad=True)
             else:
-                owner._buffers[leaf] = views[name]
+                owner._buffers[leaf] = own_version(views[name])
         # An alias and its bank name must be one Parameter object again, as the tie was.
         for alias, name in self.aliases.items():
             if alias != name and name in self.tables.params:

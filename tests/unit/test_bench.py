@@ -261,7 +261,7 @@ def test_command_line_choices() -> None:
 
 def test_every_workload_name_is_selectable() -> None:
     for quick in (True, False):
-        assert set(all_workloads(quick)) == set(bench.WORKLOADS)
+        assert set(all_workloads(quick)) | {"load_curve"} == set(bench.WORKLOADS)  # load_curve: tools/bench_load.py
     full = {w.name: w for w in select(None, quick=False)}
     assert full["w1_mlp_infer"].count == 32 and full["w1_mlp_infer"].batch == 64
     assert [full[f"w1_scaling_k{k}"].count for k in (8, 32, 128)] == [8, 32, 128]
@@ -579,3 +579,26 @@ def test_pipelined_mode_keeps_the_window_full_and_answers_in_order() -> None:
     assert not pipeline.in_flight
     with pytest.raises(ValueError, match="one request"):
         Pipeline(client, [[("infer", "g/0", 0, None), ("infer", "g/1", 0, None)]], depth=2)  # type: ignore[arg-type]
+
+
+def test_the_load_curve_report_checks_the_goals_on_what_was_measured() -> None:
+    from tools.bench_load import goals, render_load_curve
+
+    def curve(*ms: float) -> dict:
+        return {"per_job_ms": {str(d): v for d, v in zip((1, 8), ms)},
+                "vs_alone": {str(d): round(v / ms[0], 3) for d, v in zip((1, 8), ms)}}
+
+    curves = {"bn_cnn infer": {"auto": curve(4.0, 4.4), "vmap": curve(4.0, 9.0)},
+              "mlp infer": {"auto": curve(1.0, 0.2)}}
+    checked = goals(curves, (1, 8))
+    assert checked["auto_worst_vs_alone"] == 1.1 and checked["under_load_met"]
+    assert checked["mlp_deepest_vs_alone"] == [0.2] and checked["fusion_pays_met"]
+    curves["bn_cnn infer"]["auto"] = curve(4.0, 5.0)  # 1.25x alone: the promise broken
+    assert not goals(curves, (1, 8))["under_load_met"]
+    record = {"depths": [1, 8], "curves": curves, "goals": goals(curves, (1, 8)),
+              "auto_chose": [{"worker": 0, "group": "mlp", "op": "infer", "inputs": "64x64 float32",
+                              "in_use": {"1": "one_by_one", "8": "vmap@8"}}]}
+    text = "\n".join(render_load_curve(record))
+    assert "| bn_cnn infer | auto | 4.000 (1.00×) | 5.000 (1.25×) |" in text
+    assert "| bn_cnn infer | vmap | 4.000 | 9.000 |" in text
+    assert "goal ≤ 1.2×: not met" in text and "1: one_by_one, 8: vmap@8" in text

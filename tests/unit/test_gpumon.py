@@ -62,6 +62,9 @@ STATS: dict[str, Any] = {
             "jobs_done": 10,
             "restarts": 0,
             "compile": {"loaded": 3, "compiled": 0, "seconds": 0.0, "shapes": []},
+            "plans": [{"group": "mlp", "op": "infer", "inputs": "64x64 float32", "in_use": {1: "one_by_one", 8: "vmap@8"},
+                       "per_job_us": {"one_by_one": 35.0, "vmap@8": 12.5, "concat@4": 2100.0}, "pinned": False,
+                       "notes": ["vmap has no batching rule for aten::foo (torch loops there)"]}],
         },
         {
             "id": 1,
@@ -186,6 +189,8 @@ def test_render_with_gpu_shows_every_section() -> None:
     assert "jobs/s      ███  3.5" in out
     assert "unreachable" not in out and "no GPU figures" not in out
     assert "3 loaded" in out and "1 loaded, 2 compiled in 41.2 s" in out  # worker 1 compiled at run time
+    assert "1: one_by_one, 8: vmap@8" in out  # the plan in use per load, cheapest measured cost first
+    assert "vmap@8 12 us  one_by_one 35 us  concat@4 2.10 ms" in out and "aten::foo" in out
 
 
 def test_render_without_gpu_or_coordinator_says_why_in_one_line() -> None:
@@ -370,6 +375,10 @@ def test_prometheus_scrape_shows_figures() -> None:
         ("cohort_worker_compiled_shapes", (("worker", "0"), ("how", "loaded"))): 3,
         ("cohort_worker_compiled_shapes", (("worker", "1"), ("how", "compiled"))): 2,
         ("cohort_worker_compile_seconds_total", (("worker", "1"),)): 41.25,
+        ("cohort_plan_job_cost_seconds", (("worker", "0"), ("group", "mlp"), ("op", "infer"),
+                                          ("inputs", "64x64 float32"), ("plan", "vmap@8"))): 12.5e-6,
+        ("cohort_plan_in_use", (("worker", "0"), ("group", "mlp"), ("op", "infer"), ("inputs", "64x64 float32"),
+                                ("jobs", "8"), ("plan", "vmap@8"))): 1,
     }
     for (name, labels), value in expected.items():
         assert metrics[(name, frozenset(labels))] == pytest.approx(value), name
