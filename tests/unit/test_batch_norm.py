@@ -46,6 +46,6 @@ def test_train_steps_and_rounds_of_a_batch_norm_model_follow_plain_pytorch() -> 
         for k, (model, _) in enumerate(references):
             for name, value in model.state_dict().items():
                 torch.testing.assert_close(bank.tensors[name][k], value.to(bank.tensors[name].dtype), atol=1e-4,
-                                           rtol=1e-4, msg=lambda m, name=name: f"model {k} {name}: {m}")
+                                           rtol=1e-4, msg=lambda m, name=name, k=k: f"model {k} {name}: {m}")
     finally:
         bank.close()
