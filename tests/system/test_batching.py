@@ -116,3 +116,29 @@ def test_compiled_fused_calls_match_eager_ones_and_the_worker_survives_compiling
         worker = c.stats()["workers"][0]
     assert worker["restarts"] == 0 and worker["state"] == "ready"
     assert "torch.compile" not in running.log(), running.log()[-2000:]  # no fallback to eager
+
+
+def test_stats_show_each_calls_plan_and_its_measured_costs(cohort) -> None:
+    """Under load the workers measure their plans and report them; a pinned group says so."""
+    running = cohort([mlp_group("a", 8, init={"seed": 0}),
+                      mlp_group("p", 4, init={"seed": 0}, batching={"plan": "one_by_one"})], workers=1)
+    models = [reference(0, k) for k in range(8)]
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(16, 8, generator=g) for _ in range(800)]
+    with running.client(timeout=60) as c:
+        futures = [c.submit("infer", f"a/{j % 8}", x) for j, x in enumerate(xs)]
+        pinned = [c.submit("infer", f"p/{j % 4}", x) for j, x in enumerate(xs[:200])]
+        for j, f in enumerate(futures):
+            with torch.no_grad():
+                torch.testing.assert_close(f.result(), models[j % 8](xs[j]), atol=1e-5, rtol=0)
+        for f in pinned:
+            f.result()
+        worker = settled_stats(c, 1000)["workers"][0]
+    plans = {(p["group"], p["op"]): p for p in worker["plans"]}
+    auto = plans[("a", "infer")]
+    assert auto["inputs"] == "16x8 float32" and not auto["pinned"]
+    assert auto["in_use"] and set(auto["in_use"].values()) <= set(auto["per_job_us"]), auto
+    assert "one_by_one" in auto["per_job_us"] and any(k.startswith("vmap@") for k in auto["per_job_us"]), auto
+    assert all(cost > 0 for cost in auto["per_job_us"].values())
+    fixed = plans[("p", "infer")]
+    assert fixed["pinned"] and set(fixed["in_use"].values()) == {"one_by_one"}, fixed
