@@ -30,6 +30,7 @@ import torch
 from workers.plans import CONCAT, ONE_BY_ONE, VMAP, VMAP_COMPILED, Candidate, Choice, bucket_down
 
 MULTI_MODEL_OPS = ("ensemble", "train_round", "evaluate")
+ALONE = Candidate(ONE_BY_ONE)
 
 
 @dataclass
@@ -114,31 +115,39 @@ def plan(jobs: list[Ready], runtimes: dict[str, Any]) -> list[Run]:
     return runs
 
 
+def _batch_bucket(t: torch.Tensor, dim: int) -> int:
+    return 1 << max(0, (int(t.shape[dim]) - 1).bit_length())
+
+
 def _case(job: Ready, n_models: int) -> tuple[Hashable, Callable[[], str]]:
     """What a choice is about: the op on inputs of one shape, the batch rounded up to a power of two."""
     inputs = job.inputs
-    leaves = sorted(inputs.items()) if isinstance(inputs, dict) else [("", inputs)]
     lead = 2 if job.op in MULTI_MODEL_OPS and not job.shared else 1  # stacked: [n, B, ...]
-    key = (job.op, job.shared, n_models,
-           tuple((k, tuple(t.shape[:lead - 1]), 1 << max(0, (int(t.shape[lead - 1]) - 1).bit_length()),
-                  tuple(t.shape[lead:]), t.dtype) for k, t in leaves))
+    if isinstance(inputs, torch.Tensor):  # the common case, on every call: kept short
+        key: Hashable = (job.op, job.shared, n_models, tuple(inputs.shape[lead:]), tuple(inputs.shape[:lead - 1]),
+                         _batch_bucket(inputs, lead - 1), inputs.dtype)
+    else:
+        key = (job.op, job.shared, n_models, tuple((k, tuple(t.shape[lead:]), tuple(t.shape[:lead - 1]),
+                                                    _batch_bucket(t, lead - 1), t.dtype)
+                                                   for k, t in sorted(inputs.items())))
+    return key, lambda: _describe(job, n_models, lead)
 
-    def describe() -> str:
-        parts = []
-        for name, t in leaves:
-            batch = 1 << max(0, (int(t.shape[lead - 1]) - 1).bit_length())
-            shape = "x".join(str(d) for d in (*t.shape[:lead - 1], batch, *t.shape[lead:]))
-            parts.append(f"{name + ' ' if name else ''}{shape} {str(t.dtype).removeprefix('torch.')}")
-        suffix = f" over {n_models} models" + (", one shared batch" if job.shared else "") if n_models > 1 else ""
-        return ", ".join(parts) + suffix
 
-    return key, describe
+def _describe(job: Ready, n_models: int, lead: int) -> str:
+    """A case as the plan report shows it: ``16x3x32x32 float32``, the batch rounded up."""
+    leaves = sorted(job.inputs.items()) if isinstance(job.inputs, dict) else [("", job.inputs)]
+    parts = []
+    for name, t in leaves:
+        shape = "x".join(str(d) for d in (*t.shape[:lead - 1], _batch_bucket(t, lead - 1), *t.shape[lead:]))
+        parts.append(f"{name + ' ' if name else ''}{shape} {str(t.dtype).removeprefix('torch.')}")
+    suffix = f" over {n_models} models" + (", one shared batch" if job.shared else "") if n_models > 1 else ""
+    return ", ".join(parts) + suffix
 
 
 def _multi_model(job: Ready, runtime: Any) -> Run:
     """An ensemble, round or evaluation over n models: as one vmap'd call, or model by model."""
     n = len(job.slots)
-    candidates = [Candidate(ONE_BY_ONE)]
+    candidates = [ALONE]
     if n >= 2 and runtime.fused.enabled:
         candidates.append(Candidate(VMAP, n))
         if runtime.fused.compiled is not None:
@@ -151,6 +160,8 @@ def _multi_model(job: Ready, runtime: Any) -> Run:
 def _cut(segment: list[Ready], runtime: Any) -> list[Run]:
     """A segment of joinable jobs as calls: the chooser picks a candidate for what is left, again
     and again, until every job has its call."""
+    if len(segment) == 1 and runtime.plans.skip_lone():
+        return [Run("single", segment)]
     runs: list[Run] = []
     key, describe = _case(segment[0], 1)
     policy = runtime.spec.batching
@@ -160,7 +171,8 @@ def _cut(segment: list[Ready], runtime: Any) -> list[Run]:
         candidate = choice.candidate
         if candidate.plan == ONE_BY_ONE:
             taken = rest[:1] if choice.learning else rest
-            runs += [Run("single", [job], choice, candidate) for job in taken]
+            # One of them timed is sample enough: timing each would cost more than a tiny job's call.
+            runs += [Run("single", [job], choice, candidate if i == 0 else None) for i, job in enumerate(taken)]
         elif candidate.plan == CONCAT:
             taken = rest
             runs += _concat(rest, choice, policy.max_jobs)
@@ -173,7 +185,7 @@ def _cut(segment: list[Ready], runtime: Any) -> list[Run]:
 
 def _candidates(rest: list[Ready], runtime: Any, max_jobs: int) -> list[Candidate]:
     """The ways ``rest`` (a segment's jobs not yet given a call) can run next."""
-    out = [Candidate(ONE_BY_ONE)]
+    out = [ALONE]
     if len(rest) < 2 or max_jobs < 2:
         return out
     if rest[0].op == "infer":

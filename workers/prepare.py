@@ -112,7 +112,7 @@ def run_measured(runtime: GroupRuntime, run: Run,
     """``run_on_device``, timed for the group's chooser when the run's choice asks. On a GPU
     ``synchronize`` waits for the device before and after, so the time is this call's alone."""
     choice = run.choice
-    if choice is None or not choice.measure:
+    if choice is None or not choice.measure or run.measured_as is None:
         return run_on_device(runtime, run)
     if synchronize is not None:
         synchronize()
