@@ -60,7 +60,9 @@ def group_name(workload: Workload, mode: str) -> str:
 
 def group_table(name: str, workload: Workload, compiled: bool = False) -> dict[str, Any]:
     """The ``[[group]]`` for a workload: same factory, seeds, loss and optimizer as the baselines."""
-    extra = {"batching": {"compile": True}} if compiled else {}
+    # The compiled twin pins vmap so that its column shows compiled fused calls; the other modes run
+    # with batching.plan = "auto", as a user's group does by default.
+    extra = {"batching": {"compile": True, "plan": "vmap"}} if compiled else {}
     return {
         "name": name,
         "factory": workload.factory,

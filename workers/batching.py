@@ -148,10 +148,8 @@ def _multi_model(job: Ready, runtime: Any) -> Run:
     """An ensemble, round or evaluation over n models: as one vmap'd call, or model by model."""
     n = len(job.slots)
     candidates = [ALONE]
-    if n >= 2 and runtime.fused.enabled:
-        candidates.append(Candidate(VMAP, n))
-        if runtime.fused.compiled is not None:
-            candidates.append(Candidate(VMAP_COMPILED, n))
+    if n >= 2 and runtime.fused.enabled:  # a group that compiles has its fused calls compiled
+        candidates.append(Candidate(VMAP if runtime.fused.compiled is None else VMAP_COMPILED, n))
     key, describe = _case(job, n)
     choice = runtime.plans.choose(key, job.op, describe, candidates, n)
     return Run("single", [job], choice, choice.candidate)
@@ -200,14 +198,14 @@ def _candidates(rest: list[Ready], runtime: Any, max_jobs: int) -> list[Candidat
     if rest[0].op == "infer":  # one vmap'd call needs one shape; the segment only shares all but the batch
         shape = _signature(rest[0].inputs, False)
         alike = next((i for i, j in enumerate(rest) if _signature(j.inputs, False) != shape), len(rest))
-    plans = [(VMAP, min(alike, max_jobs))]
-    if runtime.fused.compiled is not None:  # a compiled call is made for the bank's count of models
-        plans.append((VMAP_COMPILED, min(alike, max_jobs, len(runtime.spec.indices))))
-    for name, most in plans:
-        size = 2
-        while size <= most:
-            out.append(Candidate(name, size))
-            size *= 2
+    if runtime.fused.compiled is None:
+        name, most = VMAP, min(alike, max_jobs)
+    else:  # the group compiles its fused calls; each is made for the bank's count of models
+        name, most = VMAP_COMPILED, min(alike, max_jobs, len(runtime.spec.indices))
+    size = 2
+    while size <= most:
+        out.append(Candidate(name, size))
+        size *= 2
     return out
 
 

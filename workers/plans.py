@@ -3,7 +3,7 @@
 A worker can run the same work several ways: each job on its own model
 (``one_by_one``); jobs waiting for one model as one larger batch (``concat``, dynamic
 batching); jobs or models of a group stacked into one ``vmap`` call over the bank
-(``vmap``), and that call compiled (``vmap_compiled``) where the group compiles. Which
+(``vmap``), compiled instead (``vmap_compiled``) where the group compiles. Which
 is cheapest depends on the model, the batch, the device and how many jobs wait: vmap
 over convolutions on a CPU loses several-fold at large batch, over small MLPs it wins.
 So nothing is assumed: for each *case* (one group's op on inputs of one shape) the
@@ -191,7 +191,9 @@ class PlanChooser:
             open_.append(c)
         if not open_:
             return None
-        return min(open_, key=lambda c: (case.estimates[c].calls if c in case.estimates else 0, c.size))
+        # Compiled calls first: their first call compiles (or loads) the shape, better paid at once.
+        return min(open_, key=lambda c: (case.estimates[c].calls if c in case.estimates else 0,
+                                         c.plan != VMAP_COMPILED, c.size))
 
     def _best(self, case: Case, candidates: list[Candidate], load: int) -> Candidate:
         known = [c for c in candidates if (e := case.estimates.get(c)) is not None and e.trusted]

@@ -150,7 +150,7 @@ def test_jobs_of_different_models_overlap_on_streams(gpu_cohort) -> None:
 
 def test_fused_calls_on_cuda_equal_per_model_calls(gpu_cohort) -> None:
     """vmap over the bank on the device: ensembles, and concurrent infers on scattered models joined."""
-    running = gpu_cohort([mlp_group("m", 6)], mps="off", workers=1)
+    running = gpu_cohort([mlp_group("m", 6, batching={"plan": "vmap"})], mps="off", workers=1)
     x = torch.randn(5, 8)
     with running.client(timeout=60) as c:
         singles = torch.stack([c.infer(f"m/{k}", x) for k in range(6)])

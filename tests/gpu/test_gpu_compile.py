@@ -24,9 +24,10 @@ def run_workload(c, g: torch.Generator) -> list:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_compiled_fused_calls_equal_eager_on_four_streams(gpu_cohort, mode: str) -> None:
-    eager = gpu_cohort([mlp_group("m", 8, optimizer={"name": "adam", "lr": 1e-3})], mps="off", streams=4)
+    eager = gpu_cohort([mlp_group("m", 8, optimizer={"name": "adam", "lr": 1e-3}, batching={"plan": "vmap"})],
+                       mps="off", streams=4)
     compiled = gpu_cohort([mlp_group("m", 8, optimizer={"name": "adam", "lr": 1e-3},
-                                     batching={"compile": mode})], mps="off", streams=4)
+                                     batching={"compile": mode, "plan": "vmap"})], mps="off", streams=4)
     with eager.client(timeout=600) as a, compiled.client(timeout=600) as b:
         want = run_workload(a, torch.Generator().manual_seed(0))
         got = run_workload(b, torch.Generator().manual_seed(0))

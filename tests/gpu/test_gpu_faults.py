@@ -31,7 +31,8 @@ def test_out_of_memory_placing_inputs_fails_the_job_and_the_worker_lives(gpu_coh
 
 
 def test_out_of_memory_computing_fails_the_job_and_keeps_fusion(gpu_cohort) -> None:
-    running = gpu_cohort([group("oom", "out_of_memory_on_demand", count=4)], mps="off", workers=1)
+    running = gpu_cohort([{**group("oom", "out_of_memory_on_demand", count=4), "batching": {"plan": "vmap"}}],
+                         mps="off", workers=1)
     with running.client(timeout=120) as c:
         pid = c.stats()["workers"][0]["pid"]
         with pytest.raises(JobFailed, match="out of memory"):
@@ -81,7 +82,8 @@ def test_the_hot_path_never_synchronises_the_device(tmp_path) -> None:
     from workers.streams import StreamExecutor
 
     device = torch.device("cuda", 0)
-    raw = {"coordinator": {"device": "cuda"}, "group": [mlp_group("m", 6, optimizer={"name": "adam", "lr": 1e-3})]}
+    raw = {"coordinator": {"device": "cuda"}, "group": [mlp_group("m", 6, optimizer={"name": "adam", "lr": 1e-3},
+                                                                 batching={"plan": "vmap"})]}  # the fused hot path
     spec = build_definition(parse_config(raw).groups[0])
     bank = Bank.create("m", spec.entries, 6, device, "unused")
     runtime = execute.GroupRuntime(spec, bank, device)

@@ -3,6 +3,8 @@ for SGD, Adam and AdamW, in float32 and bfloat16."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from cohort_harness import mlp_group
@@ -29,7 +31,7 @@ def test_fused_rounds_follow_torch_optim(gpu_cohort, name: str, dtype: str) -> N
     bf16 = dtype == "bfloat16"
     factory = "fixture_models:mlp_bf16" if bf16 else "examples.models:mlp"
     group = mlp_group("m", K, factory=factory, optimizer=table, init={"seed": 3},
-                      input={"shape": [-1, 8], "dtype": dtype})
+                      input={"shape": [-1, 8], "dtype": dtype}, batching={"plan": "vmap"})
     running = gpu_cohort([group], mps="off", workers=1)
     torch_dtype = getattr(torch, dtype)
     models, opts = [], []
@@ -55,3 +57,25 @@ def test_fused_rounds_follow_torch_optim(gpu_cohort, name: str, dtype: str) -> N
             assert got == pytest.approx(want, **tolerance), f"step {step}"
         worker = c.stats()["workers"][0]
     assert worker["eager_calls"] >= 30, worker  # every round went through the fused (vmap) path
+
+
+def test_plans_are_measured_on_the_device_and_results_do_not_change(gpu_cohort) -> None:
+    """On a GPU the workers time their candidates with the device synchronised around the call,
+    report them, and whatever they choose gives the per-model results."""
+    running = gpu_cohort([mlp_group("p", 8, init={"seed": 0})], mps="off", workers=1)
+    models = []
+    for k in range(8):
+        torch.manual_seed(k)
+        models.append(mlp(d_in=8, hidden=16, d_out=4).cuda().eval())
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(32, 8, generator=g) for _ in range(2000)]
+    with running.client(timeout=120) as c:
+        futures = [c.submit("infer", f"p/{j % 8}", x) for j, x in enumerate(xs)]
+        for j, f in enumerate(futures):
+            with torch.no_grad():
+                torch.testing.assert_close(f.result(), models[j % 8](xs[j].cuda()).cpu(), atol=1e-4, rtol=1e-4)
+        time.sleep(0.6)
+        worker = c.stats()["workers"][0]
+    [plan] = [p for p in worker["plans"] if p["op"] == "infer"]
+    assert "one_by_one" in plan["per_job_us"] and any(k.startswith("vmap@") for k in plan["per_job_us"]), plan
+    assert all(cost > 0 for cost in plan["per_job_us"].values()), plan
