@@ -621,7 +621,8 @@ class Coordinator:
              "calls": w.counters.get("calls", 0), "joined_jobs": w.counters.get("joined_jobs", 0),
              "compiled_calls": w.counters.get("compiled_calls", 0), "eager_calls": w.counters.get("eager_calls", 0),
              "compile": {"loaded": w.counters.get("compile_loaded", 0), "compiled": w.counters.get("compile_compiled", 0),
-                         "seconds": round(w.counters.get("compile_ms", 0) / 1000, 3), "shapes": w.compiled_shapes},
+                         "seconds": round(w.counters.get("compile_ms", 0) / 1000, 3), "shapes": w.compiled_shapes,
+                         "recompiles": w.counters.get("recompiles", 0)},
              "plans": w.plans}
             for w in self.workers
         ]

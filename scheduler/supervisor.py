@@ -33,6 +33,11 @@ log = logging.getLogger("cohort")
 
 MAX_RESTARTS = 5  # deaths of one worker within RESTART_WINDOW_S before cohort stops restarting it
 RESTART_WINDOW_S = 60.0
+# A worker that died again soon after a restart is restarted after a pause that doubles each
+# time: an MPS server recovering from a fault refuses new clients for a while, and a restart
+# at once would only use up the restarts.
+RESPAWN_BACKOFF_S = 0.25
+RESPAWN_BACKOFF_MAX_S = 4.0
 STARTUP_PROGRESS_S = 5.0
 FATAL_DEVICE_EXIT = 3  # a worker's exit code after a fault that leaves its device unusable (workers.worker)
 
@@ -125,11 +130,12 @@ class Supervisor:
         if w.state == "starting" and not w.restore:
             raise StartupError(f"worker {w.id} failed to start: {msg.error}: {msg.message}")
         log.error("worker %d failed to restart: %s: %s", w.id, msg.error, msg.message)
-        self.died(w, f"restart failed: {msg.message}")
+        self.bury(w, f"restart failed: {msg.message}")  # ``check`` starts the next one when its pause is over
 
     # ------------------------------------------------------------------ health
 
     def check(self, respawn: Callable[[WorkerHandle], None]) -> None:
+        """Bury workers that died or fell silent, then start the replacements that are due."""
         now = time.monotonic()
         for w in self.workers:
             if w.state not in ("ready", "starting"):
@@ -137,19 +143,17 @@ class Supervisor:
             code = w.exited()
             if code is not None:
                 if code == FATAL_DEVICE_EXIT and self.mps.mode == "on":
-                    self.recycle(w, respawn)
-                    return
-                self.died(w, f"process exited with code {code}", respawn)
+                    self.recycle(w)
+                    break
+                self.bury(w, f"process exited with code {code}")
             elif w.state == "ready" and w.silent_for(now) > self.config.heartbeat_timeout_s:
-                self.died(w, f"no heartbeat for {w.silent_for(now):.1f} s", respawn)
+                self.bury(w, f"no heartbeat for {w.silent_for(now):.1f} s")
             elif w.state == "starting" and now - w.started_at > self.config.start_timeout_s:
-                self.died(w, f"not ready within {self.config.start_timeout_s} s", respawn)
-
-    def died(self, w: WorkerHandle, reason: str, respawn: Callable[[WorkerHandle], None] | None = None) -> None:
-        """Bury the worker, then start its replacement (unless it keeps dying)."""
-        self.bury(w, reason)
-        if w.state == "dead" and respawn is not None:
-            respawn(w)
+                self.bury(w, f"not ready within {self.config.start_timeout_s} s")
+        now = time.monotonic()
+        for w in self.workers:
+            if w.state == "dead" and w.respawn_at <= now:
+                respawn(w)
 
     def bury(self, w: WorkerHandle, reason: str) -> None:
         """Stop it for good, fail what it may have run, keep what it surely did not."""
@@ -178,8 +182,13 @@ class Supervisor:
             w.pending.clear()
             return
         w.restore = True
+        pause = 0.0 if len(w.deaths) == 1 else min(RESPAWN_BACKOFF_MAX_S, RESPAWN_BACKOFF_S * 2 ** (len(w.deaths) - 2))
+        w.respawn_at = now + pause
+        if pause:
+            log.warning("worker %d: restarting in %.2f s (%d deaths in %.0f s)", w.id, pause, len(w.deaths),
+                        RESTART_WINDOW_S)
 
-    def recycle(self, faulted: WorkerHandle, respawn: Callable[[WorkerHandle], None]) -> None:
+    def recycle(self, faulted: WorkerHandle) -> None:
         """A CUDA fault under MPS: every client of the GPU must exit before the server takes a new one."""
         reason = f"worker {faulted.id} hit a CUDA fault under MPS; every worker on the GPU is restarted"
         log.error("%s (restored from their host copies)", reason)
@@ -187,9 +196,6 @@ class Supervisor:
         for w in self.workers:
             if w.state in ("ready", "starting"):
                 self.bury(w, reason if w is not faulted else "CUDA fault under MPS")
-        for w in self.workers:
-            if w.state == "dead":
-                respawn(w)
 
     def stop_all(self) -> None:
         stop_processes(self.workers, before_kill=self.mps.terminate_client)

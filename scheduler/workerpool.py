@@ -68,6 +68,7 @@ class WorkerHandle:
     jobs_done: int = 0
     restarts: int = 0
     deaths: list[float] = field(default_factory=list)  # monotonic times of recent deaths
+    respawn_at: float = 0.0  # when a dead worker's replacement may start (monotonic)
     counters: dict[str, int] = field(default_factory=dict)  # the worker's counts as of its last heartbeat
     compiled_shapes: list[str] = field(default_factory=list)  # its compiled call shapes, and how each came
     plans: list[Any] = field(default_factory=list)  # how it runs each kind of call (PlanReport, as plain data)

@@ -120,13 +120,18 @@ def bench_lines(bench: dict[str, Any]) -> list[str]:
     lines = []
     for workload in report.get("workloads", []):
         for mode, result in sorted(workload.get("modes", {}).items()):
-            figure = result.get("models_per_s") or result.get("jobs_per_s") or result.get("p50_ms")
             status = result.get("status", "?")
+            if status != "ok":
+                figure = str(result.get("reason", ""))[:120]
+            elif "throughput" in result:  # tools.bench_measure.ok
+                figure = f"{result['throughput']:,.1f} {result.get('unit', '')}, p50 {result.get('p50_ms', float('nan')):.3f} ms"
+            else:  # the control plane's record
+                figure = f"p50 {result.get('p50_ms', float('nan')):.3f} ms"
             proof = ""
             if mode == "processes_mps":
                 mps = result.get("mps") or {}
                 proof = f" (clients of the MPS server: {mps.get('server', {}).get('children_are_clients')})"
-            lines.append(f"{workload.get('name', '?')}/{mode}: {status} {figure if figure is not None else ''}{proof}")
+            lines.append(f"{workload.get('name', '?')}/{mode}: {status} {figure}{proof}")
     return lines
 
 

@@ -262,6 +262,8 @@ def _compile_metrics(workers: list[Mapping[str, Any]]) -> Iterator[Metric]:
                                "compiled by the worker)", labels=["worker", "how"])
     seconds = CounterMetricFamily("cohort_worker_compile_seconds", "Seconds a worker spent compiling call shapes",
                                   labels=["worker"])
+    refused = CounterMetricFamily("cohort_worker_refused_recompiles", "Compiled calls that would have recompiled in "
+                                  "steady state and ran eagerly instead", labels=["worker"])
     for worker in workers:
         info = worker.get("compile")
         if not isinstance(info, Mapping):
@@ -272,7 +274,9 @@ def _compile_metrics(workers: list[Mapping[str, Any]]) -> Iterator[Metric]:
                 shapes.add_metric([wid, how], info[how])
         if _is_number(info.get("seconds")):
             seconds.add_metric([wid], info["seconds"])
-    yield from (shapes, seconds)
+        if _is_number(info.get("recompiles")):
+            refused.add_metric([wid], info["recompiles"])
+    yield from (shapes, seconds, refused)
 
 
 def _model_metrics(models: Mapping[str, Any]) -> Iterator[Metric]:

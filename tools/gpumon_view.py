@@ -251,6 +251,9 @@ def _compile_text(compile_stats: Any) -> Text:
     text = Text(f"{loaded} loaded")
     if compiled:
         text.append(f", {compiled} compiled in {_number(compile_stats.get('seconds'), '.1f')} s", style="yellow")
+    recompiles = compile_stats.get("recompiles") or 0
+    if recompiles:  # steady state forbids them: each ran eagerly, and the log says why
+        text.append(f", {recompiles} refused recompiles", style="bold red")
     return text
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
-from workers.worker import main
+from workers.worker import FATAL_DEVICE_EXIT, main
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m workers", description="cohort worker (started by the coordinator)")
@@ -13,4 +15,11 @@ if __name__ == "__main__":
     parser.add_argument("--worker-id", type=int, required=True)
     parser.add_argument("--beat", required=True, help="file the worker stamps its heartbeat into")
     args = parser.parse_args()
-    sys.exit(main(args.address, args.worker_id, args.beat))
+    code = main(args.address, args.worker_id, args.beat)
+    if code == FATAL_DEVICE_EXIT:
+        # The device context is broken: the interpreter's teardown (CUDA's own exit handlers
+        # among it) could hang or abort on it, and the coordinator must see this exact code.
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

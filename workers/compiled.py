@@ -18,6 +18,12 @@ Each shape is looked up in the machine's compile cache (``workers.compile_cache`
 when any worker compiled it before, else compiled here under a lock and saved. If the
 ahead-of-time path fails, plain ``torch.compile`` (one code object per shape, so dynamo's
 recompile limit never turns compilation off quietly), and if that fails, eager.
+
+Steady state forbids recompiling: a loaded artifact checks its guards and refuses a call that
+fails them, and a plain ``torch.compile`` call runs under the ``fail_on_recompile`` stance
+after its first call. A refused call (an input whose strides the compiled code did not
+expect, say) runs eagerly instead, is counted (``recompiles``, in ``stats()``) and logged with
+the guard's reason, once per shape; compilation stays on for every other call.
 """
 
 from __future__ import annotations
@@ -87,8 +93,12 @@ class CompiledCalls:
         self.compiled_here = 0
         self.compile_s = 0.0
         self.aot = cache is not None
+        self.recompiles = 0  # calls that would have recompiled in steady state, run eagerly instead
         self._replayed: dict[str, torch.cuda.Event] = {}
         self._marked = False
+        self._plain: set[str] = set()  # shapes made by plain torch.compile (not loaded or AOT-compiled)
+        self._steady: set[str] = set()  # those past their first call: recompiles forbidden
+        self._refused: set[str] = set()  # shapes whose refused recompile was logged
 
     @property
     def graphs(self) -> bool:
@@ -107,8 +117,32 @@ class CompiledCalls:
         fn = self.fns.get(signature)
         if fn is None:
             fn = self._make(kind, signature, eager, args)
-        result = self._replay(signature, fn, args) if self.graphs else fn(*args)
+        try:
+            result = self._run(signature, fn, args)
+        except RuntimeError as exc:
+            if not is_recompile(exc):
+                raise
+            result = self._refuse(signature, exc, eager, args)
         return _cut(kind[0], result, n, batch if _leaf(data[0]).shape[0 if kind[1] else 1] != batch else None)
+
+    def _run(self, signature: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        if signature in self._steady:  # plain torch.compile past its first call (an artifact checks its own guards)
+            with torch.compiler.set_stance("fail_on_recompile"):
+                return self._replay(signature, fn, args) if self.graphs else fn(*args)
+        result = self._replay(signature, fn, args) if self.graphs else fn(*args)
+        if signature in self._plain:
+            self._steady.add(signature)
+        return result
+
+    def _refuse(self, signature: str, exc: RuntimeError, eager: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        """A call the compiled code for its shape cannot take: eager this once, counted, said once."""
+        self.recompiles += 1
+        if signature not in self._refused:
+            self._refused.add(signature)
+            log.warning("group %s: a %s call would recompile (%s); recompiles are off in steady state, so such calls "
+                        "run eagerly (counted in stats() as recompiles)", self.name, signature,
+                        " ".join(str(exc).split())[:300])
+        return eager(*args)
 
     def warm(self, kind: tuple[str, bool], eager: Callable[..., Any], slots: list[int], params: dict[str, torch.Tensor],
              buffers: dict[str, torch.Tensor], data: tuple[Any, ...]) -> None:
@@ -167,6 +201,7 @@ class CompiledCalls:
 
             torch._dynamo.config.fail_on_recompile_limit_hit = True  # an error we see, not a quiet eager run
             fn = torch.compile(own_code(eager, f"{self.name}_{signature}"), mode=self.mode, dynamic=False)
+            self._plain.add(signature)
         seconds = time.perf_counter() - began
         self.compile_s += seconds
         if how == "loaded":
@@ -245,6 +280,13 @@ class CompiledCalls:
         done.record(stream)
         self._replayed[signature] = done
         return result
+
+
+def is_recompile(exc: BaseException) -> bool:
+    """Whether ``exc`` is a compiled call refusing inputs its guards reject (a loaded artifact's
+    guard check, or dynamo under the ``fail_on_recompile`` stance)."""
+    text = str(exc)
+    return "GuardManager check failed" in text or "Detected recompile" in text
 
 
 def _signature(kind: tuple[str, bool], gathered: bool, data: tuple[Any, ...]) -> str:

@@ -43,21 +43,33 @@ COPY_PRIORITY = -1
 
 
 class EventWaiter:
-    """A thread that waits for CUDA events without spinning a core, and wakes the worker's loop.
+    """Threads that wait for CUDA events without spinning a core, and wake the worker's loop.
 
     Events are made with ``blocking=True`` (``cudaEventBlockingSync``): waiting on one puts
-    the thread to sleep until the GPU signals, and the GIL is released meanwhile. Each
-    completion writes a byte to a pipe that the loop polls with its socket."""
+    the waiting thread to sleep until the GPU signals, and the GIL is released meanwhile.
+    Each completion writes a byte to a pipe that the loop polls with its socket.
+
+    One thread per stream: events recorded on one stream complete in the order they were
+    recorded, so waiting for them in that order never wakes the loop late. A single thread
+    for every stream would: a short run on one stream would wait, unreported, behind a
+    long run launched before it on another."""
 
     def __init__(self) -> None:
-        self._events: queue.SimpleQueue[torch.cuda.Event | None] = queue.SimpleQueue()
         self.read_fd, self._write_fd = os.pipe()
         os.set_blocking(self.read_fd, False)
-        self._thread = threading.Thread(target=self._run, name="cohort-events", daemon=True)
-        self._thread.start()
+        self._queues: dict[Any, queue.SimpleQueue[Any]] = {}
+        self._threads: list[threading.Thread] = []
 
-    def watch(self, event: torch.cuda.Event) -> None:
-        self._events.put(event)
+    def watch(self, event: Any, stream: Any) -> None:
+        """Wake the loop once ``event`` (recorded on ``stream``) has completed."""
+        waiting = self._queues.get(stream)
+        if waiting is None:
+            waiting = self._queues[stream] = queue.SimpleQueue()
+            thread = threading.Thread(target=self._run, args=(waiting,), name=f"cohort-events-{len(self._threads)}",
+                                      daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        waiting.put(event)
 
     def drain(self) -> None:
         try:
@@ -66,8 +78,15 @@ class EventWaiter:
         except BlockingIOError:
             pass
 
-    def _run(self) -> None:
-        while (event := self._events.get()) is not None:
+    def close(self) -> None:
+        """End the threads once the events they wait for have completed."""
+        for waiting in self._queues.values():
+            waiting.put(None)
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def _run(self, waiting: queue.SimpleQueue[Any]) -> None:
+        while (event := waiting.get()) is not None:
             try:
                 event.synchronize()
             except Exception:  # a device fault: the loop's query of the same event reports it
@@ -167,7 +186,7 @@ class StreamExecutor:
             return
         else:
             self._in_flight.append(_InFlight(done, [], [failure(job.job_id, error) for job in run.jobs], keep=keep))
-        self._waiter.watch(done)
+        self._waiter.watch(done, stream)
 
     def _synchronize(self) -> None:
         """Wait for everything queued on the device: a call the plan chooser times runs alone."""

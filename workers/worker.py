@@ -254,7 +254,8 @@ class Worker:
         return {"calls": getattr(ex, "calls", 0), "joined_jobs": getattr(ex, "joined_jobs", 0),
                 "compiled_calls": sum(f.compiled_calls for f in fused), "eager_calls": sum(f.eager_calls for f in fused),
                 "compile_loaded": sum(c.loaded for c in compiled), "compile_compiled": sum(c.compiled_here for c in compiled),
-                "compile_ms": int(1000 * sum(c.compile_s for c in compiled))}
+                "compile_ms": int(1000 * sum(c.compile_s for c in compiled)),
+                "recompiles": sum(c.recompiles for c in compiled)}
 
     def remove_shm(self) -> None:
         """Unlink this worker's shared-memory banks by name (safe from another thread: nothing is unmapped)."""

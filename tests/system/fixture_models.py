@@ -121,22 +121,27 @@ def device_fault_on_demand(d: int = 4) -> nn.Module:
 
 
 class TightMemory(nn.Linear):
-    """A linear layer that, at its first call on a GPU, lets its worker use only ``fraction`` of the
-    GPU's memory: a large input then runs out of memory while it is copied to the device."""
+    """A linear layer that, at its first call on a GPU, lets its worker hold only ``headroom`` bytes
+    more than it has reserved by then (banks, the first call's workspace): a large input then runs
+    out of memory while it is copied to the device, and small ones still fit."""
 
-    def __init__(self, d: int = 4, fraction: float = 1e-4) -> None:
+    def __init__(self, d: int = 4, headroom: int = 64 << 20) -> None:
         super().__init__(d, d)
-        self.fraction = fraction
+        self.headroom = headroom
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
         if x.is_cuda and not getattr(TightMemory, "capped", False):
-            torch.cuda.set_per_process_memory_fraction(self.fraction, x.device)
+            torch.cuda.synchronize(x.device)
+            total = torch.cuda.get_device_properties(x.device).total_memory
+            cap = torch.cuda.memory_reserved(x.device) + self.headroom
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), x.device)
             TightMemory.capped = True
-        return super().forward(x)
+        return out
 
 
-def tight_memory(d: int = 4, fraction: float = 1e-4) -> nn.Module:
-    return TightMemory(d, fraction)
+def tight_memory(d: int = 4, headroom: int = 64 << 20) -> nn.Module:
+    return TightMemory(d, headroom)
 
 
 def mlp_bf16(d_in: int = 8, hidden: int = 16, d_out: int = 4) -> nn.Module:

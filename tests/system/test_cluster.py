@@ -167,8 +167,10 @@ def test_the_async_client_makes_the_same_calls(client: ClusterClient) -> None:
     async def calls() -> None:
         async with AsyncClusterClient(timeout=60) as a:
             assert [m.id for m in await a.models()] == [m.id for m in client.models()]
-            torch.testing.assert_close(await a.ensemble("mlp", x), client.ensemble("mlp", x), atol=0, rtol=0)
-            torch.testing.assert_close(await a.infer("mlp/4", x), client.infer("mlp/4", x), atol=0, rtol=0)
+            # The same results, to float32 rounding: each worker chooses how to run a call by measuring
+            # (one vmap'd call, or model by model), and the two sum in different orders.
+            torch.testing.assert_close(await a.ensemble("mlp", x), client.ensemble("mlp", x))
+            torch.testing.assert_close(await a.infer("mlp/4", x), client.infer("mlp/4", x))
             stacked = torch.randn(K, 2, 8), torch.randint(0, 4, (K, 2))
             assert len(await a.submit("train_round", "mlp", *stacked)) == K  # awaited like any call
             await a.barrier(["mlp/0", "adam"])

@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from cohort_harness import mlp_group, stop_and_check_clean
 
@@ -36,11 +37,13 @@ def test_large_tensors_of_a_local_client_go_through_shared_memory(cohort) -> Non
         assert arenas(os.getpid()), "the local client made no arena"
         assert list(Path("/dev/shm").glob(f"cohort-{run_id}-w*-out")), "the worker sent its result through the socket"
         ts = torch.randint(0, 4, (2048,))
+        # Losses agree to float32 rounding, not bit for bit: the worker chooses by measuring whether a
+        # call over the group runs as one vmap'd call or model by model, which sum in different orders.
         before = plain.evaluate("m", x, ts)
         losses = local.train_round("m", x, ts)  # the shared batch through the arena
-        assert losses == before  # a step's loss is computed before its update
+        assert losses == pytest.approx(before, rel=1e-5)  # a step's loss is computed before its update
         xs, tss = torch.randn(4, 600, 256), torch.randint(0, 4, (4, 600))  # stacked: sliced by rows in the arena
-        assert local.evaluate("m", xs, tss) == plain.evaluate("m", xs, tss)
+        assert local.evaluate("m", xs, tss) == pytest.approx(plain.evaluate("m", xs, tss), rel=1e-5)
         weights = {k: torch.randn_like(v) for k, v in plain.get_weights("s/0").items()}
         weights["weight"] = torch.randn(256)
         local.set_weights("s/0", weights)

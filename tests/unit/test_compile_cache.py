@@ -163,3 +163,24 @@ def test_two_processes_at_once_on_one_empty_cache_both_work_and_compile_once(tmp
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     counts = sorted(tuple(int(v) for v in o[0].split()[1::2]) for o in outs)
     assert sum(c for c, _ in counts) == 2 and sum(loaded for _, loaded in counts) == 2, counts  # each shape once
+
+
+def test_a_call_that_would_recompile_in_steady_state_runs_eagerly_and_is_counted(tmp_path: Path, caplog) -> None:
+    """Inputs of a compiled shape but other strides fail the compiled call's guards: the call is refused
+    (no recompile), runs eagerly with the right result, is counted and logged once; compiling stays on."""
+    rt, bank, calls, _ = worker_like(tmp_path)
+    try:
+        x = torch.randn(4, 4)
+        torch.testing.assert_close(rt.ensemble(list(range(4)), x), torch.stack([rt.infer(k, x) for k in range(4)]))
+        assert calls.recompiles == 0 and rt.fused.compiled_calls == 1
+        odd = torch.randn(4, 4).t()  # the same shape, transposed strides
+        with caplog.at_level("WARNING", logger="cohort.worker"):
+            for _ in range(2):
+                got = rt.ensemble(list(range(4)), odd)
+                torch.testing.assert_close(got, torch.stack([rt.infer(k, odd) for k in range(4)]))
+        assert calls.recompiles == 2 and calls.compiled_here == 1, calls.shapes
+        assert sum("would recompile" in r.message for r in caplog.records) == 1
+        assert rt.fused.enabled and rt.fused.compiled is calls
+        torch.testing.assert_close(rt.ensemble(list(range(4)), x), torch.stack([rt.infer(k, x) for k in range(4)]))
+    finally:
+        bank.close()

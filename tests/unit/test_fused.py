@@ -199,3 +199,33 @@ def test_more_compiled_wrappers_than_dynamos_recompile_limit_all_compile(monkeyp
         for _, bank in runtimes:
             bank.close()
         torch._dynamo.reset()
+
+
+def test_plain_torch_compile_refuses_recompiles_in_steady_state(monkeypatch) -> None:
+    """Without the machine's cache (plain torch.compile), a compiled shape past its first call runs under
+    dynamo's fail_on_recompile stance: inputs that would recompile run eagerly instead and are counted."""
+    import torch._dynamo
+
+    from workers import compiled as compiled_module
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(compiled_module.torch, "compile",
+                        lambda fn, **kw: real_compile(fn, backend=counting_backend, dynamic=False))
+    rt, bank = runtime_for({**MLP_GROUP, "batching": {"buckets": []}}, True)
+    try:
+        calls = rt.enable_compile("default", None)
+        x = torch.randn(4, 4)
+        for inputs in (x, x, torch.randn(4, 4).t()):  # the last: the same shape, other strides
+            torch.testing.assert_close(rt.ensemble([0, 1, 2, 3], inputs), torch.stack([rt.infer(k, inputs) for k in range(4)]))
+        assert len(graphs) == 1, "a call recompiled in steady state"
+        assert calls.recompiles == 1 and rt.fused.compiled is calls and rt.fused.enabled
+    finally:
+        bank.close()
+        torch._dynamo.reset()

@@ -12,6 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from tools import gpu_check  # noqa: E402
+from tools.bench_measure import ok, skipped  # noqa: E402
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
@@ -31,11 +32,16 @@ def test_the_report_names_every_test_figure_and_benchmark_line() -> None:
                   "tests": [{"test": "test_cuda::test_a", "outcome": "passed", "seconds": 1.0, "detail": ""},
                             {"test": "test_gpu_mps::test_b", "outcome": "failed", "seconds": 2.0, "detail": "boom"}]},
         "bench": {"seconds": 90.0, "exit": 0, "report": {"workloads": [{"name": "w1", "modes": {
-            "processes_mps": {"status": "ok", "models_per_s": 1234.5, "mps": {"server": {"children_are_clients": True}}},
-            "cohort_fused": {"status": "ok", "models_per_s": 9999.0}}}]}},
+            # Records as the benchmark writes them (tools.bench_measure.ok / skipped).
+            "processes_mps": {**ok(1234.5, "samples/s", [0.002, 0.004], 1.0),
+                              "mps": {"server": {"children_are_clients": True}}},
+            "cohort_fused": ok(9999.0, "samples/s", [0.001], 1.0),
+            "vmap_compiled": skipped("no compiler")}}]}},
     }
     text = gpu_check.render(check)
     assert "1 passed, 1 failed, 0 skipped" in text and "| test_gpu_mps::test_b | failed | 2.0 | boom |" in text
     assert "8 concurrent jobs" in text
-    assert "w1/processes_mps: ok 1234.5 (clients of the MPS server: True)" in text
+    assert "w1/processes_mps: ok 1,234.5 samples/s, p50 2.000 ms (clients of the MPS server: True)" in text
+    assert "w1/cohort_fused: ok 9,999.0 samples/s, p50 1.000 ms" in text
+    assert "w1/vmap_compiled: skipped no compiler" in text
     assert "NVIDIA H200 (139.8 GiB" in text

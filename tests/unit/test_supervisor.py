@@ -3,11 +3,13 @@ and after a CUDA fault under MPS recycle every worker of the GPU."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import pytest
 
 from core.errors import WorkerDied
+from core.messages import WorkerFailed
 from scheduler.config import CoordinatorConfig
 from scheduler.jobs import Job, Part
 from scheduler.placement import Block
@@ -108,7 +110,35 @@ def test_a_crash_loop_is_given_up_and_its_queue_fails() -> None:
 def test_workers_that_are_not_running_are_left_alone(state: str) -> None:
     sup, (w0, _, _), _, _ = make("off")
     w0.state, w0.process.code = state, 1
+    w0.respawn_at = time.monotonic() + 60  # a dead one: its replacement is not due yet
     sup.check(lambda w: pytest.fail("respawned"))
+
+
+def test_a_replacement_that_fails_to_start_is_started_again_after_a_pause() -> None:
+    # Under MPS after a fault the server refuses new clients for a while: the replacement
+    # says WorkerFailed. It must be tried again (not left dead with its queue stuck), after a pause.
+    sup, (w0, _, _), finished, _ = make("off")
+    queued = Part(Job(5, b"c", 5, "infer", "g", [("g", 0)], 0.0, None), 0, [0], [0], None, None, [])  # type: ignore[arg-type]
+    w0.pending = deque([queued])
+    w0.process.code = 1
+    respawned: list[int] = []
+
+    def respawn(w: WorkerHandle) -> None:
+        respawned.append(w.id)
+        w.state, w.process.code = "starting", None
+
+    sup.check(respawn)
+    assert respawned == [0] and w0.state == "starting"
+    sup.on_failed(w0, WorkerFailed(0, "JobFailed", "all CUDA-capable devices are busy or unavailable"), [])
+    w0.process.code = 1
+    assert w0.state == "dead" and w0.restore
+    sup.check(respawn)
+    assert respawned == [0], "restarted at once after dying again: no pause"
+    assert w0.respawn_at > time.monotonic()
+    w0.respawn_at = time.monotonic()  # the pause is over
+    sup.check(respawn)
+    assert respawned == [0, 0] and w0.state == "starting"
+    assert list(w0.pending) == [queued] and finished == [], "the queued job waits for the replacement"
 
 
 def test_a_silent_worker_is_replaced() -> None:
