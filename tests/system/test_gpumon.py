@@ -55,6 +55,18 @@ optimizer = {{ name = "sgd", lr = 0.1 }}
 """
 
 
+def stop_monitor(monitor: subprocess.Popen) -> int | None:
+    """SIGTERM, as Ctrl-C would end it; killed if it does not exit. Its exit code (None if killed)."""
+    monitor.send_signal(signal.SIGTERM)
+    try:
+        return monitor.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        if monitor.poll() is None:
+            monitor.kill()
+            monitor.wait()
+
 def tool(name: str) -> Any:
     """Import a module of tools/ (a folder of scripts that import each other by name)."""
     if str(TOOLS) not in sys.path:
@@ -228,13 +240,7 @@ def test_prometheus_endpoint_serves_figures(coordinator: Coordinator) -> None:
                 assert time.monotonic() < deadline, "the scraped figures never moved"
                 time.sleep(0.2)
     finally:
-        monitor.send_signal(signal.SIGTERM)
-        try:
-            returncode = monitor.wait(timeout=15)
-        finally:
-            if monitor.poll() is None:
-                monitor.kill()
-                monitor.wait()
+        returncode = stop_monitor(monitor)
     assert returncode == 0
 
     def value(name: str, **labels: str) -> float:
@@ -373,11 +379,5 @@ def test_monitor_survives_coordinator_restart(coordinator: Coordinator) -> None:
         assert back["coordinator_down_since"] is None
         assert monitor.poll() is None, "the monitor exited"
     finally:
-        monitor.send_signal(signal.SIGTERM)
-        try:
-            returncode = monitor.wait(timeout=15)
-        finally:
-            if monitor.poll() is None:
-                monitor.kill()
-                monitor.wait()
+        returncode = stop_monitor(monitor)
     assert returncode == 0, monitor.stderr.read() if monitor.stderr else ""

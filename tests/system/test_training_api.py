@@ -58,6 +58,47 @@ def test_a_sweep_on_shared_batches_with_a_schedule_equals_plain_pytorch(cohort) 
     assert stop_and_check_clean(running) == 0
 
 
+def test_precision_through_a_coordinator_follows_plain_pytorch(cohort) -> None:
+    """``bf16-mixed``: float32 weights, forward and loss under bf16 autocast, as plain PyTorch does it;
+    ``bf16``: weights stored in bfloat16 (bf16 inputs welcome), optimizer arithmetic as torch.optim's."""
+    mixed = mlp_group("mx", K, optimizer={"name": "adam", "lr": 0.01}, precision="bf16-mixed")
+    half = mlp_group("hf", K, optimizer={"name": "adam", "lr": 0.01}, precision="bf16",
+                     input={"shape": [-1, 8], "dtype": "bfloat16"})
+    running = cohort([mixed, half], workers=2)
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(5)]
+    autocast_models = [reference(k) for k in range(K)]
+    autocast_opts = [torch.optim.Adam(m.parameters(), lr=0.01) for m in autocast_models]
+    half_models = [reference(k).to(torch.bfloat16) for k in range(K)]
+    half_opts = [torch.optim.Adam(m.parameters(), lr=0.01) for m in half_models]
+    with running.client(timeout=60) as c:
+        for step, (x, t) in enumerate(batches):
+            want_mixed, want_half = [], []
+            for m, o in zip(autocast_models, autocast_opts):
+                o.zero_grad()
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = nn.functional.cross_entropy(m(x), t)
+                loss.backward()
+                o.step()
+                want_mixed.append(loss.item())
+            for m, o in zip(half_models, half_opts):
+                o.zero_grad()
+                loss = nn.functional.cross_entropy(m(x.bfloat16()), t)
+                loss.backward()
+                o.step()
+                want_half.append(loss.item())
+            assert c.train_round("mx", x, t) == pytest.approx(want_mixed, rel=2e-2, abs=2e-2), f"bf16-mixed step {step}"
+            assert c.train_round("hf", x.bfloat16(), t) == pytest.approx(want_half, rel=3e-2, abs=3e-2), f"bf16 step {step}"
+        weights = c.get_weights("mx/1")
+        assert all(v.dtype == torch.float32 for v in weights.values()), "bf16-mixed keeps float32 weights"
+        for name, value in c.get_weights("hf/2").items():
+            assert value.dtype == torch.bfloat16, name
+            torch.testing.assert_close(value, half_models[2].state_dict()[name], atol=3e-2, rtol=3e-2, msg=name)
+        for name, value in weights.items():
+            torch.testing.assert_close(value, autocast_models[1].state_dict()[name], atol=2e-2, rtol=2e-2, msg=name)
+    assert stop_and_check_clean(running) == 0
+
+
 def test_set_hparams_is_ordered_with_the_models_jobs_and_survives_a_replacement(cohort) -> None:
     running = cohort([mlp_group("p", K, optimizer={"name": "sgd", "lr": 0.1})], workers=1, heartbeat_timeout_s=5)
     x, t = torch.randn(8, 8), torch.randint(0, 4, (8,))

@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:
 
 from scheduler.config import parse_config  # noqa: E402
 from scheduler.stats import percentile as stats_percentile  # noqa: E402
+from tests.unit.fake_mps import install_control  # noqa: E402
 from tools import bench  # noqa: E402
 from tools.bench_baselines import (  # noqa: E402
     process_context,
@@ -433,12 +434,7 @@ exit 0
 @pytest.fixture
 def fake_mps_control(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The stand-in first on PATH: bench_mps.mps_daemon starts it, with private (fake) directories."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    script = bin_dir / "nvidia-cuda-mps-control"
-    script.write_text(FAKE_MPS_CONTROL)
-    script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    install_control(tmp_path, monkeypatch, FAKE_MPS_CONTROL)
 
 
 @pytest.mark.timeout(300)

@@ -429,3 +429,8 @@ def test_errors_name_the_group() -> None:
     raw["group"].append(second)
     text = expect_error(raw, "count")
     assert re.search(r"second", text), text
+
+
+@pytest.mark.parametrize("precision", ["bf16_mixed", "fp16", "BF16", ""])
+def test_bad_precision(precision: str) -> None:
+    expect_error(with_("group.0.precision", precision), "precision", repr(precision))

@@ -167,15 +167,14 @@ def test_batch_sizes_are_padded_to_buckets_and_results_cut_back(monkeypatch) -> 
         b2.close()
 
 
-def test_more_compiled_wrappers_than_dynamos_recompile_limit_all_compile(monkeypatch) -> None:
-    """Every torch.compile(vmap(...)) traces one code object inside torch; dynamo's recompile limit
-    (8) is counted per code object, so without wrappers of their own the 9th shape on ran eagerly."""
+def counting_compile(monkeypatch) -> list:
+    """torch.compile through a backend that records each graph it is given (a list, filled as they come)."""
     import torch._dynamo
 
     from workers import compiled as compiled_module
 
     torch._dynamo.reset()
-    graphs = []
+    graphs: list = []
 
     def counting_backend(gm, example_inputs):
         graphs.append(gm)
@@ -184,6 +183,13 @@ def test_more_compiled_wrappers_than_dynamos_recompile_limit_all_compile(monkeyp
     real_compile = torch.compile
     monkeypatch.setattr(compiled_module.torch, "compile",
                         lambda fn, **kw: real_compile(fn, backend=counting_backend, dynamic=False))
+    return graphs
+
+
+def test_more_compiled_wrappers_than_dynamos_recompile_limit_all_compile(monkeypatch) -> None:
+    """Every torch.compile(vmap(...)) traces one code object inside torch; dynamo's recompile limit
+    (8) is counted per code object, so without wrappers of their own the 9th shape on ran eagerly."""
+    graphs = counting_compile(monkeypatch)
     runtimes = [runtime_for({**MLP_GROUP, "name": f"g{i}", "batching": {"buckets": []}}, True) for i in range(3)]
     try:
         wanted = 0
@@ -204,20 +210,7 @@ def test_more_compiled_wrappers_than_dynamos_recompile_limit_all_compile(monkeyp
 def test_plain_torch_compile_refuses_recompiles_in_steady_state(monkeypatch) -> None:
     """Without the machine's cache (plain torch.compile), a compiled shape past its first call runs under
     dynamo's fail_on_recompile stance: inputs that would recompile run eagerly instead and are counted."""
-    import torch._dynamo
-
-    from workers import compiled as compiled_module
-
-    torch._dynamo.reset()
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    real_compile = torch.compile
-    monkeypatch.setattr(compiled_module.torch, "compile",
-                        lambda fn, **kw: real_compile(fn, backend=counting_backend, dynamic=False))
+    graphs = counting_compile(monkeypatch)
     rt, bank = runtime_for({**MLP_GROUP, "batching": {"buckets": []}}, True)
     try:
         calls = rt.enable_compile("default", None)

@@ -6,7 +6,6 @@ CUDA entry points made to fail, which proves it never initialises CUDA itself.""
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from scheduler.gpu import (
     probe_gpus,
     visible_gpus,
 )
+from tests.unit.fake_mps import install_control
 
 GPUS = [Gpu(i, f"GPU-{i}{i}{i}-uuid", "NVIDIA H200", "default") for i in range(4)]
 
@@ -150,13 +150,8 @@ def test_the_coordinator_starts_mps_for_the_gpu_and_never_initialises_cuda(tmp_p
     monkeypatch.setattr(gpu, "probe_gpus", lambda: GPUS)
     monkeypatch.setattr(gpu, "cuda_built", lambda: True)
     monkeypatch.setattr(mps_module, "PROBE", "pass")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    control = bin_dir / "nvidia-cuda-mps-control"
-    control.write_text(FAKE_CONTROL)
-    control.chmod(control.stat().st_mode | stat.S_IXUSR)
+    install_control(tmp_path, monkeypatch, FAKE_CONTROL)
     log = tmp_path / "control.log"
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_MPS_LOG", str(log))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
     spawned = []

@@ -9,7 +9,6 @@ the probe that proves a CUDA client can start, falling back (``auto``) or failin
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from core.errors import ConfigError
 from scheduler import mps as mps_module
 from scheduler.mps import MpsDaemon
 from scheduler.workerpool import allocator_env
+from tests.unit.fake_mps import install_control
 
 FAKE_CONTROL = """#!/bin/sh
 echo "args:$* pipe:$CUDA_MPS_PIPE_DIRECTORY log:$CUDA_MPS_LOG_DIRECTORY" >> "$FAKE_MPS_LOG"
@@ -32,13 +32,8 @@ exit 0
 @pytest.fixture
 def fake_control(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A stand-in control binary first on PATH; returns the file it records to."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    script = bin_dir / "nvidia-cuda-mps-control"
-    script.write_text(FAKE_CONTROL)
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    install_control(tmp_path, monkeypatch, FAKE_CONTROL)
     log = tmp_path / "control.log"
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_MPS_LOG", str(log))
     for name in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
         monkeypatch.delenv(name, raising=False)

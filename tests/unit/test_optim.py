@@ -15,6 +15,7 @@ import torch
 from core.definition import optimizer_state_entries, state_name
 from core.spec import EntrySpec
 from scheduler.config import OPTIMIZER_DEFAULTS
+from tests.unit.optim_support import torch_optimizer
 from workers.optim import optimizer_step
 
 K = 3
@@ -48,19 +49,6 @@ HPARAMS: dict[str, dict[str, list[float]]] = {
     },
 }
 KIND = {"sgd": "sgd", "sgd_plain": "sgd", "sgd_nesterov": "sgd", "adam": "adam", "adamw": "adamw"}
-
-
-def torch_optimizer(kind: str, params: list[torch.Tensor], hp: dict[str, float]) -> torch.optim.Optimizer:
-    if kind == "sgd":
-        return torch.optim.SGD(
-            params, lr=hp["lr"], momentum=hp["momentum"], dampening=hp["dampening"],
-            weight_decay=hp["weight_decay"], nesterov=bool(hp["nesterov"]), foreach=False,
-        )
-    cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
-    return cls(
-        params, lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"],
-        weight_decay=hp["weight_decay"], foreach=False, fused=False,
-    )
 
 
 class Setup:
