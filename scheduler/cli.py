@@ -16,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     run_parser = sub.add_parser("run", help="start a coordinator and its workers")
     run_parser.add_argument("--config", required=True, help="TOML config file")
     run_parser.add_argument("--address", help="override coordinator.address")
+    run_parser.add_argument("--restore-run", metavar="RUN_ID",
+                            help="start every model from the host copies a killed coordinator of this config left on "
+                                 "this machine (its run id: stats()['run_id'], or the cohort-<RUN_ID>-* names in "
+                                 "/dev/shm); sets coordinator.restore_run")
     run_parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     for name, text in (("snapshot", "write every model of a running coordinator to DIR/<group>/<index>.safetensors"),
                        ("load", "set every model of a running coordinator from DIR/<group>/<index>.safetensors")):
@@ -47,15 +51,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cohort {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s cohort %(levelname)s %(message)s", stream=sys.stderr)
-    from scheduler.config import load_config
+    from scheduler.config import load_config, override_coordinator
     from scheduler.coordinator import run
 
     try:
         config = load_config(args.config)
-        if args.address:
-            from dataclasses import replace
-
-            config = replace(config, coordinator=replace(config.coordinator, address=args.address))
+        overrides = {"address": args.address, "restore_run": args.restore_run}
+        config = override_coordinator(config, **{k: v for k, v in overrides.items() if v is not None})
         return run(config)
     except CohortError as exc:
         print(f"cohort: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -48,6 +49,7 @@ class CoordinatorConfig:
     curve_secret_key: str = ""
     curve_allowed_keys: str = ""
     compile_cache_dir: str = ""  # "": $XDG_CACHE_HOME/cohort, else ~/.cache/cohort
+    restore_run: str = ""  # the run id of a dead coordinator on this machine: start from its host copies
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,12 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> Config:
     if dupes:
         raise ConfigError(f"{path}: group.name {dupes[0]!r} is used twice")
     return Config(coordinator, groups, path)
+
+
+def override_coordinator(config: Config, **values: Any) -> Config:
+    """``config`` with coordinator keys replaced (from the command line), checked as the file's are."""
+    raw = {k: v for k, v in {**dataclasses.asdict(config.coordinator), **values}.items() if v is not None}
+    return dataclasses.replace(config, coordinator=_coordinator(raw, "the command line"))
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], key: str, path: str) -> Any:
@@ -130,6 +138,9 @@ def _coordinator(raw: Any, path: str) -> CoordinatorConfig:
             raise ConfigError(f"{path}: coordinator.{key} must be positive, got {getattr(cfg, key)}")
     if not cfg.snapshot_interval_s >= 0:
         raise ConfigError(f"{path}: coordinator.snapshot_interval_s must be 0 (off) or positive, got {cfg.snapshot_interval_s}")
+    if cfg.restore_run and not re.match(r"^\d+-[0-9a-f]{8}$", cfg.restore_run):
+        raise ConfigError(f"{path}: coordinator.restore_run must be a run id as stats() gives it (like "
+                          f"'12345-0a1b2c3d'), got {cfg.restore_run!r}")
     _check_security(cfg, path)
     return cfg
 

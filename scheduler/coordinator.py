@@ -35,6 +35,7 @@ from core.codec import (
 from core.definition import build_definition
 from core.errors import (
     CohortError,
+    ConfigError,
     JobFailed,
     JobTimeout,
     Overloaded,
@@ -77,7 +78,7 @@ from scheduler.barrier import Barriers
 from scheduler.config import Config
 from scheduler.host_copies import HostCopies
 from scheduler.jobs import Job, Part
-from scheduler.leftovers import remove_stale
+from scheduler.leftovers import alive, remove_stale
 from scheduler.mps import MpsDaemon
 from scheduler.placement import place
 from scheduler.security import CurveServer
@@ -170,6 +171,16 @@ class Coordinator:
             JobResults: self._on_job_results,
         }
 
+    def _adopt(self, run_id: str) -> None:
+        """Start every model from the host copies a dead coordinator (same config) left on this machine."""
+        if alive(int(run_id.split("-")[0])):
+            raise ConfigError(f"coordinator.restore_run: the coordinator of run {run_id!r} is still running")
+        self.versions.update(self.host.adopt(run_id))
+        for w in self.workers:
+            w.restore = True  # the workers fill their banks from the host copies, as replacements do
+        log.warning("models restored from the host copies of run %s: %s", run_id,
+                    ", ".join(f"{g}/{i}@v{v}" for (g, i), v in sorted(self.versions.items())))
+
     def _spec_for_block(self, group: str, indices: list[int]) -> GroupSpec:
         spec = self.specs[group]
         hparams = {k: [v[i] for i in indices] for k, v in spec.hparams.items()}
@@ -179,6 +190,8 @@ class Coordinator:
 
     def start(self) -> None:
         """Bind, start MPS and the workers, and wait until every worker is ready."""
+        if self.cc.restore_run:  # before the dead run's leftovers go
+            self._adopt(self.cc.restore_run)
         for removed in remove_stale():
             log.warning("removed %s", removed)
         self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -477,7 +490,7 @@ class Coordinator:
                 except StartupError:
                     raise
                 except Exception as exc:
-                    if w.state == "starting" and not w.restore:  # at start-up: fail now, with the reason
+                    if w.state == "starting" and w.restarts == 0:  # at start-up: fail now, with the reason
                         raise StartupError(f"worker {w.id}: {type(exc).__name__}: {exc}") from exc
                     log.exception("worker %d sent a message that could not be handled", w.id)  # never a crash
 
@@ -630,6 +643,7 @@ class Coordinator:
             "cohort_version": __version__,
             "pid": os.getpid(),
             "run_id": self.run_id,
+            "restored_from": self.cc.restore_run or None,
             "uptime_s": round(uptime, 3),
             "address": self.cc.address,
             "device": self.device,

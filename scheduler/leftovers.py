@@ -58,15 +58,16 @@ def quit_daemon(pipe_dir: Path) -> None:
         pass
 
 
-def remove_stale(temp_dir: Path | None = None, shm: Path | None = None) -> list[str]:
-    """Remove dead runs' directories (quitting their MPS daemons) and shared memory; what was removed."""
+def remove_stale(temp_dir: Path | None = None, shm: Path | None = None, keep: str = "") -> list[str]:
+    """Remove dead runs' directories (quitting their MPS daemons) and shared memory, except the host
+    copies of run ``keep`` (a restart restores from them); what was removed."""
     removed = []
     for run_dir in stale(temp_dir or Path(tempfile.gettempdir()), RUN):
         quit_daemon(run_dir / "mps-pipe")
         shutil.rmtree(run_dir, ignore_errors=True)
         removed.append(f"the run directory of a dead coordinator: {run_dir}")
     for pattern in (RUN, TORCH_SHM):
-        found = stale(shm or shm_dir(), pattern)
+        found = [p for p in stale(shm or shm_dir(), pattern) if not (keep and p.name.startswith(f"cohort-{keep}-h"))]
         for path in found:
             path.unlink(missing_ok=True)
         if found:

@@ -114,8 +114,9 @@ class Supervisor:
         if w.restore:
             for m in models:
                 self.versions[m] = self.host.version.get(m, 0)
-            log.warning("worker %d restarted (pid %d); models restored: %s", w.id, w.pid,
-                        ", ".join(f"{g}/{i}@v{self.versions[(g, i)]}" for g, i in models))
+            if w.restarts:  # a first start restoring a dead run's host copies is said by the coordinator
+                log.warning("worker %d restarted (pid %d); models restored: %s", w.id, w.pid,
+                            ", ".join(f"{g}/{i}@v{self.versions[(g, i)]}" for g, i in models))
         else:  # the worker copied its freshly initialised banks to their host copies before saying ready
             self.host.mirrored(models, self.versions)
         w.state = "ready"
@@ -127,7 +128,7 @@ class Supervisor:
         w.plans = [{f: getattr(report, f) for f in report.__struct_fields__} for report in msg.plans]
 
     def on_failed(self, w: WorkerHandle, msg: WorkerFailed, _: list[Any]) -> None:
-        if w.state == "starting" and not w.restore:
+        if w.state == "starting" and w.restarts == 0:
             raise StartupError(f"worker {w.id} failed to start: {msg.error}: {msg.message}")
         log.error("worker %d failed to restart: %s: %s", w.id, msg.error, msg.message)
         self.bury(w, f"restart failed: {msg.message}")  # ``check`` starts the next one when its pause is over

@@ -188,6 +188,7 @@ def run(cluster: Cluster, args: argparse.Namespace, raw: dict[str, Any], config:
         "cwd": os.getcwd(), "snapshot_dir": snapshot_root,
         "snapshot_interval_s": float(interval), "start_timeout_s": config.coordinator.start_timeout_s + 60,
         "log_level": args.log_level, "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
+        "max_restarts": args.max_restarts,
     } for i in range(count)]
     start_supervisors(cluster, specs, bundles, use_gpu, args)
     wait_until_up(cluster, layout, config.coordinator.start_timeout_s + 90)
@@ -353,7 +354,9 @@ def watch(cluster: Cluster, layout: Layout) -> None:
                 continue
             if now[1] == "up" and now[0] > before[0] or (now[1] == "up" and before[1] != "up"):
                 restored = entry.get("restored") or {}
-                source = (f"restored from snapshots ({', '.join(sorted(restored))})" if restored
+                source = (f"restored from its last host copies (weights, optimizer state, hyperparameters; run "
+                          f"{entry['restored_run']})" if entry.get("restored_run")
+                          else f"restored from snapshots ({', '.join(sorted(restored))})" if restored
                           else "started from its initial weights (no snapshot yet)")
                 say(f"coordinator {index} restarted (incarnation {now[0]}) at {entry.get('address')}; {source}")
             elif now[1] == "failed":

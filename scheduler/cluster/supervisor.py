@@ -15,7 +15,9 @@ start-up of an incarnation:
    pipe directory, shared memory) is that GPU's whatever index others use for it;
 3. the address: the last incarnation's when it can be bound again (clients reconnect by
    themselves), else a new free port;
-4. after a death, the restore point: the newest snapshot file of every model (its own
+4. after a death, the restore point: the dead coordinator's host copies when they are on this
+   node (weights, optimizer state, hyperparameters and step counts as of its last barrier:
+   ``coordinator.restore_run``), else the newest snapshot file of every model (its own
    periodic snapshots, the cluster's snapshots), read as the group's ``init``;
 5. write the coordinator's config, start it (``scheduler.cluster.child``: it dies with
    this actor), wait until it answers ``stats()``, register it in the directory;
@@ -44,6 +46,7 @@ from typing import Any
 
 import psutil
 
+from core.bank import shm_dir
 from core.errors import CohortError, ConfigError
 from scheduler.cluster import DIRECTORY_NAME, NAMESPACE
 from scheduler.cluster.layout import (
@@ -115,7 +118,8 @@ class Supervisor:
         self.gpu = assigned_gpu(os.environ, probe_gpus()) if spec["use_gpu"] else None
         bind, advertised = choose_address(spec["address"], previous, ray.util.get_node_ip_address(), self.home)
         self.address = advertised
-        self.restored = self._restore_point() if self.incarnation > 1 else {}
+        self.restored_run = host_copies_left(previous, self.node) if self.incarnation > 1 else ""
+        self.restored = self._restore_point() if self.incarnation > 1 and not self.restored_run else {}
         config_path = self.home / "cohort.toml"
         config_path.write_text(toml_text(self._config(bind)), encoding="utf-8")
         self.log_path = self.home / "coordinator.log"
@@ -124,7 +128,7 @@ class Supervisor:
         entry = {"state": "starting", "address": advertised, "incarnation": self.incarnation, "node": self.node,
                  "node_ip": ray.util.get_node_ip_address(), "gpu": self.gpu.uuid if self.gpu else "",
                  "pid": self.child.pid, "pid_created": _created(self.child.pid), "actor_pid": os.getpid(),
-                 "log": str(self.log_path), "restored": self.restored, "reason": ""}
+                 "log": str(self.log_path), "restored": self.restored, "restored_run": self.restored_run, "reason": ""}
         ray.get(self.directory.register.remote(self.index, entry), timeout=30)
         try:
             self.stats = wait_until_up(advertised, self.child, self.log_path,
@@ -144,7 +148,10 @@ class Supervisor:
     # ------------------------------------------------------------------ start-up
 
     def _config(self, bind: str) -> dict[str, Any]:
-        return block_config(self.spec, self.index, bind, self.gpu, self.restored, self.home)
+        config = block_config(self.spec, self.index, bind, self.gpu, self.restored, self.home)
+        if self.restored_run:
+            config["coordinator"]["restore_run"] = self.restored_run
+        return config
 
     def _own_snapshots(self) -> str:
         return own_snapshots(self.spec, self.index, self.home)
@@ -178,15 +185,18 @@ class Supervisor:
             log.error("coordinator %d exited with code %s; the supervisor exits so that Ray restarts it", self.index,
                       code)
             # A coordinator killed hard leaves its run directory and shared memory; with no
-            # restarts left no new coordinator on this node would remove them at its start.
-            for removed in remove_stale():
+            # restarts left no new coordinator on this node would remove them at its start. Its
+            # host copies stay for the next incarnation, which restores from them and removes them.
+            restarts = int(self.spec.get("max_restarts", 0))
+            keep = self.stats.get("run_id", "") if restarts < 0 or self.incarnation <= restarts else ""
+            for removed in remove_stale(keep=keep):
                 log.info("coordinator %d: removed %s", self.index, removed)
             os._exit(1)  # ray.actor.exit_actor() would be a clean exit, which Ray does not restart
 
     def info(self) -> dict[str, Any]:
         return {"index": self.index, "address": self.address, "incarnation": self.incarnation, "pid": self.child.pid,
                 "actor_pid": os.getpid(), "gpu": self.gpu.uuid if self.gpu else "", "log": str(self.log_path),
-                "restored": self.restored, "node": self.node}
+                "restored": self.restored, "restored_run": self.restored_run, "node": self.node}
 
     def stop(self, remove_files: bool = True) -> dict[str, Any]:
         """Stop the coordinator as Ctrl-C does (SIGINT, then SIGKILL of its group after a grace);
@@ -225,6 +235,15 @@ class Supervisor:
 
 
 # ---------------------------------------------------------------------- pieces (tested without Ray)
+
+
+def host_copies_left(previous: dict[str, Any] | None, node: str) -> str:
+    """The run id of the last incarnation's coordinator when it ran on this node and its host copies
+    are still here (it died hard), else ""."""
+    run_id = str((previous or {}).get("run_id", ""))
+    if not run_id or (previous or {}).get("node") != node:
+        return ""
+    return run_id if (shm_dir() / f"cohort-{run_id}-hmanifest").exists() else ""
 
 
 def own_snapshots(spec: dict[str, Any], index: int, home: Path) -> str:

@@ -6,7 +6,7 @@ One cluster for the module (its start is most of the cost): ``python -m schedule
 The tests then check, in order: the models spread over both; ensembles and training
 rounds equal plain PyTorch; weights copied across coordinators with their optimizer
 state; snapshots under cluster indices; a coordinator killed with SIGKILL restarted by
-Ray and serving its models restored from the last snapshot; Ctrl-C leaving no process,
+Ray and serving its models restored from its last host copies; Ctrl-C leaving no process,
 no shared memory, no directory and no Ray address file behind.
 """
 
@@ -215,9 +215,12 @@ def test_the_monitor_watches_the_whole_cluster(cluster: RunningCluster) -> None:
 def test_a_killed_coordinator_is_restarted_by_ray_with_its_models_restored(
         cluster: RunningCluster, client: ClusterClient, tmp_path: Path) -> None:
     x, t = torch.randn(6, 8), torch.randint(0, 4, (6,))
-    client.snapshot(tmp_path / "restore-point")
+    client.snapshot(tmp_path / "restore-point")  # a barrier: host copies of every model too
     saved = {m: client.get_weights(m) for m in ("mlp/3", "mlp/4", "adam/1")}
-    client.train_step("mlp/4", x, t)  # after the snapshot: lost with the coordinator
+    on_victim = [m.id for m in client.models() if m.coordinator == 1]
+    state = {m: client.get_weights(m, optimizer_state=True) for m in on_victim}
+    hparams = {m: client.get_hparams(m) for m in on_victim}
+    client.train_step("mlp/4", x, t)  # after the last host copy: lost with the coordinator
     on_zero = client.get_weights("mlp/0")
     victim = client.stats()["coordinators"][1]["stats"]["pid"]
     cluster.remember()
@@ -234,6 +237,11 @@ def test_a_killed_coordinator_is_restarted_by_ray_with_its_models_restored(
     assert weights_equal(client.get_weights("mlp/3"), saved["mlp/3"])
     assert weights_equal(client.get_weights("adam/1"), saved["adam/1"])
     assert weights_equal(client.get_weights("mlp/0"), on_zero)  # the other coordinator never noticed
+    # Restored from the dead coordinator's host copies: optimizer state, run-time hyperparameters
+    # and step counts too, not only the weights a snapshot file holds.
+    for m in on_victim:
+        assert weights_equal(client.get_weights(m, optimizer_state=True), state[m]), m
+        assert client.get_hparams(m) == hparams[m], m
     deadline = time.monotonic() + 10  # the supervisor marks it up once it has seen it answer
     while client.coordinators()[1].state != "up" and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -244,7 +252,7 @@ def test_a_killed_coordinator_is_restarted_by_ray_with_its_models_restored(
     deadline = time.monotonic() + 10
     while "coordinator 1 restarted (incarnation 2)" not in cluster.log() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert "restored from snapshots" in cluster.log()
+    assert "restored from its last host copies" in cluster.log()
 
 
 def test_ctrl_c_leaves_no_process_shared_memory_or_file_behind(cluster: RunningCluster, client: ClusterClient) -> None:

@@ -17,6 +17,7 @@ from scheduler.config import (
     Config,
     CoordinatorConfig,
     load_config,
+    override_coordinator,
     parse_config,
 )
 
@@ -434,3 +435,14 @@ def test_errors_name_the_group() -> None:
 @pytest.mark.parametrize("precision", ["bf16_mixed", "fp16", "BF16", ""])
 def test_bad_precision(precision: str) -> None:
     expect_error(with_("group.0.precision", precision), "precision", repr(precision))
+
+
+def test_command_line_overrides_are_checked_as_the_files_keys_are() -> None:
+    config = parse_config(base())
+    changed = override_coordinator(config, address="ipc:///tmp/x.sock", restore_run="123-0a1b2c3d")
+    assert (changed.coordinator.address, changed.coordinator.restore_run) == ("ipc:///tmp/x.sock", "123-0a1b2c3d")
+    assert changed.coordinator.workers == 2 and changed.groups == config.groups
+    with pytest.raises(ConfigError, match="coordinator.address"):
+        override_coordinator(config, address="localhost:5555")
+    with pytest.raises(ConfigError, match="coordinator.restore_run"):
+        override_coordinator(config, restore_run="../etc")
