@@ -36,6 +36,9 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+# Dtypes numpy holds as they are: their bytes are taken with one numpy() call (bfloat16 is viewed as bytes first).
+NUMPY_DTYPES = frozenset(DTYPES.values()) - {torch.bfloat16}
+SMALL_BYTES = 64 * 1024  # received tensors up to this size are copied out in one step (bytearray)
 
 class TensorMeta(msgspec.Struct, array_like=True, frozen=True):
     """Header of one tensor; its bytes are the next buffer frame."""
@@ -88,12 +91,16 @@ def tensor_nbytes(meta: TensorMeta) -> int:
 
 def _tensor_buffer(t: torch.Tensor) -> memoryview:
     """The raw bytes of a CPU tensor, without a copy when it is already contiguous."""
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.contiguous()
+    if not t.is_contiguous():
+        t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
+    if t.dtype in NUMPY_DTYPES:  # the common case in as few calls as possible: this runs for every tensor sent
+        return memoryview(t.numpy()).cast("B")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
@@ -145,6 +152,8 @@ def to_arena(tree: TensorTree, buffers: list[memoryview], arena: Any) -> tuple[T
 
 def check_buffers(tree: TensorTree, buffers: list[Any], max_bytes: int) -> int:
     """Check buffer count and sizes against the header before anything is built; return total bytes."""
+    if not tree.metas and tree.layout == "none" and not buffers and not tree.shm:  # no tensors (most targets)
+        return 0
     if len(tree.metas) > MAX_TENSORS:
         raise BadInput(f"too many tensors in one message ({len(tree.metas)} > {MAX_TENSORS})")
     if tree.shm and len(tree.shm) != len(tree.metas):
@@ -184,6 +193,9 @@ def _decode_tensor(meta: TensorMeta, buf: Any, pinned: bool) -> torch.Tensor:
         out.reshape(-1).view(torch.uint8).copy_(buf)
         return out
     # Copy into a tensor we own: received frames are read-only and short-lived.
+    nbytes = memoryview(buf).nbytes
+    if not pinned and 0 < nbytes <= SMALL_BYTES:  # one copy into memory the tensor owns, in three calls
+        return torch.frombuffer(bytearray(buf), dtype=DTYPES[meta.dtype]).view(meta.shape)
     out = torch.empty(meta.shape, dtype=DTYPES[meta.dtype], pin_memory=pinned)
     if out.numel():
         out.reshape(-1).view(torch.uint8).numpy()[:] = np.frombuffer(buf, dtype=np.uint8)
@@ -197,6 +209,8 @@ def decode_tensors(tree: TensorTree, buffers: list[Any], max_bytes: int = DEFAUL
     ``arenas`` (``core.arena.ArenaReader``): copied out, or with ``copy=False`` used in place
     (valid only while the writer keeps the region)."""
     check_buffers(tree, buffers, max_bytes)
+    if tree.layout == "none":
+        return None
     if tree.shm:
         if arenas is None:
             raise ProtocolError("tensors in shared memory, but this peer does not read arenas")

@@ -39,6 +39,8 @@ class Barriers:
             self._complete(barrier)
 
     def fences_for(self, models: list[ModelKey]) -> list[Barrier]:
+        if not self.open:  # the usual case, once per job
+            return []
         return [b for b in self.open if b.covers(models)]
 
     def job_finished(self, job_id: int) -> None:

@@ -142,7 +142,7 @@ class Call:
     ``ClientCore.start`` stamps the call's own id, timeout and deadline.
     """
 
-    __slots__ = ("buffers", "deadline", "future", "message", "op", "regions", "returns", "sent")
+    __slots__ = ("_buffers", "deadline", "future", "message", "op", "regions", "returns", "sent", "size")
 
     def __init__(self, op: str, message: msgspec.Struct, returns: Returns, buffers: list[Any] | None = None) -> None:
         self.op = op
@@ -159,8 +159,14 @@ class Call:
         return self.message.req_id
 
     @property
-    def size(self) -> int:
-        return sum(memoryview(b).nbytes for b in self.buffers)
+    def buffers(self) -> list[Any]:
+        """The tensor bytes that travel with the request (``size``: their total)."""
+        return self._buffers
+
+    @buffers.setter
+    def buffers(self, buffers: list[Any]) -> None:
+        self._buffers = buffers
+        self.size = sum(memoryview(b).nbytes for b in buffers)
 
     def __repr__(self) -> str:
         return f"Call({self.op!r}, req_id={self.req_id})"

@@ -124,6 +124,7 @@ class Coordinator:
             (b.group, i): (w.id, slot) for w in self.workers for b in w.blocks for slot, i in enumerate(b.indices)
         }
         self.model_ids: dict[str, ModelKey] = {f"{g}/{i}": (g, i) for g, i in self.slot_of}
+        self.id_of: dict[ModelKey, str] = {key: name for name, key in self.model_ids.items()}
         self.host = HostCopies(self.specs, f"cohort-{self.run_id}-")
         self.barriers = Barriers()
         self.jobs: dict[int, Job] = {}
@@ -412,7 +413,9 @@ class Coordinator:
     def _queue(self, job: Job) -> None:
         job.fences = self.barriers.fences_for(job.models)
         self.jobs[job.id] = job
-        self.queued_per_model.update(job.models)
+        queued = self.queued_per_model
+        for m in job.models:
+            queued[m] += 1
         for part in job.parts:
             self.workers[part.worker].pending.append(part)
         if job.deadline is not None:
@@ -439,6 +442,11 @@ class Coordinator:
     def _split(self, job: Job, inputs: TensorTree, in_buffers: list[Any], targets: TensorTree, t_buffers: list[Any],
                stacked: int | None) -> None:
         """One part per worker holding some of the job's models, its slots in ascending order."""
+        if len(job.models) == 1 and stacked is None:  # most jobs: one model, one part, nothing to cut
+            worker, slot = self.slot_of[job.models[0]]
+            job.parts.append(Part(job, worker, [slot], [job.models[0][1]], inputs, targets, [*in_buffers, *t_buffers]))
+            job.open_parts = 1
+            return
         by_worker: dict[int, list[tuple[int, int]]] = {}
         for model in job.models:
             worker, slot = self.slot_of[model]
@@ -531,7 +539,7 @@ class Coordinator:
             job.on_done(job, error)
             return
         latency = time.monotonic() - job.accepted
-        self.stats.record_finish([f"{g}/{i}" for g, i in job.models], latency, None if error is None else type(error).__name__)
+        self.stats.record_finish([self.id_of[m] for m in job.models], latency, None if error is None else type(error).__name__)
         if error is not None:
             self._reply_error(job.client, job.req_id, error)
             return
@@ -550,10 +558,12 @@ class Coordinator:
 
     def _retire(self, job: Job) -> None:
         self.jobs.pop(job.id, None)
-        self.queued_per_model.subtract(job.models)
+        queued = self.queued_per_model
         for m in job.models:
-            if self.queued_per_model[m] <= 0:
-                del self.queued_per_model[m]
+            if queued[m] <= 1:
+                queued.pop(m, None)
+            else:
+                queued[m] -= 1
         self.barriers.job_finished(job.id)
 
     # ================================================================== step 3: health

@@ -4,7 +4,9 @@
     python tools/bench_path.py [--out FILE.json] [--seconds S]
 
 1. **tiny jobs**: the p50 round trip of a tiny ``infer`` through cohort against a raw
-   two-hop ZeroMQ echo (client -> broker -> echo worker), and pipelined tiny jobs/s against
+   two-hop ZeroMQ echo (client -> broker -> echo worker) and against the same three
+   processes in Python doing nothing but forward (the floor of cohort's design in Python),
+   and pipelined tiny jobs/s (64 in flight, with ``Client.map`` and with ``submit``) against
    ``ProcessPoolExecutor`` running a no-op (64 in flight);
 2. **CPU per call**: user+system CPU of the client, the coordinator and the worker per tiny
    job, sequential and pipelined (what each process spends, whatever the machine's load);
@@ -39,6 +41,7 @@ from tools.bench_control import (  # noqa: E402
     pipelined,
     round_trips,
 )
+from tools.bench_relay import relay_round_trips  # noqa: E402
 from tools.bench_workloads import ControlPlane  # noqa: E402
 from tools.harness import start  # noqa: E402
 
@@ -79,7 +82,13 @@ def tiny_jobs(seconds: float) -> dict[str, Any]:
         before = [cpu_s(p) for p in (me, coord, worker)]
         jobs, took = pipelined(lambda: c.submit("infer", "cp/0", x), cp.pipelined, cp.window, cp.budget_s)
         after = [cpu_s(p) for p in (me, coord, worker)]
-        out["cohort_jobs_s"] = round(jobs / took)
+        out["cohort_submit_jobs_s"] = round(jobs / took)
+        out["cpu_us_per_call_submit"] = {name: round((a - b) / jobs * 1e6, 1) for name, a, b in
+                                         zip(("client", "coordinator", "worker"), after, before)}
+        before = [cpu_s(p) for p in (me, coord, worker)]
+        jobs, took = streamed(c, x, cp.pipelined, cp.window, cp.budget_s)
+        after = [cpu_s(p) for p in (me, coord, worker)]
+        out["cohort_jobs_s"] = round(jobs / took)  # Client.map: the way to keep calls in flight
         out["cpu_us_per_call_pipelined"] = {name: round((a - b) / jobs * 1e6, 1) for name, a, b in
                                             zip(("client", "coordinator", "worker"), after, before)}
     with echo_servers() as address:
@@ -89,11 +98,23 @@ def tiny_jobs(seconds: float) -> dict[str, Any]:
             out["echo_p50_ms"] = p50_ms(round_trips(echo.call, cp.round_trips, cp.warmup, cp.budget_s))
         finally:
             echo.close()
+    out["python_relay_p50_ms"] = p50_ms(relay_round_trips(cp.round_trips, cp.warmup, cp.budget_s))
     pool = measure_pool(cp, 1)
     out["pool_jobs_s"] = round(pool["jobs_s"])
     out["p50_over_echo"] = round(out["cohort_p50_ms"] / out["echo_p50_ms"], 2)
+    out["python_relay_over_echo"] = round(out["python_relay_p50_ms"] / out["echo_p50_ms"], 2)
     out["jobs_s_over_pool"] = round(out["cohort_jobs_s"] / out["pool_jobs_s"], 2)
+    out["submit_jobs_s_over_pool"] = round(out["cohort_submit_jobs_s"] / out["pool_jobs_s"], 2)
     return out
+
+
+def streamed(c: Client, x: torch.Tensor, count: int, window: int, budget_s: float) -> tuple[int, float]:
+    """Tiny jobs through ``Client.map``, ``window`` deep, until ``count`` are done or the budget ends."""
+    done, began = 0, time.perf_counter()
+    while done < count and time.perf_counter() - began < budget_s:
+        for _ in c.map("infer", "cp/0", [x] * min(count - done, 20 * window), depth=window):
+            done += 1
+    return done, time.perf_counter() - began
 
 
 def calls_in_flight(seconds: float) -> dict[str, Any]:

@@ -76,27 +76,26 @@ def _signature(value: Any, skip_batch: bool) -> Any:
     return None
 
 
-def _joins(segment: list[Ready], job: Ready) -> bool:
-    """Whether ``job`` belongs to the segment of its neighbours before it."""
-    first = segment[0]
-    if job.group != first.group or job.op != first.op:
-        return False
+def _key(job: Ready) -> tuple[Any, ...]:
+    """What neighbours must share to be joined: group, op, and the shapes of their data (an ``infer``'s
+    but for the batch size)."""
     if job.op == "infer":
-        return _signature(job.inputs, True) == _signature(first.inputs, True)
-    if any(j.slots == job.slots for j in segment):
-        return False
-    return _signature(job.inputs, False) == _signature(first.inputs, False) and \
-        _signature(job.targets, False) == _signature(first.targets, False)
+        return (job.group, job.op, _signature(job.inputs, True))
+    return (job.group, job.op, _signature(job.inputs, False), _signature(job.targets, False))
 
 
 def segments(jobs: list[Ready]) -> list[list[Ready]]:
-    """Jobs, in order, as runs of neighbours that could share a call."""
+    """Jobs, in order, as runs of neighbours that could share a call (a ``train_step`` on a model already
+    in the run starts a new one: its step must see the first one's weights)."""
     out: list[list[Ready]] = []
+    last: tuple[Any, ...] | None = None
     for job in jobs:
-        if out and job.op in ("infer", "train_step") and _joins(out[-1], job):
+        key = _key(job) if job.op in ("infer", "train_step") else None
+        if key is not None and key == last and not (job.op == "train_step" and any(j.slots == job.slots for j in out[-1])):
             out[-1].append(job)
         else:
             out.append([job])
+            last = key
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -57,4 +58,33 @@ def test_async_calls_in_flight_never_sleep_on_replies_already_waiting(cohort) ->
             return done
 
     assert asyncio.run(rounds()) == 10 * 3 * 64
+    assert stop_and_check_clean(running) == 0
+
+
+def test_map_on_the_calling_threads_socket_keeps_order_and_recovers_from_errors(cohort) -> None:
+    """The stream goes out on the thread's own socket, several calls a message: results in order,
+    a failing call raises at its turn and leaves the client sound, large inputs ask the
+    coordinator's bound first, and a thread with submitted calls out keeps their order."""
+    running = cohort([mlp_group("m", 2)], workers=1)
+    batches = [torch.full((2, 8), float(i)) for i in range(40)]
+    with running.client(timeout=60, shm=False) as c:
+        got = list(c.map("infer", "m/0", batches, depth=16))
+        for i, y in enumerate(got):
+            torch.testing.assert_close(y, c.infer("m/0", batches[i]))
+        bad = [*batches[:5], torch.randn(2, 9), *batches[5:10]]  # the sixth has the wrong width
+        stream = c.map("infer", "m/1", bad, depth=8, timeout=10)
+        first = next(stream)
+        time.sleep(0.3)  # the stream's other answers wait in the socket: a blocking call must leave them
+        torch.testing.assert_close(first, c.infer("m/1", batches[0]))
+        for i in range(1, 5):
+            torch.testing.assert_close(next(stream), c.infer("m/1", batches[i]))
+        with pytest.raises(BadInput):
+            next(stream)
+        assert c.infer("m/1", batches[3]).shape == (2, 4)  # late answers of the abandoned calls are dropped
+        big = [torch.randn(40_000, 8) for _ in range(3)]  # 1.3 MB each: over what is always answered
+        assert [y.shape for y in c.map("infer", "m/0", big, depth=3)] == [(40_000, 4)] * 3
+        futures = [c.submit("train_step", "m/0", batches[0], torch.zeros(2, dtype=torch.int64)) for _ in range(3)]
+        step = c.get_hparams("m/0")["step"]  # ordered after the submitted steps
+        assert step == 3
+        assert [f.result() for f in futures] and len(list(c.map("infer", "m/0", batches[:4], depth=2))) == 4
     assert stop_and_check_clean(running) == 0
