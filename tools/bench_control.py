@@ -289,11 +289,24 @@ def measure_cohort(cp: ControlPlane, device: str) -> Result:
     with coordinator([cohort_group(cp)], device) as running, Client(running.address, timeout=REPLY_TIMEOUT_S) as client:
         latencies = round_trips(lambda: client.infer(f"{CP_GROUP}/0", x), cp.round_trips, cp.warmup, cp.budget_s)
         models = itertools.cycle(f"{CP_GROUP}/{k}" for k in range(cp.models))
-        jobs, seconds = pipelined(lambda: client.submit("infer", next(models), x), cp.pipelined, cp.window, cp.budget_s)
+        submitted, submit_s = pipelined(lambda: client.submit("infer", next(models), x), cp.pipelined, cp.window,
+                                        cp.budget_s)
+        jobs, seconds = mapped(client, models, x, cp)
         return summarize(
-            latencies, jobs, seconds, workers=running.workers,
-            notes=f"Client.infer on a {cp.factory} {cp.kwargs}; pipelined over {cp.models} models",
+            latencies, jobs, seconds, workers=running.workers, submit_jobs_s=submitted / submit_s,
+            notes=f"Client.infer on a {cp.factory} {cp.kwargs}; pipelined: Client.map, {cp.window} deep, over "
+                  f"{cp.models} models in turn (submit_jobs_s: as many submit calls kept in flight)",
         )
+
+
+def mapped(client: Any, models: Iterator[str], x: Any, cp: ControlPlane) -> tuple[int, float]:
+    """Jobs kept ``cp.window`` deep with ``Client.map``, a stream per model in turn, until ``cp.pipelined``
+    are done or the budget ends; (jobs, seconds)."""
+    done, began = 0, time.perf_counter()
+    while done < cp.pipelined and time.perf_counter() - began < cp.budget_s:
+        for _ in client.map("infer", next(models), [x] * min(cp.pipelined - done, 20 * cp.window), depth=cp.window):
+            done += 1
+    return done, time.perf_counter() - began
 
 
 def run_control_plane(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import sys
 import time
@@ -37,6 +38,7 @@ from scheduler import Client  # noqa: E402
 from tools.bench_control import (  # noqa: E402
     EchoClient,
     echo_servers,
+    mapped,
     measure_pool,
     pipelined,
     round_trips,
@@ -86,7 +88,7 @@ def tiny_jobs(seconds: float) -> dict[str, Any]:
         out["cpu_us_per_call_submit"] = {name: round((a - b) / jobs * 1e6, 1) for name, a, b in
                                          zip(("client", "coordinator", "worker"), after, before)}
         before = [cpu_s(p) for p in (me, coord, worker)]
-        jobs, took = streamed(c, x, cp.pipelined, cp.window, cp.budget_s)
+        jobs, took = mapped(c, itertools.repeat("cp/0"), x, cp)
         after = [cpu_s(p) for p in (me, coord, worker)]
         out["cohort_jobs_s"] = round(jobs / took)  # Client.map: the way to keep calls in flight
         out["cpu_us_per_call_pipelined"] = {name: round((a - b) / jobs * 1e6, 1) for name, a, b in
@@ -106,15 +108,6 @@ def tiny_jobs(seconds: float) -> dict[str, Any]:
     out["jobs_s_over_pool"] = round(out["cohort_jobs_s"] / out["pool_jobs_s"], 2)
     out["submit_jobs_s_over_pool"] = round(out["cohort_submit_jobs_s"] / out["pool_jobs_s"], 2)
     return out
-
-
-def streamed(c: Client, x: torch.Tensor, count: int, window: int, budget_s: float) -> tuple[int, float]:
-    """Tiny jobs through ``Client.map``, ``window`` deep, until ``count`` are done or the budget ends."""
-    done, began = 0, time.perf_counter()
-    while done < count and time.perf_counter() - began < budget_s:
-        for _ in c.map("infer", "cp/0", [x] * min(count - done, 20 * window), depth=window):
-            done += 1
-    return done, time.perf_counter() - began
 
 
 def calls_in_flight(seconds: float) -> dict[str, Any]:
