@@ -88,10 +88,10 @@ class Client(BaseClient):
         unanswered streams through ``submit`` instead, so its calls keep their order.)"""
         if depth < 1:
             raise BadInput(f"map needs depth >= 1, got {depth}")
-        pairs = zip(inputs, targets) if targets is not None else ((x, None) for x in inputs)
         counts = self._counts()
         if counts[0] != counts[1]:
-            return self._map_submitted(op, target, pairs, depth, timeout)
+            return submitted_map(self, op, target, inputs, targets, depth=depth, timeout=timeout)
+        pairs = zip(inputs, targets) if targets is not None else ((x, None) for x in inputs)
         return self._map_direct((job(op, target, x, t) for x, t in pairs), depth, self._timeout(timeout))
 
     def _map_direct(self, calls: Iterator[Call], depth: int, timeout: float) -> Iterator[Any]:
@@ -101,20 +101,6 @@ class Client(BaseClient):
                 yield settled.result()
         finally:
             stream.close()  # the calls still out are forgotten now, not when the generator is collected
-
-    def _map_submitted(self, op: str, target: str, pairs: Iterator[tuple[Any, Any]], depth: int,
-                       timeout: float | None) -> Iterator[Any]:
-        in_flight: deque[Future[Any]] = deque()
-        try:
-            for x, t in pairs:
-                in_flight.append(self.submit(op, target, x, t, timeout=timeout))
-                if len(in_flight) >= depth:
-                    yield in_flight.popleft().result()
-            while in_flight:
-                yield in_flight.popleft().result()
-        finally:
-            for future in in_flight:  # the caller stopped early: what is left is answered and dropped
-                future.cancel()
 
     def __enter__(self) -> Client:
         return self
@@ -189,6 +175,31 @@ class Client(BaseClient):
             return future.result(timeout=timeout + IO_MARGIN_S)
         except FutureTimeout:
             raise JobTimeout(f"no answer from {self.address} within {timeout} s") from None
+
+
+def submitted_map(client: Any, op: str, target: str, inputs: Iterable[Any], targets: Iterable[Any] | None = None, *,
+                  depth: int = 4, timeout: float | None = None) -> Iterator[Any]:
+    """``map`` built on ``submit`` alone, for any client that has it (``ClusterClient`` too): up to
+    ``depth`` futures out, results in order; those left when the caller stops are cancelled."""
+    if depth < 1:
+        raise BadInput(f"map needs depth >= 1, got {depth}")
+    pairs = zip(inputs, targets) if targets is not None else ((x, None) for x in inputs)
+    return _submitted(client, op, target, pairs, depth, timeout)
+
+
+def _submitted(client: Any, op: str, target: str, pairs: Iterator[tuple[Any, Any]], depth: int,
+               timeout: float | None) -> Iterator[Any]:
+    in_flight: deque[Future[Any]] = deque()
+    try:
+        for x, t in pairs:
+            in_flight.append(client.submit(op, target, x, t, timeout=timeout))
+            if len(in_flight) >= depth:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+    finally:
+        for future in in_flight:  # the caller stopped early: what is left is answered and dropped
+            future.cancel()
 
 
 class _DirectSocket:

@@ -22,7 +22,7 @@ error in model order is raised (parts on other coordinators may have run: a fail
 A coordinator that restarts (Ray brings it back after a death) keeps its address when
 it can: calls in flight when it died fail (``ProtocolError``, as with ``Client``), calls
 made while it restarts wait for it within their timeout, and it serves its models again
-restored from their last snapshot. When a connection drops, the table is read again, so
+restored from their last host copies (or, where those are gone, their last snapshot). When a connection drops, the table is read again, so
 a coordinator that had to move is found at its new address by the next call.
 """
 
@@ -35,13 +35,14 @@ import os
 import signal
 import threading
 import uuid
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from core.errors import ConfigError, JobTimeout, ProtocolError, WorkerDied
 from core.tensors import DEFAULT_MAX_MESSAGE_BYTES
-from scheduler.client import Client
+from scheduler.client import Client, submitted_map
 from scheduler.client_api import PUBLIC_CALLS, BaseClient
 from scheduler.client_async import AsyncClient
 from scheduler.client_core import DEFAULT_TIMEOUT_S, Call
@@ -126,6 +127,13 @@ class RayLink:
 
     def record_snapshot(self, path: str) -> Any:
         return self.directory.record_snapshot.remote(path)
+
+    def transfer(self, src: int, src_model: str, dst: int, dst_model: str, timeout: float) -> Any:
+        """Ref of ``src_model``'s weights and optimizer state read by coordinator ``src``'s supervisor and
+        written to ``dst_model`` by ``dst``'s: the bytes go node to node through Ray's object store,
+        never through this client."""
+        weights = self.supervisor(src).read_weights.remote(src_model, timeout)
+        return self.supervisor(dst).write_weights.remote(dst_model, weights, timeout)
 
     def close(self) -> None:
         if self.started:
@@ -270,7 +278,10 @@ class ClusterClient(_ClusterBase):
     """
 
     _flavour = Client
-    map = Client.map  # built on submit alone: over the cluster as over one coordinator
+    def map(self, op: str, target: str, inputs: Iterable[Any], targets: Iterable[Any] | None = None, *,
+            depth: int = 4, timeout: float | None = None) -> Iterator[Any]:
+        """As ``Client.map``, built on ``submit`` alone: over the cluster as over one coordinator."""
+        return submitted_map(self, op, target, inputs, targets, depth=depth, timeout=timeout)
 
     def close(self) -> None:
         """Close every coordinator's client; leave Ray if this client joined it."""
@@ -390,12 +401,24 @@ class ClusterClient(_ClusterBase):
         except Exception:  # noqa: BLE001 - the call's own error is what the caller must see
             pass
 
-    def _copy(self, src: str, dst: str, *, timeout: float | None = None) -> None:
+    def _copy(self, src: str, dst: str, *, timeout: float | None = None, through_ray: bool | None = None) -> None:
         """Within a coordinator, its own copy; across two, the model's weights and optimizer state read
-        from one and written to the other (what ``copy_weights`` moves)."""
+        from one and written to the other (what ``copy_weights`` moves): on one node through this
+        client (shared memory, when it is on that node too), across nodes (``through_ray``: None
+        decides by the directory's nodes) by the two supervisors through Ray's object store, after
+        a barrier on each model so that this client's earlier calls on them come first."""
         (cs, ls), (cd, ld) = self._router.copy(src, dst)
         if cs == cd:
             return self._one(SubCall(cs, "copy_weights", (ls, ld), {"timeout": timeout}))
+        if through_ray is None:
+            nodes = self._placement.coordinators
+            through_ray = bool(nodes[cs].node and nodes[cd].node and nodes[cs].node != nodes[cd].node)
+        if through_ray:
+            t = self.timeout if timeout is None else timeout
+            self._fan(Plan([SubCall(cs, "barrier", ([ls],), {"timeout": t}),
+                            SubCall(cd, "barrier", ([ld],), {"timeout": t})], lambda _: None))
+            self._ray.ray.get(self._ray.transfer(cs, ls, cd, ld, t), timeout=t)
+            return None
         weights = self._one(SubCall(cs, "get_weights", (ls,), {"optimizer_state": True, "timeout": timeout}))
         return self._one(SubCall(cd, "set_weights", (ld, weights), {"optimizer_state": True, "timeout": timeout}))
 

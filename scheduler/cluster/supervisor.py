@@ -108,6 +108,7 @@ class Supervisor:
         self.spec = spec
         self.index: int = spec["index"]
         self.stopping = False
+        self._own_client: Any = None  # a client of this node's coordinator, for copies from and to other nodes
         self.home = cluster_home(spec["cluster_id"]) / f"c{self.index}"
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.directory = ray.get_actor(DIRECTORY_NAME, namespace=NAMESPACE)
@@ -202,6 +203,8 @@ class Supervisor:
         """Stop the coordinator as Ctrl-C does (SIGINT, then SIGKILL of its group after a grace);
         remove this coordinator's files on the node (not snapshots in a directory the user chose)."""
         self.stopping = True
+        if self._own_client is not None:
+            self._own_client.close()
         code = stop_child(self.child, STOP_GRACE_S)
         if remove_files:
             shutil.rmtree(self.home, ignore_errors=True)
@@ -223,6 +226,22 @@ class Supervisor:
                     moved += 1
         shutil.rmtree(staging, ignore_errors=True)
         return moved
+
+    def read_weights(self, model: str, timeout: float) -> dict[str, Any]:
+        """Model ``model`` (this coordinator's id for it): weights and optimizer state, for a copy to another node."""
+        return self._client().get_weights(model, optimizer_state=True, timeout=timeout)
+
+    def write_weights(self, model: str, weights: dict[str, Any], timeout: float) -> None:
+        """Set model ``model`` (this coordinator's id) from another node's ``read_weights``."""
+        self._client().set_weights(model, weights, optimizer_state=True, timeout=timeout)
+
+    def _client(self) -> Any:
+        """A client of this node's coordinator, made on first use (it reconnects by itself after a restart)."""
+        from scheduler.client import Client
+
+        if self._own_client is None:
+            self._own_client = Client(self.address, timeout=60)
+        return self._own_client
 
     def log_tail(self, chars: int = 4000) -> str:
         return _tail(self.log_path, chars)

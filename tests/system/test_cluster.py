@@ -143,6 +143,14 @@ def test_weights_are_copied_across_coordinators_with_their_optimizer_state(clien
     assert weights_equal(client.get_weights("adam/1", optimizer_state=True), b)
     with pytest.raises(Exception, match="different groups"):
         client.copy_weights(src="adam/0", dst="mlp/0")
+    # Across nodes the two supervisors move the bytes through Ray's object store (forced here, on
+    # one node), after this client's own calls on both models: the step just submitted comes first.
+    stepped = client.submit("train_step", "adam/2", x, t)
+    client._copy("adam/2", "adam/0", through_ray=True)
+    assert isinstance(stepped.result(), float)
+    assert weights_equal(client.get_weights("adam/0", optimizer_state=True),
+                         client.get_weights("adam/2", optimizer_state=True))
+    assert client.get_hparams("adam/0")["step"] == client.get_hparams("adam/2")["step"]
 
 
 def test_hyperparameters_reset_and_map_follow_the_cluster_indices(client: ClusterClient) -> None:
