@@ -1,5 +1,5 @@
 """Fused training rounds on CUDA (K at the fusion threshold and above) along torch.optim's curves,
-for SGD, Adam and AdamW, in float32 and bfloat16."""
+for SGD, Adam and AdamW, in float32 and bfloat16, and under bf16 autocast (precision = "bf16-mixed")."""
 
 from __future__ import annotations
 
@@ -79,3 +79,35 @@ def test_plans_are_measured_on_the_device_and_results_do_not_change(gpu_cohort) 
     [plan] = [p for p in worker["plans"] if p["op"] == "infer"]
     assert "one_by_one" in plan["per_job_us"] and any(k.startswith("vmap@") for k in plan["per_job_us"]), plan
     assert all(cost > 0 for cost in plan["per_job_us"].values()), plan
+
+
+def test_bf16_mixed_rounds_follow_torch_autocast_on_cuda(gpu_cohort) -> None:
+    """``precision = "bf16-mixed"`` on a GPU: float32 weights and Adam state, forward and loss under
+    ``torch.autocast("cuda", torch.bfloat16)``, fused, along plain PyTorch's curve."""
+    group = mlp_group("mx", K, optimizer={"name": "adam", "lr": 1e-2}, init={"seed": 5}, precision="bf16-mixed",
+                      batching={"plan": "vmap"})
+    running = gpu_cohort([group], mps="off", workers=1)
+    models, opts = [], []
+    for k in range(K):
+        torch.manual_seed(5 + k)
+        model = mlp(d_in=8, hidden=16, d_out=4).cuda()
+        models.append(model)
+        opts.append(torch.optim.Adam(model.parameters(), lr=1e-2))
+    g = torch.Generator().manual_seed(2)
+    with running.client(timeout=120) as c:
+        for step in range(20):
+            x, t = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+            got = c.train_round("mx", x, t)  # one shared batch
+            want = []
+            for model, opt in zip(models, opts):
+                opt.zero_grad()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = nn.functional.cross_entropy(model(x.cuda()), t.cuda())
+                loss.backward()
+                opt.step()
+                want.append(loss.item())
+            assert got == pytest.approx(want, rel=2e-2, abs=2e-2), f"step {step}"
+        weights = c.get_weights("mx/1")
+        assert all(v.dtype == torch.float32 for v in weights.values())
+        for name, value in weights.items():
+            torch.testing.assert_close(value, models[1].state_dict()[name].cpu(), atol=2e-2, rtol=2e-2, msg=name)
