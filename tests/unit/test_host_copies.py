@@ -35,7 +35,7 @@ def test_a_dead_runs_copies_are_adopted_with_their_versions() -> None:
     old_id = run_id()
     old, new = copies(old_id), copies(run_id())
     try:
-        for (worker, group), segment in old.segments.items():
+        for segment in old.segments.values():
             segment.raw.copy_(torch.randint(0, 256, segment.raw.shape, dtype=torch.uint8))
         old.mirrored([("g", i) for i in range(4)], {("g", i): 10 + i for i in range(4)})
         versions = new.adopt(old_id)
