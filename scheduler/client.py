@@ -84,8 +84,10 @@ class Client(BaseClient):
 
         The calls go out on this thread's own socket, several to a message, and their answers are
         read there, with no future and no hand-off to the I/O thread per call: a stream of small
-        calls costs a fraction of as many ``submit`` calls. (A thread with submitted calls still
-        unanswered streams through ``submit`` instead, so its calls keep their order.)"""
+        calls costs a fraction of as many ``submit`` calls. Iterate it on the thread that called
+        ``map`` (the socket is that thread's). A thread with submitted calls still unanswered streams
+        through ``submit`` instead, and a call submitted inside the loop is answered before the
+        stream's next calls go out, so a thread's calls keep their order."""
         if depth < 1:
             raise BadInput(f"map needs depth >= 1, got {depth}")
         counts = self._counts()
@@ -95,7 +97,7 @@ class Client(BaseClient):
         return self._map_direct((job(op, target, x, t) for x, t in pairs), depth, self._timeout(timeout))
 
     def _map_direct(self, calls: Iterator[Call], depth: int, timeout: float) -> Iterator[Any]:
-        stream = self._direct().stream(calls, depth, timeout, self._core, self._check_size)
+        stream = self._direct().stream(calls, depth, timeout, self._core, self._check_size, self._settle)
         try:
             for settled in stream:
                 yield settled.result()
@@ -137,6 +139,16 @@ class Client(BaseClient):
         if counts[0] != counts[1]:
             return self._wait(self._send(call), timeout)
         return self._direct().call(call, timeout)
+
+    def _settle(self, deadline: float) -> None:
+        """Wait until this thread's submitted calls are answered (a ``submit`` made inside a ``map`` loop):
+        the stream's next calls must not overtake them. ``JobTimeout`` at ``deadline``."""
+        counts = self._counts()
+        while counts[0] != counts[1]:
+            if time.monotonic() > deadline:
+                raise JobTimeout("map: this thread's submitted calls were not answered before the stream's "
+                                 "next calls timed out")
+            time.sleep(0.0005)
 
     def _counts(self) -> list[int]:
         """This thread's futures: ``[submitted, answered]``; only this thread writes the first,
@@ -235,14 +247,17 @@ class _DirectSocket:
             self.done.pop(call.req_id, None)
 
     def stream(self, calls: Iterator[Call], depth: int, timeout: float, core: ClientCore,
-               check_size: Callable[[Call, float], None]) -> Iterator[Settled]:
+               check_size: Callable[[Call, float], None], settle: Callable[[float], None]) -> Iterator[Settled]:
         """Each call's outcome, in order, with up to ``depth`` in flight on this socket; new calls go out
         together, as one message, before waiting for the next answer. The calls still out when the
-        caller stops are forgotten (their late answers are dropped)."""
+        caller stops are forgotten (their late answers are dropped; their tensors in the arena stay
+        the worker's until the arena reclaims them, since the jobs may still run). ``settle(deadline)``
+        waits for this thread's submitted calls before a batch goes out, so they keep their order."""
         link, connection = self.link, self.connection
-        self._note_drops()
         pending: deque[tuple[Call, int]] = deque()  # each call, and the drops seen when it went out
         waiting: Call | None = None  # a call that must wait for the coordinator's bound (asked with nothing out)
+        carried: Call | None = None  # a call started that did not fit into the last message
+        bound = core.batch_bound()
         try:
             while True:
                 batch: list[Call] = []
@@ -253,20 +268,39 @@ class _DirectSocket:
                 room = depth - len(pending)
                 if pending and pending[0][0].req_id in self.done and room < depth // 2:
                     room = 0
-                while len(batch) < room:
-                    call = waiting or next(calls, None)
-                    waiting = None
-                    if call is None:
-                        break
-                    if core.needs_bound(call) and (pending or batch):
-                        waiting = call  # the bound is asked on this socket once nothing else is out
-                        break
-                    check_size(call, timeout)
-                    connection.add(core.start(call, timeout))
-                    batch.append(call)
+                try:
+                    size = 0
+                    while len(batch) < room:
+                        if carried is not None:  # started, left for this message: it did not fit the last one
+                            call, carried = carried, None
+                        else:
+                            call = waiting or next(calls, None)
+                            waiting = None
+                            if call is None:
+                                break
+                            if core.needs_bound(call) and (pending or batch):
+                                waiting = call  # the bound is asked on this socket once nothing else is out
+                                break
+                            check_size(call, timeout)
+                            core.start(call, timeout)
+                            bound = core.batch_bound()  # the coordinator's, once a hello has told it
+                        if batch and size + call.size > bound:  # one message stays within the socket's limit
+                            carried = call
+                            break
+                        connection.add(call)
+                        batch.append(call)
+                        size += call.size
+                    if batch:
+                        settle(batch[0].deadline)
+                        self._note_drops()  # a drop before these go out is no news to them
+                        if not link.send(lambda batch=batch: connection.frames(batch), batch[0].deadline):
+                            raise connection.not_reached(batch[0], timeout)
+                except BaseException:  # the calls not sent are dropped, and their arena regions given back
+                    for call in batch:
+                        connection.forget(call)
+                        core.finish(call)
+                    raise
                 if batch:
-                    if not link.send(lambda batch=batch: connection.frames(batch), batch[0].deadline):
-                        raise connection.not_reached(batch[0], timeout)
                     connection.sent(batch)
                     pending.extend((call, self.drops) for call in batch)
                 if not pending:
@@ -276,10 +310,11 @@ class _DirectSocket:
                 pending.popleft()
                 yield settled
         finally:
-            for call, _ in pending:
+            for call, _ in pending:  # sent: the worker may still read their tensors, so no finish here
                 connection.forget(call)
-                core.finish(call)
                 self.done.pop(call.req_id, None)
+            if carried is not None:
+                core.finish(carried)  # started, never sent
 
     def _wait(self, call: Call, timeout: float, drops: int) -> Settled:
         """``call``'s answer; ``JobTimeout`` at its deadline, ``ProtocolError`` once the connection it went

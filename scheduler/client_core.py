@@ -271,6 +271,14 @@ class ClientCore:
                 self._arena.close()
                 self._arena = None
 
+    def batch_bound(self) -> int:
+        """The most tensor bytes one message of several calls may carry: this client's bound, and the
+        coordinator's once a hello has told it (each call was checked against them on its own; the
+        sockets limit each frame, and a large tensor is a frame of its own)."""
+        if self.server_bound is None:
+            return self.max_message_bytes
+        return min(self.max_message_bytes, self.server_bound)
+
     def needs_bound(self, call: Call) -> bool:
         """Whether ``call`` is large enough that the coordinator's bound must be asked first (``hello``)."""
         return self.server_bound is None and call.size > ALWAYS_ANSWERED_BYTES

@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from core.bank import leftover_shm, unlink_shm
 from core.codec import (
     PROTOCOL_VERSION,
     coordinator_client_codec,
@@ -78,7 +79,7 @@ from scheduler.barrier import Barriers
 from scheduler.config import Config
 from scheduler.host_copies import HostCopies
 from scheduler.jobs import Job, Part
-from scheduler.leftovers import alive, remove_stale
+from scheduler.leftovers import KEEP_HOST_COPIES_ENV, alive, remove_stale
 from scheduler.mps import MpsDaemon
 from scheduler.placement import place
 from scheduler.security import CurveServer
@@ -193,7 +194,8 @@ class Coordinator:
         """Bind, start MPS and the workers, and wait until every worker is ready."""
         if self.cc.restore_run:  # before the dead run's leftovers go
             self._adopt(self.cc.restore_run)
-        for removed in remove_stale():
+        for removed in remove_stale(keep=self.cc.restore_run,
+                                    keep_host_copies=os.environ.get(KEEP_HOST_COPIES_ENV) == "1"):
             log.warning("removed %s", removed)
         self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.frontend.setsockopt(zmq.LINGER, 0)
@@ -219,6 +221,9 @@ class Coordinator:
         for w in self.workers:
             self._spawn(w)
         self.supervisor.wait_until_ready(lambda ms: self._receive_workers(timeout_ms=ms), lambda: self.stopping)
+        if self.cc.restore_run:  # adopted and running: only now may the dead run's copies go
+            for name in leftover_shm(f"cohort-{self.cc.restore_run}-h"):
+                unlink_shm(name)
 
     def _spawn(self, w: WorkerHandle) -> None:
         self.supervisor.spawn(w, self.context, self.run_dir, self.run_id)

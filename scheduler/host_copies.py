@@ -60,6 +60,13 @@ class HostCopies:
         _write(shm_dir() / f"{self.prefix}hmanifest", json.dumps(self._manifest, sort_keys=True).encode())
         return name
 
+    def copying(self, models: list[ModelKey]) -> None:
+        """Mirror jobs for ``models`` are under way: until each finishes (``mirrored``) its segment may be
+        half old, half new, so a dead run's copy of it is not adopted."""
+        table = self._versions.tensors["version"]
+        for m in models:
+            table[self._rows[m]] = -1
+
     def held(self, model: ModelKey) -> bool:
         return model in self.version
 
@@ -99,7 +106,8 @@ class HostCopies:
         finally:
             versions.close()
         if bool((held < 0).any()):
-            raise ConfigError(f"coordinator.restore_run: run {run_id!r} died before every model had a host copy")
+            raise ConfigError(f"coordinator.restore_run: run {run_id!r} died before every model had a host copy, "
+                              "or while one was being written")
         for (worker, group), segment in self.segments.items():
             source = Bank.open(BankHandle(group, "shm", segment.handle.nbytes, segment.layout.count,
                                           shm_name=f"{old}h{worker}-{group}"), self.specs[group].entries)

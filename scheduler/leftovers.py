@@ -9,6 +9,7 @@ and a dead run's MPS daemon is told to quit first.
 
 from __future__ import annotations
 
+import array
 import os
 import re
 import shutil
@@ -19,6 +20,8 @@ from pathlib import Path
 from core.bank import shm_dir
 
 RUN = re.compile(r"^cohort-(\d+)-[0-9a-f]{8}-")
+HOST_COPY = re.compile(r"^cohort-\d+-[0-9a-f]{8}-h")  # host copies of a run (scheduler.host_copies)
+KEEP_HOST_COPIES_ENV = "COHORT_KEEP_HOST_COPIES"  # set for a cluster's coordinators (scheduler.cluster)
 TORCH_SHM = re.compile(r"^torch_(\d+)_")
 CONTROL = "nvidia-cuda-mps-control"
 
@@ -58,16 +61,37 @@ def quit_daemon(pipe_dir: Path) -> None:
         pass
 
 
-def remove_stale(temp_dir: Path | None = None, shm: Path | None = None, keep: str = "") -> list[str]:
-    """Remove dead runs' directories (quitting their MPS daemons) and shared memory, except the host
-    copies of run ``keep`` (a restart restores from them); what was removed."""
+def host_copies_whole(run_id: str, shm: Path | None = None) -> bool:
+    """Whether dead run ``run_id`` left host copies of every model, none half written: its manifest, and
+    a version (``scheduler.host_copies``, int64, -1 while a copy is being written) for every model."""
+    directory = shm or shm_dir()
+    try:
+        versions = array.array("q", (directory / f"cohort-{run_id}-hversions").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return (directory / f"cohort-{run_id}-hmanifest").exists() and len(versions) > 0 and min(versions) >= 0
+
+
+def remove_stale(temp_dir: Path | None = None, shm: Path | None = None, keep: str = "", run: str = "",
+                 keep_host_copies: bool = False) -> list[str]:
+    """Remove dead runs' directories (quitting their MPS daemons) and shared memory; what was removed.
+
+    ``run``: only that run's. ``keep``: not the host copies of run ``keep`` (a restart restores from
+    them). ``keep_host_copies``: no dead run's host copies (in a cluster, where each restarted
+    coordinator adopts its own run's and removes them)."""
+    def ours(name: str) -> bool:
+        return not run or name.startswith(f"cohort-{run}-")
+
+    def kept(name: str) -> bool:  # a host copy that a restart will adopt
+        return (bool(keep) and name.startswith(f"cohort-{keep}-h")) or (keep_host_copies and HOST_COPY.match(name) is not None)
+
     removed = []
-    for run_dir in stale(temp_dir or Path(tempfile.gettempdir()), RUN):
+    for run_dir in [d for d in stale(temp_dir or Path(tempfile.gettempdir()), RUN) if ours(d.name)]:
         quit_daemon(run_dir / "mps-pipe")
         shutil.rmtree(run_dir, ignore_errors=True)
         removed.append(f"the run directory of a dead coordinator: {run_dir}")
     for pattern in (RUN, TORCH_SHM):
-        found = [p for p in stale(shm or shm_dir(), pattern) if not (keep and p.name.startswith(f"cohort-{keep}-h"))]
+        found = [p for p in stale(shm or shm_dir(), pattern) if pattern is not RUN or (ours(p.name) and not kept(p.name))]
         for path in found:
             path.unlink(missing_ok=True)
         if found:

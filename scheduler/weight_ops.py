@@ -215,6 +215,7 @@ class WeightOps:
             if left[0] == 0 and then is not None:
                 then(errors[0] if errors else None)
 
+        self.host.copying([m for block in by_block.values() for m in block])
         jobs = [self.queue.bank_job("mirror", block, one_done) for block in by_block.values()]
         if not jobs and then is not None:
             then(None)

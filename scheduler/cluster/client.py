@@ -34,6 +34,7 @@ import inspect
 import os
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
@@ -415,9 +416,14 @@ class ClusterClient(_ClusterBase):
             through_ray = bool(nodes[cs].node and nodes[cd].node and nodes[cs].node != nodes[cd].node)
         if through_ray:
             t = self.timeout if timeout is None else timeout
+            deadline = time.monotonic() + t
             self._fan(Plan([SubCall(cs, "barrier", ([ls],), {"timeout": t}),
                             SubCall(cd, "barrier", ([ld],), {"timeout": t})], lambda _: None))
-            self._ray.ray.get(self._ray.transfer(cs, ls, cd, ld, t), timeout=t)
+            left = max(0.001, deadline - time.monotonic())
+            try:  # the read and the write share what is left of the call's time
+                self._ray.ray.get(self._ray.transfer(cs, ls, cd, ld, left / 2), timeout=left)
+            except self._ray.ray.exceptions.GetTimeoutError:
+                raise JobTimeout(f"copy_weights {src} -> {dst}: not done within {t} s") from None
             return None
         weights = self._one(SubCall(cs, "get_weights", (ls,), {"optimizer_state": True, "timeout": timeout}))
         return self._one(SubCall(cd, "set_weights", (ld, weights), {"optimizer_state": True, "timeout": timeout}))

@@ -46,7 +46,6 @@ from typing import Any
 
 import psutil
 
-from core.bank import shm_dir
 from core.errors import CohortError, ConfigError
 from scheduler.cluster import DIRECTORY_NAME, NAMESPACE
 from scheduler.cluster.layout import (
@@ -58,7 +57,7 @@ from scheduler.cluster.layout import (
     toml_text,
 )
 from scheduler.gpu import VISIBLE, Gpu, probe_gpus, visible_gpus
-from scheduler.leftovers import remove_stale
+from scheduler.leftovers import KEEP_HOST_COPIES_ENV, host_copies_whole, remove_stale
 
 log = logging.getLogger("cohort.cluster")
 
@@ -189,8 +188,10 @@ class Supervisor:
             # restarts left no new coordinator on this node would remove them at its start. Its
             # host copies stay for the next incarnation, which restores from them and removes them.
             restarts = int(self.spec.get("max_restarts", 0))
-            keep = self.stats.get("run_id", "") if restarts < 0 or self.incarnation <= restarts else ""
-            for removed in remove_stale(keep=keep):
+            run_id = self.stats.get("run_id", "")
+            keep = run_id if restarts < 0 or self.incarnation <= restarts else ""
+            # Only this coordinator's run: another one's on this node may be waiting for its restart.
+            for removed in remove_stale(run=run_id, keep=keep) if run_id else []:
                 log.info("coordinator %d: removed %s", self.index, removed)
             os._exit(1)  # ray.actor.exit_actor() would be a clean exit, which Ray does not restart
 
@@ -258,11 +259,11 @@ class Supervisor:
 
 def host_copies_left(previous: dict[str, Any] | None, node: str) -> str:
     """The run id of the last incarnation's coordinator when it ran on this node and its host copies
-    are still here (it died hard), else ""."""
+    are still here, whole (it died hard, and not while writing one), else ""."""
     run_id = str((previous or {}).get("run_id", ""))
     if not run_id or (previous or {}).get("node") != node:
         return ""
-    return run_id if (shm_dir() / f"cohort-{run_id}-hmanifest").exists() else ""
+    return run_id if host_copies_whole(run_id) else ""
 
 
 def own_snapshots(spec: dict[str, Any], index: int, home: Path) -> str:
@@ -302,6 +303,7 @@ def child_environment(env: dict[str, str], spec: dict[str, Any], gpu: Gpu | None
     env = {k: v for k, v in env.items() if not k.startswith("RAY_")}  # the coordinator is no Ray process
     paths = [root, *(p for p in [spec.get("cwd")] if p), *env.get("PYTHONPATH", "").split(os.pathsep)]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
+    env[KEEP_HOST_COPIES_ENV] = "1"  # a dead neighbour's host copies wait for its restart to adopt them
     if gpu is not None:
         env[VISIBLE] = gpu.uuid
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"

@@ -88,3 +88,19 @@ def test_map_on_the_calling_threads_socket_keeps_order_and_recovers_from_errors(
         assert step == 3
         assert [f.result() for f in futures] and len(list(c.map("infer", "m/0", batches[:4], depth=2))) == 4
     assert stop_and_check_clean(running) == 0
+
+
+def test_a_stream_of_large_calls_and_one_that_stops_on_bad_input(cohort) -> None:
+    """Calls small enough to go without asking the coordinator's bound, several of which together
+    exceed it, all answered. A stream that stops on bad input leaves no call of its own waiting on
+    the thread's socket."""
+    running = cohort([mlp_group("m", 2)], workers=1, max_message_bytes=2_000_000)
+    big = [torch.randn(28_000, 8) for _ in range(6)]  # 896 KB each: four in one message are 3.6 MB
+    with running.client(timeout=30, shm=False, max_message_bytes=2_000_000) as c:
+        assert [y.shape for y in c.map("infer", "m/0", big, depth=4)] == [(28_000, 4)] * 6
+        bad = [torch.randn(2, 8), torch.randn(2, 8), "not a tensor", torch.randn(2, 8)]
+        with pytest.raises(BadInput):
+            list(c.map("infer", "m/0", bad, depth=4))
+        assert len(c._direct().connection) == 0, "calls built for the stream were left waiting"
+        assert c.infer("m/0", torch.randn(2, 8)).shape == (2, 4)
+    assert stop_and_check_clean(running) == 0

@@ -13,6 +13,7 @@ from core.definition import build_definition
 from core.errors import ConfigError
 from scheduler.config import parse_config
 from scheduler.host_copies import HostCopies
+from scheduler.leftovers import host_copies_whole
 
 GROUP = {"name": "g", "factory": "examples.models:mlp", "kwargs": {"d_in": 4, "hidden": 8, "d_out": 3}, "count": 4,
          "input": {"shape": [-1, 4], "dtype": "float32"}, "loss": "cross_entropy",
@@ -64,3 +65,21 @@ def test_other_groups_missing_copies_or_models_never_copied_are_refused() -> Non
     finally:
         for host in (old, other, same):
             host.close()
+
+
+def test_a_copy_being_written_when_the_run_died_is_never_adopted() -> None:
+    old_id = run_id()
+    old, new = copies(old_id), copies(run_id())
+    try:
+        models = [("g", i) for i in range(4)]
+        old.mirrored(models, {m: 2 for m in models})
+        assert host_copies_whole(old_id)
+        old.copying(models[:2])  # mirror jobs under way: their segments may be half written
+        assert not host_copies_whole(old_id)
+        with pytest.raises(ConfigError, match="being written"):
+            new.adopt(old_id)
+        old.mirrored(models[:2], {m: 3 for m in models})
+        assert host_copies_whole(old_id) and new.adopt(old_id)[("g", 0)] == 3
+    finally:
+        old.close()
+        new.close()

@@ -45,3 +45,33 @@ def test_own_leftovers_are_never_removed(tmp_path: Path) -> None:
     mine.mkdir()
     remove_stale(tmp_path, tmp_path)
     assert mine.exists()
+
+
+def test_host_copies_a_restart_will_adopt_are_kept(tmp_path: Path) -> None:
+    """``keep``: one dead run's host copies stay for its restart; ``keep_host_copies`` (a cluster's
+    coordinators): every dead run's do; ``run``: only that run's leftovers go (another coordinator
+    on the node may be waiting for its own restart)."""
+    temp, shm = tmp_path / "tmp", tmp_path / "shm"
+    temp.mkdir()
+    shm.mkdir()
+    a, b = f"{dead_pid()}-0123abcd", f"{dead_pid()}-4567abcd"
+
+    def leave() -> None:
+        for run in (a, b):
+            (temp / f"cohort-{run}-hzz1").mkdir(exist_ok=True)  # a run directory whose random part starts with h
+            for name in ("h0-mlp", "hversions", "hmanifest", "w0g1-mlp"):
+                (shm / f"cohort-{run}-{name}").write_bytes(b"x")
+
+    def left() -> list[str]:
+        return sorted(p.name for p in [*shm.iterdir(), *temp.iterdir()])
+
+    leave()
+    remove_stale(temp, shm, keep=a)
+    assert left() == sorted(f"cohort-{a}-{n}" for n in ("h0-mlp", "hversions", "hmanifest"))
+    leave()
+    remove_stale(temp, shm, keep_host_copies=True)
+    assert left() == sorted(f"cohort-{r}-{n}" for r in (a, b) for n in ("h0-mlp", "hversions", "hmanifest"))
+    leave()
+    remove_stale(temp, shm, run=a, keep=a)
+    assert left() == sorted([*(f"cohort-{a}-{n}" for n in ("h0-mlp", "hversions", "hmanifest")),
+                             *(f"cohort-{b}-{n}" for n in ("h0-mlp", "hversions", "hmanifest", "w0g1-mlp", "hzz1"))])
