@@ -2,17 +2,22 @@
 
 A local client puts large inputs into its arena and sends only where they are (``ShmRef``);
 the worker reads them there. A worker puts large results into its own arena the same way,
-and the client copies them out. Only descriptors cross the sockets: the bytes are copied
-once into shared memory and once out of it.
+and the client hands them to the caller as tensors over that memory, without a copy: the
+bytes are copied once into shared memory by the writer, never by the reader.
 
-An arena is a named shared-memory file (``/dev/shm/cohort-...``, mode 0600) used as a
-ring: regions are taken at the head and given back in any order; the tail moves past
-given-back regions. A region the writer cannot place (the ring is full) is simply not
-used: the tensors go through the socket as before. Each region starts with a header
-(a state and a sequence number) so that a reader of a result can say it is done
-(``released``) and can tell when the writer reclaimed the region before it finished
-reading (a reader that died, or took longer than ``reclaim_after_s``); reclaiming never
-waits for a reader.
+An arena is a named shared-memory file (``/dev/shm/cohort-...``, mode 0600). Regions are
+taken in the first gap that fits and given back in any order, so one region held for long
+never blocks the rest. Its pages are reserved when first used (``posix_fallocate``): a
+full ``/dev/shm`` means the region is not used and the tensors go through the socket as
+before, never a SIGBUS on the first write.
+
+Each region starts with a header (a state and a sequence number) so that a reader can say
+it is done (``released``) and can tell when the writer reclaimed a region before it read it.
+A result region names its reader's process: it is held until the reader releases it (its
+last tensor over the region is freed) or the reader's process is gone, however long that
+takes, since the reader computes on that memory. A region without a reader (a client's
+inputs) is given back by its writer when the reply comes, or reclaimed after
+``reclaim_after_s`` (a call abandoned while its job may still read it).
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ import os
 import re
 import struct
 import time
-from collections import deque
+import weakref
 from dataclasses import dataclass
+
+import numpy as np
+import torch
 
 from core.bank import shm_dir, unlink_shm
 from core.tensors import ShmRef
@@ -31,6 +39,8 @@ from core.tensors import ShmRef
 HEADER = struct.Struct("<QQ")  # state (1 live, 0 released), sequence number
 ALIGN = 64
 NAME = re.compile(r"^cohort-[0-9A-Za-z-]+-(arena|out)[0-9a-f]*$")
+TORCH_COPY_BYTES = 1 << 20  # tensors this large are copied in with torch
+READER_CHECK_S = 1.0  # how often a held region's reader is checked for being alive
 
 
 @dataclass
@@ -39,11 +49,20 @@ class _Region:
     end: int
     sequence: int
     taken: float
+    reader: int = 0  # the pid of the process that holds it (0: none; reclaimed by time)
     released: bool = False
+    lent: bool = False  # a tensor of the writer's own process (``Arena.lend``)
+    uses: int = 0  # lent: calls out that send it
+    last_use: float = 0.0
+
+
+def _freed(region: _Region) -> None:
+    """A lent region's tensor is gone (a finalizer, on any thread: it only sets a flag)."""
+    region.released = True
 
 
 class Arena:
-    """The writer's side: a ring of regions in a shared-memory file it owns."""
+    """The writer's side: regions of a shared-memory file it owns."""
 
     def __init__(self, name: str, size: int, reclaim_after_s: float = 120.0) -> None:
         if not NAME.match(name):
@@ -52,70 +71,137 @@ class Arena:
         self.size = size
         self.reclaim_after_s = reclaim_after_s
         path = shm_dir() / name
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, size)  # sparse: pages are allocated when first written
-            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            os.ftruncate(self._fd, size)  # sparse: pages are reserved as regions are taken
+            self.map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
+            os.close(self._fd)
             os.unlink(path)
             raise
-        finally:
-            os.close(fd)
         self.view = memoryview(self.map)
-        self._regions: deque[_Region] = deque()
-        self._head = 0
+        self._bytes = torch.from_numpy(np.frombuffer(self.map, dtype=np.uint8))
+        self._base = self._bytes.data_ptr()
+        self._lent = 0  # lent regions among the regions
+        self._regions: list[_Region] = []  # in address order
+        self._reserved = 0  # pages below this are reserved in /dev/shm (they stay: nothing punches holes)
         self._sequence = 0
+        self._readers: dict[int, tuple[float, bool]] = {}  # pid -> (when checked, alive)
 
-    def take(self, nbytes: int) -> tuple[int, int] | None:
-        """A region of ``nbytes`` (its data offset and sequence number), or None when the ring is full."""
+    def take(self, nbytes: int, reader: int = 0) -> tuple[int, int] | None:
+        """A region of ``nbytes`` (its data offset and sequence number), or None when there is no room.
+        ``reader``: the pid of the process the region is for (it is held until that one releases it or is gone)."""
         self._reclaim()
         need = _round(HEADER.size + nbytes)
-        start = self._place(need)
-        if start is None:
+        at = self._place(need)
+        if at is None:
             return None
+        index, start = at
+        if start + need > self._reserved:
+            try:
+                os.posix_fallocate(self._fd, self._reserved, start + need - self._reserved)
+            except OSError:  # /dev/shm is full: writing would raise SIGBUS
+                return None
+            self._reserved = start + need
         self._sequence += 1
-        self._regions.append(_Region(start, start + need, self._sequence, time.monotonic()))
+        self._regions.insert(index, _Region(start, start + need, self._sequence, time.monotonic(), reader))
         HEADER.pack_into(self.view, start, 1, self._sequence)
-        self._head = start + need
         return start + HEADER.size, self._sequence
 
     def give_back(self, offset: int) -> None:
         """The writer's own release (inputs, once the job's reply has come)."""
         for region in self._regions:
             if region.start + HEADER.size == offset:
-                region.released = True
+                if region.lent:
+                    region.uses -= 1
+                else:
+                    region.released = True
                 break
         self._reclaim()
 
-    def write(self, offset: int, data: memoryview) -> None:
-        self.view[offset:offset + data.nbytes] = data.cast("B")
-
-    def _place(self, need: int) -> int | None:
-        if need > self.size:
+    def lend(self, nbytes: int) -> torch.Tensor | None:
+        """A region as a uint8 tensor of this process for the caller to fill, or None when there is no
+        room. A call that sends it, or a contiguous part of it, sends where it lies (``locate``) instead
+        of a copy. The region is reclaimed once the tensor is freed and no call that sends it is out."""
+        taken = self.take(nbytes)
+        if taken is None:
             return None
-        if not self._regions:
-            self._head = 0
-            return 0
-        tail = self._regions[0].start
-        if self._head >= tail:  # free space is [head, size) and [0, tail)
-            if self.size - self._head >= need:
-                return self._head
-            return 0 if tail >= need else None
-        return self._head if tail - self._head >= need else None
+        offset, _ = taken
+        region = next(r for r in self._regions if r.start + HEADER.size == offset)
+        region.lent = True
+        self._lent += 1
+        owner = np.frombuffer(self.view[offset:offset + nbytes], dtype=np.uint8)  # kept by the tensor's storage
+        weakref.finalize(owner, _freed, region)
+        return torch.from_numpy(owner)
+
+    def locate(self, data: memoryview) -> tuple[int, int, int] | None:
+        """Where ``data`` lies when it is in a lent region: its offset, the region's sequence number and
+        the region's own offset (``give_back`` it when the call is done); None when it lies elsewhere."""
+        if not self._lent or not data.nbytes:
+            return None
+        offset = np.frombuffer(data, dtype=np.uint8).ctypes.data - self._base
+        if not 0 <= offset < self.size:
+            return None
+        for region in self._regions:
+            if region.lent and region.start + HEADER.size <= offset and offset + data.nbytes <= region.end:
+                region.uses += 1
+                region.last_use = time.monotonic()
+                return offset, region.sequence, region.start + HEADER.size
+        return None
+
+    def write(self, offset: int, data: memoryview) -> None:
+        data = data.cast("B")
+        if data.readonly or data.nbytes < TORCH_COPY_BYTES:
+            self.view[offset:offset + data.nbytes] = data
+        else:  # torch copies with the intra-op threads: faster than one memcpy for large tensors
+            self._bytes[offset:offset + data.nbytes].copy_(torch.frombuffer(data, dtype=torch.uint8))
+
+    def held(self) -> int:
+        """Regions not yet given back or released."""
+        return len(self._regions)
+
+    def _place(self, need: int) -> tuple[int, int] | None:
+        """Where a region of ``need`` bytes fits: its index among the regions and its start. The first
+        gap that fits, so the memory in use stays low in the file, few pages, and warm."""
+        at = 0
+        for index, region in enumerate(self._regions):
+            if region.start - at >= need:
+                return index, at
+            at = region.end
+        return (len(self._regions), at) if self.size - at >= need else None
 
     def _reclaim(self) -> None:
         now = time.monotonic()
-        while self._regions:
-            region = self._regions[0]
+        kept = []
+        for region in self._regions:
             state, _ = HEADER.unpack_from(self.view, region.start)
-            if region.released or state == 0 or now - region.taken > self.reclaim_after_s:
-                self._regions.popleft()
+            if region.lent:
+                gone = region.released and (region.uses <= 0 or now - region.last_use > self.reclaim_after_s)
+            else:
+                gone = region.released or state == 0 or self._abandoned(region, now)
+            if gone:
                 HEADER.pack_into(self.view, region.start, 0, 0)  # a late reader sees it is gone
             else:
-                break
+                kept.append(region)
+        self._regions = kept
+        self._lent = sum(region.lent for region in kept)
+        if len(self._readers) > len(kept):
+            readers = {region.reader for region in kept}
+            self._readers = {pid: seen for pid, seen in self._readers.items() if pid in readers}
+
+    def _abandoned(self, region: _Region, now: float) -> bool:
+        if not region.reader:
+            return now - region.taken > self.reclaim_after_s
+        checked, alive = self._readers.get(region.reader, (-READER_CHECK_S, True))
+        if now - checked >= READER_CHECK_S:
+            alive = _alive(region.reader)
+            self._readers[region.reader] = (now, alive)
+        return not alive
 
     def close(self) -> None:
         unlink_shm(self.name)
+        os.close(self._fd)
+        del self._bytes  # its hold on the map
         _unmap(self.map, self.view)
 
 
@@ -149,6 +235,16 @@ class ArenaReader:
                              f"{view.nbytes} bytes")
         return view[ref.offset:ref.offset + nbytes]
 
+    def hold(self, ref: ShmRef, nbytes: int) -> torch.Tensor:
+        """The bytes of one result as a uint8 tensor over the region, without a copy: the region
+        is released to its writer when the last tensor over these bytes is freed."""
+        region = self.read(ref, nbytes)
+        if not nbytes:
+            return torch.empty(0, dtype=torch.uint8)
+        owner = np.frombuffer(region, dtype=np.uint8)  # the tensor's storage keeps this array alive
+        weakref.finalize(owner, _release, self._maps[ref.arena][0], ref)  # the map: it outlives a forget
+        return torch.from_numpy(owner)
+
     def current(self, ref: ShmRef) -> bool:
         """Whether the region is still the one ``ref`` names (the writer has not reclaimed it)."""
         state, sequence = HEADER.unpack_from(self._view(ref.arena), ref.offset - HEADER.size)
@@ -156,10 +252,8 @@ class ArenaReader:
 
     def release(self, ref: ShmRef) -> None:
         """Tell the writer a result region is read: it may reuse it."""
-        view = self._view(ref.arena)
-        state, sequence = HEADER.unpack_from(view, ref.offset - HEADER.size)
-        if state == 1 and sequence == ref.sequence:
-            HEADER.pack_into(view, ref.offset - HEADER.size, 0, sequence)
+        self._view(ref.arena)
+        _release(self._maps[ref.arena][0], ref)
 
     def forget(self, name: str) -> None:
         found = self._maps.pop(name, None)
@@ -169,6 +263,24 @@ class ArenaReader:
     def close(self) -> None:
         for name in list(self._maps):
             self.forget(name)
+
+
+def _release(mapping: mmap.mmap, ref: ShmRef) -> None:
+    if mapping.closed:
+        return
+    state, sequence = HEADER.unpack_from(mapping, ref.offset - HEADER.size)
+    if state == 1 and sequence == ref.sequence:  # still ours: a reclaimed region is someone else's now
+        HEADER.pack_into(mapping, ref.offset - HEADER.size, 0, sequence)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process of that pid: alive as far as we can tell
+    return True
 
 
 def _unmap(mapping: mmap.mmap, view: memoryview) -> None:

@@ -47,6 +47,7 @@ class SubmitJob(ClientRequest):
     targets: TensorTree = NO_TENSORS
     timeout_s: float | None = None
     shm_results: bool = False  # a client of this machine: large results may come in a worker's arena
+    client_pid: int = 0  # that client's process: the worker holds a result's region until it frees it or is gone
 
 
 class BarrierRequest(ClientRequest):
@@ -221,6 +222,7 @@ class RunJob(ToWorker):
     hparams: dict[str, list[float]] = {}  # "set_hparams": values, one per slot of ``slots``
     seed: int | None = None  # "reset": the seed (None: the group's own rule)
     shm_results: bool = False  # large outputs may go into the worker's arena (the client reads it)
+    client_pid: int = 0  # the client's process, which holds such a result until it frees it (0: not said)
 
 
 class Shutdown(ToWorker):

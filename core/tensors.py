@@ -134,20 +134,30 @@ def encode_tensors(value: Any) -> tuple[TensorTree, list[memoryview]]:
     return TensorTree(layout, tuple(_meta(t) for t in items), keys), [_tensor_buffer(t) for t in items]
 
 
-def to_arena(tree: TensorTree, buffers: list[memoryview], arena: Any) -> tuple[TensorTree, list[Any], list[int]]:
-    """The same tensors with their bytes copied into ``arena`` (``core.arena.Arena``): the tree with
-    references and no buffers, and the regions taken; as they were if the arena has no room."""
-    taken: list[tuple[int, int]] = []
+def to_arena(tree: TensorTree, buffers: list[memoryview], arena: Any,
+             reader: int = 0) -> tuple[TensorTree, list[Any], list[int]]:
+    """The same tensors in ``arena`` (``core.arena.Arena``): the tree with references and no buffers,
+    and the regions used (give each back when the call is done); as they were if the arena has no
+    room. A tensor already in a lent region of the arena is sent where it lies; the others are copied
+    in. ``reader``: the pid of the process the new regions are held for (results), 0 for none."""
+    refs: list[ShmRef] = []
+    used: list[int] = []
     for buf in buffers:
-        region = arena.take(buf.nbytes)
-        if region is None:
-            for offset, _ in taken:
-                arena.give_back(offset)
-            return tree, buffers, []
-        arena.write(region[0], buf)
-        taken.append(region)
-    refs = tuple(ShmRef(arena.name, offset, sequence) for offset, sequence in taken)
-    return msgspec.structs.replace(tree, shm=refs), [], [offset for offset, _ in taken]
+        found = arena.locate(buf)
+        if found is not None:
+            offset, sequence, region = found
+        else:
+            taken = arena.take(buf.nbytes, reader)
+            if taken is None:
+                for region in used:
+                    arena.give_back(region)
+                return tree, buffers, []
+            offset, sequence = taken
+            region = offset
+            arena.write(offset, buf)
+        refs.append(ShmRef(arena.name, offset, sequence))
+        used.append(region)
+    return msgspec.structs.replace(tree, shm=tuple(refs)), [], used
 
 
 def check_buffers(tree: TensorTree, buffers: list[Any], max_bytes: int) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -104,6 +104,18 @@ class BaseClient(abc.ABC):
         """Start ``call`` and return what waits for its result (a future, or an awaitable)."""
 
     # ------------------------------------------------------------------ public API
+
+    def shared(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """An empty tensor in this client's shared memory, for large inputs you fill in place: a call
+        that passes it (or a contiguous part of it) sends only where it lies, and the worker computes
+        on it there, without a copy. Do not write into it while a call that passes it is still out.
+        Its memory is reused once it is freed and no call that passes it is out. An ordinary tensor
+        when the coordinator is on another machine (or ``shm=False``, or the arena is full). Inputs
+        under 256 KB in all go through the socket anyway: a copy is cheaper at that size."""
+        dims = tuple(int(n) for n in shape)
+        if any(n < 0 for n in dims):
+            raise BadInput(f"shared: a shape of sizes >= 0, not {list(dims)}")
+        return self._core.shared(dims, dtype)
 
     @public_call
     def submit(self, op: str, target: str, inputs: Any, targets: Any = None, *, timeout: float | None = None) -> Future[Any]:

@@ -19,6 +19,7 @@ the frames they receive. Three pieces:
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 import time
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import msgspec
+import torch
 
 from core.arena import Arena, ArenaReader
 from core.codec import client_codec, unbundle
@@ -232,6 +234,7 @@ class ClientCore:
         if self.shm:
             if isinstance(call.message, SubmitJob):
                 call.message.shm_results = True
+                call.message.client_pid = os.getpid()  # a worker holds a result region for it
             if call.size >= SHM_MIN_BYTES:
                 self._place(call)
         return call
@@ -244,18 +247,34 @@ class ClientCore:
         if not trees:
             return
         with self._arena_lock:
-            if self._arena is None:
-                self._arena = Arena(f"cohort-{os.getpid()}-{uuid.uuid4().hex[:8]}-arena", ARENA_BYTES)
+            arena = self._own_arena()
             rest, at = [], 0
             for name in trees:
                 tree = getattr(message, name)
                 own = call.buffers[at:at + tree.frames]
                 at += tree.frames
-                placed, left, regions = to_arena(tree, own, self._arena)
+                placed, left, regions = to_arena(tree, own, arena)
                 setattr(message, name, placed)
                 rest += left
                 call.regions += regions
             call.buffers = rest
+
+    def _own_arena(self) -> Arena:
+        """This client's arena, made on first use (hold ``_arena_lock``)."""
+        if self._arena is None:
+            self._arena = Arena(f"cohort-{os.getpid()}-{uuid.uuid4().hex[:8]}-arena", ARENA_BYTES)
+        return self._arena
+
+    def shared(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An empty tensor in this client's arena when the coordinator is on this machine and there is
+        room, else an ordinary one (``BaseClient.shared``)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self.shm and nbytes:
+            with self._arena_lock:
+                raw = self._own_arena().lend(nbytes)
+            if raw is not None:
+                return raw.view(dtype).view(shape)
+        return torch.empty(shape, dtype=dtype)
 
     def finish(self, call: Call) -> None:
         """A reply has come: the worker is done with the call's tensors in the arena."""
@@ -369,23 +388,19 @@ class Connection:
         return settled
 
     def _settle(self, call: Call, reply: Any, buffers: list[Any]) -> Settled:
-        """A reply's outcome. Outputs that lie in a worker's arena are decoded from there (one copy),
-        checked to be still the worker's (not reclaimed meanwhile), and the region handed back."""
+        """A reply's outcome. Outputs that lie in a worker's arena come back as tensors over that
+        memory, without a copy: the worker holds the region until the last of them is freed."""
         tree = getattr(reply, "outputs", None)
         if tree is None or not tree.shm:
             return _outcome(call, reply, buffers)
         try:
-            views = [self._arenas.read(ref, tensor_nbytes(meta)) for ref, meta in zip(tree.shm, tree.metas)]
-            settled = _outcome(call, msgspec.structs.replace(reply, outputs=msgspec.structs.replace(tree, shm=())), views)
-            del views
             if not all(self._arenas.current(ref) for ref in tree.shm):
                 return Settled(call, error=ProtocolError(
-                    "the worker reused the result's shared memory before it was read (was this client stalled?)"))
-            for ref in tree.shm:
-                self._arenas.release(ref)
-            return settled
+                    "the worker reused the result's shared memory before it was read (did it restart?)"))
+            held = [self._arenas.hold(ref, tensor_nbytes(meta)) for ref, meta in zip(tree.shm, tree.metas)]
         except (OSError, ValueError) as exc:
             return Settled(call, error=ProtocolError(f"the result in shared memory cannot be read: {exc}"))
+        return _outcome(call, msgspec.structs.replace(reply, outputs=msgspec.structs.replace(tree, shm=())), held)
 
     def fail(self, call: Call, error: CohortError) -> Settled:
         self.forget(call)

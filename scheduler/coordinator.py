@@ -385,6 +385,7 @@ class Coordinator:
         job.shared = msg.op in ("train_round", "evaluate") and stacked is None  # one batch for every model
         self._split(job, msg.inputs, buffers[:n_in], msg.targets, buffers[n_in:], stacked)
         job.shm_results = msg.shm_results and len(job.parts) == 1  # results of several workers are joined here
+        job.client_pid = msg.client_pid
         self._queue(job)
         self.stats.record_submit()
 
@@ -623,7 +624,8 @@ class Coordinator:
     def _send_parts(self, w: WorkerHandle, parts: list[Part]) -> bool:
         """One message for every part sent to a worker in this step: one system call, one wake-up."""
         commands = [RunJob(p.job.id, p.job.op, p.job.group, p.slots, p.inputs, p.targets, p.job.deadline,
-                           p.job.option, p.job.source, p.job.shared, p.hparams, p.job.seed, p.job.shm_results)
+                           p.job.option, p.job.source, p.job.shared, p.hparams, p.job.seed, p.job.shm_results,
+                           p.job.client_pid)
                     for p in parts]
         buffers = [b for p in parts for b in p.buffers]
         message = commands[0] if len(commands) == 1 else RunJobs(commands)

@@ -55,6 +55,7 @@ class Job:
     source: list[int] = field(default_factory=list)
     shared: bool = False  # one batch for every model of a group call
     shm_results: bool = False  # a local client: large results may come back in the worker's arena
+    client_pid: int = 0  # that client's process (the worker holds such a result for it)
     seed: int | None = None  # reset
 
     def fenced(self) -> bool:

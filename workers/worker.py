@@ -54,7 +54,7 @@ from workers.outcome import Finished
 REPORT_S = 0.25
 SHM_MIN_BYTES = 256 * 1024  # results this large go through the arena for a local client
 RESULT_ARENA_BYTES = 256 << 20  # address space: pages are allocated as results are first written
-RESULT_RECLAIM_S = 120.0  # a result its client never read (it died) is given up after this
+RESULT_RECLAIM_S = 120.0  # a result for a client that did not say its pid is given up after this
 INIT_TIMEOUT_S = 60.0
 LOG_LEVEL_ENV = "COHORT_LOG_LEVEL"
 FATAL_DEVICE_EXIT = 3  # the coordinator reads this exit code as "its GPU context was lost" (scheduler.supervisor)
@@ -78,7 +78,7 @@ class Worker:
         self._last_report = 0.0
         self.arenas = ArenaReader()  # local clients' arenas, where large inputs may lie
         self.out: Arena | None = None  # this worker's arena for large results, made on first use
-        self.shm_results: set[int] = set()  # jobs whose client reads results from shared memory
+        self.shm_results: dict[int, int] = {}  # jobs whose client reads results from shared memory: its pid
         self.shm_prefix = ""
         self.handlers: dict[type, Callable[[Any, list[Any], list[tuple[RunJob, list[Any]]]], None]] = {
             RunJob: lambda m, buffers, jobs: jobs.append(self._local(m, buffers)),
@@ -187,7 +187,7 @@ class Worker:
         the arena, which the job computes on in place (the region stays the client's until the reply). An arena that cannot be read fails the
         job when it is prepared (its header no longer matches)."""
         if job.shm_results:
-            self.shm_results.add(job.job_id)
+            self.shm_results[job.job_id] = job.client_pid
         if not (job.inputs.shm or job.targets.shm):
             return job, buffers
         try:
@@ -216,8 +216,7 @@ class Worker:
         results: list[JobResult | JobError] = []
         buffers: list[Any] = []
         for item in finished:
-            shm = item.job_id in self.shm_results
-            self.shm_results.discard(item.job_id)
+            reader = self.shm_results.pop(item.job_id, None)
             if item.error is not None:
                 results.append(JobError(self.worker_id, item.job_id, type(item.error).__name__, item.error.message,
                                         item.traceback))
@@ -228,8 +227,8 @@ class Worker:
             except CohortError as exc:
                 results.append(JobError(self.worker_id, item.job_id, type(exc).__name__, f"model output: {exc}"))
                 continue
-            if shm and self.shm_prefix and sum(b.nbytes for b in own) >= SHM_MIN_BYTES:
-                tree, own, _ = to_arena(tree, own, self._arena_out())  # the client hands the region back
+            if reader is not None and self.shm_prefix and sum(b.nbytes for b in own) >= SHM_MIN_BYTES:
+                tree, own, _ = to_arena(tree, own, self._arena_out(), reader)  # held until the client frees it
             results.append(JobResult(self.worker_id, item.job_id, tree, item.losses))
             buffers += own
         if len(results) == 1:

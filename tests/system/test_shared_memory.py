@@ -3,6 +3,7 @@ results are the same, and a client that dies mid-call leaves nothing that is not
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import torch
 from cohort_harness import mlp_group, stop_and_check_clean
 
+from core.errors import BadInput
 from scheduler.leftovers import remove_stale
 
 SCALE = {"name": "s", "factory": "examples.models:scale", "kwargs": {"d": 256}, "count": 1,
@@ -51,6 +53,61 @@ def test_large_tensors_of_a_local_client_go_through_shared_memory(cohort) -> Non
         for _ in range(50):  # the ring is reused: regions go back as replies come
             assert torch.equal(local.infer("s/0", x), x * weights["weight"])
     assert arenas(os.getpid()) == [], "the client's arena outlived it"
+    assert stop_and_check_clean(running) == 0
+
+
+def mapped_file(address: int) -> str:
+    """The file this process has mapped at ``address`` ('' for anonymous memory)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        lo, hi = (int(n, 16) for n in fields[0].split("-"))
+        if lo <= address < hi:
+            return fields[5] if len(fields) > 5 else ""
+    return ""
+
+
+def test_a_local_clients_results_are_tensors_over_shared_memory_held_while_used(cohort) -> None:
+    running = cohort([SCALE], workers=1)
+    x = torch.randn(2048, 256)
+    with running.client(timeout=60) as local:
+        w = local.get_weights("s/0")["weight"]
+        kept = local.infer("s/0", x)
+        assert mapped_file(kept.data_ptr()).endswith("-out"), "the result was copied out of the worker's arena"
+        part = kept[100:200]  # a view keeps the region as well
+        del kept
+        for _ in range(40):  # 80 MB of results come and go around the one still held
+            assert torch.equal(local.infer("s/0", x * 2), x * 2 * w)
+        assert torch.equal(part, (x * w)[100:200]), "a held result was overwritten"
+        assert local.stats()["workers"][0]["restarts"] == 0
+    assert stop_and_check_clean(running) == 0
+
+
+def test_a_shared_input_is_computed_on_where_it_lies(cohort) -> None:
+    running = cohort([SCALE], workers=1)
+    x = torch.randn(2048, 256)
+    with running.client(timeout=60) as local, running.client(timeout=60, shm=False) as remote:
+        w = local.get_weights("s/0")["weight"]
+        buf = local.shared((2048, 256))
+        assert buf.shape == (2048, 256) and buf.dtype == torch.float32
+        assert "-arena" in mapped_file(buf.data_ptr())
+        buf.copy_(x)
+        arena = local._core._arena
+        regions = arena.held()
+        assert torch.equal(local.infer("s/0", buf), x * w)
+        buf.mul_(3)  # filled again in place: the next call sees the new values
+        assert torch.equal(local.infer("s/0", buf[:1024]), (3 * x * w)[:1024])  # a contiguous part of it
+        assert arena.held() == regions, "the shared input was copied into a region of its own"
+        assert torch.equal(local.infer("s/0", buf.t().contiguous().t()), 3 * x * w)  # a copy: still right
+        plain = remote.shared((2048, 256))  # no shared memory for this client: an ordinary tensor
+        assert mapped_file(plain.data_ptr()) == "" or "-arena" not in mapped_file(plain.data_ptr())
+        plain.copy_(x)
+        assert torch.equal(remote.infer("s/0", plain), x * w)
+        with pytest.raises(BadInput):
+            local.shared((-1, 4))
+        del buf
+        gc.collect()
+        local.infer("s/0", x)  # a call takes a region: the freed tensor's is reclaimed on the way
+        assert arena.held() < regions
     assert stop_and_check_clean(running) == 0
 
 

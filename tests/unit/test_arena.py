@@ -3,7 +3,12 @@ a reader sees when a result region was reclaimed; bad names and other users' fil
 
 from __future__ import annotations
 
+import errno
+import gc
 import os
+import struct
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -20,20 +25,40 @@ def arena():
     a.close()
 
 
-def test_regions_wrap_around_and_never_overlap_live_ones(arena: Arena) -> None:
+def _spans(*regions: tuple[int, int], nbytes: int) -> list[tuple[int, int]]:
+    return sorted((offset - HEADER.size, offset + nbytes) for offset, _ in regions)
+
+
+def test_regions_are_reused_in_any_order_and_never_overlap_live_ones(arena: Arena) -> None:
     first = arena.take(20_000)
     second = arena.take(20_000)
     third = arena.take(20_000)
     assert first and second and third
     assert arena.take(20_000) is None  # full: the caller sends frames instead
-    arena.give_back(second[0])  # out of order: the tail stays at the first
+    arena.give_back(second[0])  # out of order: its room is taken again while the first is still held
+    again = arena.take(20_000)
+    assert again is not None and again[0] == second[0] and again[1] > second[1]
     assert arena.take(20_000) is None
-    arena.give_back(first[0])  # now the tail moves past both
-    fourth = arena.take(30_000)
-    assert fourth is not None and fourth[0] < third[0]  # wrapped to the start
-    spans = sorted([(third[0], third[0] + 20_000), (fourth[0], fourth[0] + 30_000)])
-    assert spans[0][1] <= spans[1][0] - HEADER.size
+    arena.give_back(first[0])
+    arena.give_back(again[0])
+    fourth = arena.take(30_000)  # the two neighbours' room, joined
+    assert fourth is not None and fourth[0] < third[0]
+    spans = _spans(third, nbytes=20_000) + _spans(fourth, nbytes=30_000)
+    spans.sort()
+    assert spans[0][1] <= spans[1][0]
     assert arena.take(arena.size * 2) is None
+
+
+def test_one_region_held_for_long_does_not_block_the_others(arena: Arena) -> None:
+    held = arena.take(10_000, reader=os.getpid())  # a result its reader keeps
+    assert held is not None
+    for _ in range(50):  # many calls come and go around it
+        region = arena.take(20_000)
+        assert region is not None
+        lo, hi = _spans(region, nbytes=20_000)[0]
+        assert hi <= held[0] - HEADER.size or lo >= held[0] + 10_000
+        arena.give_back(region[0])
+    assert arena.held() == 1
 
 
 def test_tensors_round_trip_through_an_arena(arena: Arena) -> None:
@@ -74,6 +99,54 @@ def test_a_region_nobody_released_is_reclaimed_after_its_time(arena: Arena) -> N
     assert arena.take(40_000) is not None  # the first was reclaimed: its reader took too long
 
 
+def test_a_result_is_held_while_its_reader_lives_and_reclaimed_once_it_is_gone(arena: Arena) -> None:
+    arena.reclaim_after_s = 0.0  # time alone never reclaims a region held for a reader
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    mine = arena.take(20_000, reader=os.getpid())
+    theirs = arena.take(20_000, reader=gone.pid)
+    assert mine and theirs
+    assert arena.take(30_000, reader=os.getpid()) is not None  # the dead reader's room
+    assert arena.held() == 2
+    assert arena.take(30_000) is None  # the living reader's region stays, however old
+
+
+def test_a_held_result_is_a_tensor_over_the_region_released_when_freed(arena: Arena) -> None:
+    value = torch.arange(1000, dtype=torch.float32)
+    tree, buffers = encode_tensors(value)
+    placed, _, _ = to_arena(tree, buffers, arena, reader=os.getpid())
+    reader = ArenaReader()
+    try:
+        ref = placed.shm[0]
+        raw = reader.hold(ref, 4000)
+        got = raw.view(torch.float32)
+        assert torch.equal(got, value)
+        arena.view[ref.offset:ref.offset + 4] = struct.pack("<f", 7.0)  # the same memory: no copy was made
+        assert got[0].item() == 7.0
+        view = got[10:20]
+        del raw, got
+        gc.collect()
+        assert reader.current(ref)  # a view of it is still alive
+        del view
+        gc.collect()
+        assert not reader.current(ref)  # freed: handed back to the writer
+        assert arena.take(60_000) is not None
+    finally:
+        reader.close()
+
+
+def test_a_full_dev_shm_means_no_region_never_a_crash(arena: Arena, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    value = torch.randn(100)
+    tree, buffers = encode_tensors(value)
+    placed, left, regions = to_arena(tree, buffers, arena)
+    assert placed is tree and left == buffers and regions == []  # the tensors go through the socket
+    assert arena.held() == 0
+
+
 @pytest.mark.parametrize("name", ["../etc/passwd", "cohort-1-x/../../y", "torch_1_2", "cohort-1-abc-banks"])
 def test_a_reader_refuses_names_that_are_not_arenas(name: str) -> None:
     reader = ArenaReader()
@@ -90,3 +163,36 @@ def test_a_reader_refuses_bytes_outside_the_arena(arena: Arena) -> None:
             reader.read(ShmRef(arena.name, arena.size - 8), 64)
     finally:
         reader.close()
+
+
+def test_a_lent_tensor_is_sent_where_it_lies_and_kept_while_a_call_uses_it(arena: Arena) -> None:
+    lent = arena.lend(4000)
+    assert lent is not None and lent.dtype == torch.uint8 and arena.held() == 1
+    values = lent.view(torch.float32)
+    values.copy_(torch.arange(1000, dtype=torch.float32))
+    tree, buffers = encode_tensors(values[10:])  # a contiguous part of it
+    placed, left, used = to_arena(tree, buffers, arena)
+    assert left == [] and arena.held() == 1  # no copy into a region of its own
+    reader = ArenaReader()
+    try:
+        got = decode_tensors(placed, [], arenas=reader)
+        assert torch.equal(got, torch.arange(10, 1000, dtype=torch.float32))
+    finally:
+        reader.close()
+    del lent, values, buffers
+    gc.collect()
+    assert arena.take(10) is not None and arena.held() == 2  # freed, but the call that sends it is out
+    for region in used:
+        arena.give_back(region)  # the reply came
+    assert arena.take(10) is not None and arena.held() == 2  # the lent region is gone, the two small ones stay
+
+
+def test_a_freed_lent_region_whose_call_never_came_back_is_reclaimed_after_its_time(arena: Arena) -> None:
+    lent = arena.lend(40_000)
+    tree, buffers = encode_tensors(lent)
+    to_arena(tree, buffers, arena)  # the call is abandoned: its region is never given back
+    arena.reclaim_after_s = 0.0
+    assert arena.take(40_000) is None  # still alive: never reclaimed by time while the tensor lives
+    del lent, buffers
+    gc.collect()
+    assert arena.take(40_000) is not None
