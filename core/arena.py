@@ -265,6 +265,19 @@ class ArenaReader:
             self.forget(name)
 
 
+def shm_identity() -> str:
+    """Which shared memory and which processes this process sees: the ``/dev/shm`` file system
+    and the pid namespace. Two processes may use each other's arenas only when these agree
+    (a client in another container may reach the coordinator over loopback and still see
+    another ``/dev/shm``, or other pids). Empty where it cannot be told."""
+    try:
+        shm = os.stat(shm_dir())
+        pids = os.stat("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return f"{shm.st_dev}:{shm.st_ino}:{pids.st_ino}"
+
+
 def _release(mapping: mmap.mmap, ref: ShmRef) -> None:
     if mapping.closed:
         return

@@ -48,6 +48,7 @@ class SubmitJob(ClientRequest):
     timeout_s: float | None = None
     shm_results: bool = False  # a client of this machine: large results may come in a worker's arena
     client_pid: int = 0  # that client's process: the worker holds a result's region until it frees it or is gone
+    shm_identity: str = ""  # its core.arena.shm_identity(): the coordinator agrees to shm_results when it is its own
 
 
 class BarrierRequest(ClientRequest):
@@ -144,6 +145,7 @@ class HelloReply(Reply):
     protocol: int
     cohort_version: str
     max_message_bytes: int
+    shm_identity: str = ""  # the coordinator's core.arena.shm_identity(): a local client's arenas work when equal
 
 
 class JobDone(Reply):

@@ -128,7 +128,7 @@ class Client(BaseClient):
 
     def _check_size(self, call: Call, timeout: float) -> None:
         if self._core.needs_bound(call):
-            self._core.server_bound = self._request(self._core.start(self._core.hello(), timeout), timeout)
+            self._core.greeted(self._request(self._core.start(self._core.hello(), timeout), timeout))
         self._core.check_size(call)
 
     def _request(self, call: Call, timeout: float) -> Any:

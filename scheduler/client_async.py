@@ -87,7 +87,7 @@ class AsyncClient(BaseClient):
     async def _call(self, call: Call, timeout: float | None) -> Any:
         t = self._timeout(timeout)
         if self._core.needs_bound(call):
-            self._core.server_bound = await self._request(self._core.start(self._core.hello(), t), t)
+            self._core.greeted(await self._request(self._core.start(self._core.hello(), t), t))
         self._core.check_size(call)
         return await self._request(self._core.start(call, t), t)
 

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import msgspec
 import torch
 
-from core.arena import Arena, ArenaReader
+from core.arena import Arena, ArenaReader, shm_identity
 from core.codec import client_codec, unbundle
 from core.errors import BadInput, CohortError, JobTimeout, ProtocolError, error_from_wire
 from core.messages import (
@@ -115,8 +115,8 @@ def as_none(reply: Any, buffers: list[Any]) -> None:
     _expect(reply, Ack)
 
 
-def as_bound(reply: Any, buffers: list[Any]) -> int:
-    return _expect(reply, HelloReply).max_message_bytes
+def as_greeting(reply: Any, buffers: list[Any]) -> HelloReply:
+    return _expect(reply, HelloReply)
 
 
 JOB_RESULTS: dict[str, Returns] = {
@@ -220,6 +220,8 @@ class ClientCore:
         self.max_message_bytes = max_message_bytes
         self.server_bound: int | None = None  # the coordinator's, once a Hello has told it
         self.shm = shm  # large tensors through shared memory (a coordinator on this machine)
+        self.shm_ok: bool | None = None  # whether the coordinator sees this client's shared memory (from the Hello)
+        self.identity = shm_identity() if shm else ""  # the shared memory and pids this client sees
         self._ids = itertools.count(1)
         self._arena: Arena | None = None
         self._arena_lock = threading.Lock()
@@ -231,11 +233,12 @@ class ClientCore:
         if hasattr(call.message, "timeout_s"):
             call.message.timeout_s = timeout
         call.deadline = (time.monotonic() if now is None else now) + timeout
-        if self.shm:
-            if isinstance(call.message, SubmitJob):
+        if self.identity:
+            if isinstance(call.message, SubmitJob):  # the coordinator says yes when it sees what we see
                 call.message.shm_results = True
                 call.message.client_pid = os.getpid()  # a worker holds a result region for it
-            if call.size >= SHM_MIN_BYTES:
+                call.message.shm_identity = self.identity
+            if self.shm_ok and call.size >= SHM_MIN_BYTES:
                 self._place(call)
         return call
 
@@ -269,7 +272,7 @@ class ClientCore:
         """An empty tensor in this client's arena when the coordinator is on this machine and there is
         room, else an ordinary one (``BaseClient.shared``)."""
         nbytes = math.prod(shape) * dtype.itemsize
-        if self.shm and nbytes:
+        if self.shm and self.shm_ok is not False and nbytes:
             with self._arena_lock:
                 raw = self._own_arena().lend(nbytes)
             if raw is not None:
@@ -299,13 +302,20 @@ class ClientCore:
         return min(self.max_message_bytes, self.server_bound)
 
     def needs_bound(self, call: Call) -> bool:
-        """Whether ``call`` is large enough that the coordinator's bound must be asked first (``hello``)."""
-        return self.server_bound is None and call.size > ALWAYS_ANSWERED_BYTES
+        """Whether the coordinator must be greeted first (``hello``): ``call`` is large enough that its
+        bound must be known, or it would go through shared memory, which the coordinator must see too."""
+        return self.server_bound is None and (call.size > ALWAYS_ANSWERED_BYTES or self.shm and call.size >= SHM_MIN_BYTES)
 
     @staticmethod
     def hello() -> Call:
-        """The call that asks the coordinator for its bound; its result is the bound in bytes."""
-        return Call("hello", Hello(0, __version__), as_bound)
+        """The call that asks the coordinator for its bound and what shared memory it sees (``greeted``)."""
+        return Call("hello", Hello(0, __version__), as_greeting)
+
+    def greeted(self, reply: HelloReply) -> None:
+        """What the coordinator said to ``hello``: its bound, and whether it shares this client's
+        ``/dev/shm`` and pids (else large tensors go through the sockets)."""
+        self.server_bound = reply.max_message_bytes
+        self.shm_ok = self.shm and bool(self.identity) and reply.shm_identity == self.identity
 
     def check_size(self, call: Call) -> None:
         """Refuse a message over the bound here, rather than have the coordinator's socket drop it."""

@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from core.arena import shm_identity
 from core.bank import leftover_shm, unlink_shm
 from core.codec import (
     PROTOCOL_VERSION,
@@ -127,6 +128,7 @@ class Coordinator:
         self.model_ids: dict[str, ModelKey] = {f"{g}/{i}": (g, i) for g, i in self.slot_of}
         self.id_of: dict[ModelKey, str] = {key: name for name, key in self.model_ids.items()}
         self.host = HostCopies(self.specs, f"cohort-{self.run_id}-")
+        self.shm_identity = shm_identity()  # told to clients: their arenas work where it is theirs too
         self.barriers = Barriers()
         self.jobs: dict[int, Job] = {}
         self.deadlines: list[tuple[float, int]] = []
@@ -351,7 +353,8 @@ class Coordinator:
         self._reply(client, ErrorReply(req_id, type(exc).__name__, exc.message, exc.remote_traceback))
 
     def _on_hello(self, client: bytes, msg: Hello, _: list[Any]) -> None:
-        self._reply(client, HelloReply(msg.req_id, PROTOCOL_VERSION, __version__, self.cc.max_message_bytes))
+        self._reply(client, HelloReply(msg.req_id, PROTOCOL_VERSION, __version__, self.cc.max_message_bytes,
+                                       self.shm_identity))
 
     def _on_models(self, client: bytes, msg: ListModels, _: list[Any]) -> None:
         infos = [ModelInfo(f"{g}/{i}", g, i, worker, self.versions[(g, i)], self.workers[worker].device or self.device)
@@ -384,7 +387,8 @@ class Coordinator:
         job = self._new_job(msg.op, group, models, msg.timeout_s, client, msg.req_id)
         job.shared = msg.op in ("train_round", "evaluate") and stacked is None  # one batch for every model
         self._split(job, msg.inputs, buffers[:n_in], msg.targets, buffers[n_in:], stacked)
-        job.shm_results = msg.shm_results and len(job.parts) == 1  # results of several workers are joined here
+        # Results in a worker's arena for a client that sees it; results of several workers are joined here.
+        job.shm_results = msg.shm_results and msg.shm_identity == self.shm_identity != "" and len(job.parts) == 1
         job.client_pid = msg.client_pid
         self._queue(job)
         self.stats.record_submit()
@@ -645,17 +649,6 @@ class Coordinator:
                          "queued": self.queued_per_model.get((g, i), 0), "host_copy_version": self.host.version.get((g, i))}
             for (g, i), v in sorted(self.versions.items())
         }
-        workers = [
-            {"id": w.id, "pid": w.pid, "state": w.state, "device": w.device or self.device, "models": w.model_ids(),
-             "queued": len(w.pending), "in_flight": len(w.in_flight), "jobs_done": w.jobs_done, "restarts": w.restarts,
-             "calls": w.counters.get("calls", 0), "joined_jobs": w.counters.get("joined_jobs", 0),
-             "compiled_calls": w.counters.get("compiled_calls", 0), "eager_calls": w.counters.get("eager_calls", 0),
-             "compile": {"loaded": w.counters.get("compile_loaded", 0), "compiled": w.counters.get("compile_compiled", 0),
-                         "seconds": round(w.counters.get("compile_ms", 0) / 1000, 3), "shapes": w.compiled_shapes,
-                         "recompiles": w.counters.get("recompiles", 0)},
-             "plans": w.plans}
-            for w in self.workers
-        ]
         return {
             "cohort_version": __version__,
             "pid": os.getpid(),
@@ -667,7 +660,7 @@ class Coordinator:
             "gpu": None if self.plan.gpu is None else {"uuid": self.plan.gpu.uuid, "name": self.plan.gpu.name,
                                                        "compute_mode": self.plan.gpu.compute_mode},
             "mps": {**self.mps.state(), "recycles": list(self.supervisor.recycles)},
-            "workers": workers,
+            "workers": [w.stats(self.device) for w in self.workers],
             "queued": sum(len(w.pending) for w in self.workers),
             "snapshots": [writer.progress() for writer, _ in self.weight_ops.writers],
             "in_flight": sum(len(w.in_flight) for w in self.workers),

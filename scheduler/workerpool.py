@@ -82,6 +82,19 @@ class WorkerHandle:
     def model_ids(self) -> list[str]:
         return [f"{b.group}/{i}" for b in self.blocks for i in b.indices]
 
+    def stats(self, default_device: str) -> dict[str, Any]:
+        """This worker's part of the coordinator's ``stats()``."""
+        counted = self.counters.get
+        return {"id": self.id, "pid": self.pid, "state": self.state, "device": self.device or default_device,
+                "models": self.model_ids(), "queued": len(self.pending), "in_flight": len(self.in_flight),
+                "jobs_done": self.jobs_done, "restarts": self.restarts, "calls": counted("calls", 0),
+                "joined_jobs": counted("joined_jobs", 0), "compiled_calls": counted("compiled_calls", 0),
+                "eager_calls": counted("eager_calls", 0),
+                "compile": {"loaded": counted("compile_loaded", 0), "compiled": counted("compile_compiled", 0),
+                            "seconds": round(counted("compile_ms", 0) / 1000, 3), "shapes": self.compiled_shapes,
+                            "recompiles": counted("recompiles", 0)},
+                "plans": self.plans}
+
     def spawn(self, context: zmq.Context[Any], run_dir: str, run_id: str, env: dict[str, str]) -> None:
         """Start (or restart) the process on a fresh socket, with exactly the environment ``env``."""
         self.generation += 1

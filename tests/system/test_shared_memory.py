@@ -17,6 +17,7 @@ import torch
 from cohort_harness import mlp_group, stop_and_check_clean
 
 from core.errors import BadInput
+from scheduler import client_core
 from scheduler.leftovers import remove_stale
 
 SCALE = {"name": "s", "factory": "examples.models:scale", "kwargs": {"d": 256}, "count": 1,
@@ -108,6 +109,22 @@ def test_a_shared_input_is_computed_on_where_it_lies(cohort) -> None:
         gc.collect()
         local.infer("s/0", x)  # a call takes a region: the freed tensor's is reclaimed on the way
         assert arena.held() < regions
+    assert stop_and_check_clean(running) == 0
+
+
+def test_a_client_that_sees_another_dev_shm_uses_the_sockets(cohort, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a client in another container does, reaching the coordinator over loopback: the two
+    identities differ, so nothing goes through an arena the other side cannot see."""
+    running = cohort([SCALE], workers=1)
+    monkeypatch.setattr(client_core, "shm_identity", lambda: "another-dev-shm")
+    x = torch.randn(2048, 256)
+    with running.client(timeout=60) as elsewhere:
+        w = elsewhere.get_weights("s/0")["weight"]
+        got = elsewhere.infer("s/0", x)
+        assert torch.equal(got, x * w)
+        assert not mapped_file(got.data_ptr()).endswith("-out"), "a result in an arena this client cannot see"
+        assert arenas(os.getpid()) == [], "inputs went into an arena the coordinator cannot see"
+        assert torch.equal(elsewhere.infer("s/0", x[:8]), (x * w)[:8])
     assert stop_and_check_clean(running) == 0
 
 

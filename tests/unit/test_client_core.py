@@ -33,6 +33,7 @@ from scheduler.client_core import (
     ALWAYS_ANSWERED_BYTES,
     JOB_RESULTS,
     MIN_TIME_LEFT_S,
+    SHM_MIN_BYTES,
     Call,
     ClientCore,
     Connection,
@@ -149,7 +150,7 @@ def test_a_large_message_asks_the_coordinator_for_its_bound_once() -> None:
     connection = Connection(ADDRESS)
     connection.add(hello)
     [settled] = connection.receive(_reply(HelloReply(hello.req_id, 1, "x", 5 << 20)))
-    core.server_bound = settled.result()
+    core.greeted(settled.result())
     assert core.server_bound == 5 << 20 and not core.needs_bound(big)
     core.check_size(big)
 
@@ -352,3 +353,24 @@ def test_every_call_is_written_once_and_both_flavours_get_it() -> None:
         assert inspect.iscoroutinefunction(coroutine), f"AsyncClient.{name} is not a coroutine function"
         assert inspect.signature(coroutine) == inspect.signature(declared)
         assert coroutine.__doc__ == declared.__doc__ and declared.__doc__
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_a_local_client_uses_shared_memory_only_where_the_coordinator_sees_it_too(same: bool) -> None:
+    core = ClientCore(shm=True)
+    try:
+        big = _big_call(SHM_MIN_BYTES)
+        assert core.needs_bound(big)  # under the bound, but the coordinator must say what it sees first
+        hello = _started(core.hello(), core)
+        connection = Connection(ADDRESS)
+        connection.add(hello)
+        theirs = core.identity if same else "another /dev/shm"
+        [settled] = connection.receive(_reply(HelloReply(hello.req_id, 1, "x", 5 << 20, theirs)))
+        core.greeted(settled.result())
+        assert core.shm_ok is same and not core.needs_bound(big)
+        _started(big, core)
+        assert bool(big.message.inputs.shm) is same  # in the client's arena, or through the socket
+        assert big.message.shm_results and big.message.shm_identity == core.identity  # the coordinator decides
+        assert (big.buffers == []) is same
+    finally:
+        core.close()
