@@ -39,6 +39,7 @@ from core.tensors import ShmRef
 HEADER = struct.Struct("<QQ")  # state (1 live, 0 released), sequence number
 ALIGN = 64
 NAME = re.compile(r"^cohort-[0-9A-Za-z-]+-(arena|out)[0-9a-f]*$")
+WRITER = re.compile(r"^cohort-(\d+)-")
 TORCH_COPY_BYTES = 1 << 20  # tensors this large are copied in with torch
 READER_CHECK_S = 1.0  # how often a held region's reader is checked for being alive
 
@@ -206,10 +207,12 @@ class Arena:
 
 
 class ArenaReader:
-    """The reader's side: other processes' arenas, mapped by name on first use and kept."""
+    """The reader's side: other processes' arenas, mapped by name on first use and kept while
+    their file is there (``prune``)."""
 
     def __init__(self) -> None:
         self._maps: dict[str, tuple[mmap.mmap, memoryview]] = {}
+        self._inodes: dict[str, int] = {}  # which file each map is of: a name may be made again
 
     def _view(self, name: str) -> memoryview:
         found = self._maps.get(name)
@@ -224,8 +227,24 @@ class ArenaReader:
                 mapping = mmap.mmap(fd, info.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             finally:
                 os.close(fd)
+            self.prune()  # a new arena (a new client, a worker's replacement): drop the maps of gone ones
             found = self._maps[name] = (mapping, memoryview(mapping))
+            self._inodes[name] = info.st_ino
         return found[1]
+
+    def prune(self, remove_dead: bool = False) -> None:
+        """Forget the arenas whose file is gone (closed by their writer, or removed after it died): the
+        memory is freed once no tensor over it is left. ``remove_dead``: first remove the arenas of
+        clients whose process is gone (one that died without closing it leaves its file behind)."""
+        for name in list(self._maps):
+            if remove_dead and name.endswith("-arena") and not _alive(_writer_pid(name)):
+                unlink_shm(name)
+            try:
+                gone = os.stat(shm_dir() / name).st_ino != self._inodes[name]
+            except OSError:
+                gone = True
+            if gone:
+                self.forget(name)
 
     def read(self, ref: ShmRef, nbytes: int) -> memoryview:
         """The bytes of one tensor, in place (valid while the writer keeps the region)."""
@@ -255,7 +274,11 @@ class ArenaReader:
         self._view(ref.arena)
         _release(self._maps[ref.arena][0], ref)
 
+    def mapped(self) -> list[str]:
+        return sorted(self._maps)
+
     def forget(self, name: str) -> None:
+        self._inodes.pop(name, None)
         found = self._maps.pop(name, None)
         if found is not None:
             _unmap(*found)
@@ -284,6 +307,13 @@ def _release(mapping: mmap.mmap, ref: ShmRef) -> None:
     state, sequence = HEADER.unpack_from(mapping, ref.offset - HEADER.size)
     if state == 1 and sequence == ref.sequence:  # still ours: a reclaimed region is someone else's now
         HEADER.pack_into(mapping, ref.offset - HEADER.size, 0, sequence)
+
+
+def _writer_pid(name: str) -> int:
+    """The pid in an arena's name (``cohort-<pid>-...``): its client's, or its coordinator's; 0
+    (which ``_alive`` takes for alive) for a name without one."""
+    match = WRITER.match(name)
+    return int(match.group(1)) if match else 0
 
 
 def _alive(pid: int) -> bool:

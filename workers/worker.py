@@ -245,6 +245,7 @@ class Worker:
                       for shape in rt.fused.compiled.shapes]
             plans = [report for rt in self.runtimes.values() for report in rt.plan_reports()]
             self._send(Heartbeat(self.worker_id, self.counters(), shapes, plans))
+            self.arenas.prune(remove_dead=True)  # the memory of clients that are gone goes back
 
     def counters(self) -> dict[str, int]:
         ex = self.executor

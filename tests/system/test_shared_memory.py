@@ -134,6 +134,7 @@ def test_a_client_killed_mid_call_harms_nothing_and_its_arena_is_cleaned(cohort)
         import sys, torch
         from scheduler import Client
         c = Client({running.address!r}, timeout=60)
+        c.infer("s/0", torch.randn(4096, 256))  # the worker has read this client's arena
         futures = [c.submit("infer", "s/0", torch.randn(4096, 256)) for _ in range(20)]
         print("submitted", flush=True)
         sys.stdin.read()
@@ -141,14 +142,39 @@ def test_a_client_killed_mid_call_harms_nothing_and_its_arena_is_cleaned(cohort)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
     assert child.stdout.readline().strip() == b"submitted"
+    [arena] = arenas(child.pid)
     os.kill(child.pid, signal.SIGKILL)
     child.wait(10)
-    time.sleep(0.5)
     with running.client(timeout=60) as c:
         x = torch.randn(4096, 256)
         assert torch.equal(c.infer("s/0", x), x * c.get_weights("s/0")["weight"])
-        assert c.stats()["workers"][0]["restarts"] == 0
+        worker = c.stats()["workers"][0]
+        assert worker["restarts"] == 0
+    # The worker that mapped the dead client's arena removes it and lets its memory go.
+    maps = Path(f"/proc/{worker['pid']}/maps")
+    deadline = time.monotonic() + 10
+    while (arenas(child.pid) or arena in maps.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert arenas(child.pid) == [], "the dead client's arena is still there"
+    assert arena not in maps.read_text(), "the worker still maps the dead client's arena"
+    assert stop_and_check_clean(running) == 0
+
+
+def test_the_next_start_removes_an_arena_no_worker_read() -> None:
+    script = textwrap.dedent("""
+        import sys
+        from scheduler.client_core import ClientCore
+        import torch
+        core = ClientCore(shm=True)
+        core.shared((1024,), torch.float32)  # its arena is made, and no worker ever maps it
+        print("made", flush=True)
+        sys.stdin.read()
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    assert child.stdout.readline().strip() == b"made"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(10)
     assert arenas(child.pid), "expected the killed client's arena to be left behind"
     remove_stale()  # what the next coordinator start does
     assert arenas(child.pid) == []
-    assert stop_and_check_clean(running) == 0

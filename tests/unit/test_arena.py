@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from core.arena import HEADER, Arena, ArenaReader
+from core.bank import shm_dir
 from core.tensors import ShmRef, decode_tensors, encode_tensors, to_arena
 
 
@@ -196,3 +197,27 @@ def test_a_freed_lent_region_whose_call_never_came_back_is_reclaimed_after_its_t
     del lent, buffers
     gc.collect()
     assert arena.take(40_000) is not None
+
+
+def test_a_reader_forgets_arenas_whose_file_is_gone_and_removes_dead_clients_ones() -> None:
+    reader = ArenaReader()
+    closed = Arena(f"cohort-{os.getpid()}-{uuid.uuid4().hex[:8]}-arena", 4096)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = Arena(f"cohort-{gone.pid}-{uuid.uuid4().hex[:8]}-arena", 4096)  # as a client that died leaves it
+    live = Arena(f"cohort-{os.getpid()}-{uuid.uuid4().hex[:8]}-arena", 4096)
+    try:
+        for arena in (closed, orphan, live):
+            offset, sequence = arena.take(8)
+            reader.read(ShmRef(arena.name, offset, sequence), 8)
+        assert reader.mapped() == sorted([closed.name, orphan.name, live.name])
+        closed.close()
+        reader.prune()
+        assert reader.mapped() == sorted([orphan.name, live.name])
+        reader.prune(remove_dead=True)
+        assert reader.mapped() == [live.name]
+        assert not (shm_dir() / orphan.name).exists() and (shm_dir() / live.name).exists()
+    finally:
+        reader.close()
+        live.close()
+        orphan.close()
