@@ -15,7 +15,9 @@
 4. **bulk tensors**: a local client's 16 MB input and 16 MB result through shared memory
    (an ordinary input tensor, and one filled in the client's shared memory with
    ``Client.shared``), and through the sockets, against a plain memcpy of the same bytes
-   (libc, one thread) and against torch's ``copy_`` (its intra-op threads), timed in turns.
+   (libc, one thread) and against torch's ``copy_`` (its intra-op threads), timed in turns; the
+   ``*_path_over_*`` ratios leave out the model's own pass over the data (the same model run in
+   this process, timed in the same turns), so they weigh the moving of the bytes alone.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ if str(ROOT) not in sys.path:
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
+from examples.models import scale  # noqa: E402
 from scheduler import Client  # noqa: E402
 from tools.bench_control import (  # noqa: E402
     EchoClient,
@@ -170,8 +173,11 @@ def bulk_tensors(repeats: int = 50) -> dict[str, Any]:
     def memcpy() -> None:
         ctypes.memmove(dst.data_ptr(), x.data_ptr(), nbytes)
 
+    model = scale(**SCALE["kwargs"]).requires_grad_(False)  # the worker's model, run here for its own time
+
     out: dict[str, Any] = {"bytes_each_way": nbytes, "torch_threads": torch.get_num_threads()}
     copies: dict[str, list[float]] = {"memcpy": [], "torch_copy": []}
+    passes: list[float] = []
     with start([SCALE], {"workers": 1}) as running:
         # A local client's ordinary tensor (copied once into shared memory), one it filled in its shared
         # memory (``Client.shared``: no copy on the way in), and the sockets. The result comes back as a
@@ -183,19 +189,26 @@ def bulk_tensors(repeats: int = 50) -> dict[str, Any]:
                     inputs = c.shared(x.shape)
                     inputs.copy_(x)
                 for _ in range(3):
-                    c.infer("bulk/0", inputs)
+                    if not torch.equal(c.infer("bulk/0", inputs), model(x)):
+                        raise RuntimeError(f"bulk tensors ({key}): cohort's result differs from the model's own")
                 calls = []
                 for _ in range(repeats):
                     copies["memcpy"].append(timed(memcpy))
                     calls.append(timed(lambda c=c, inputs=inputs: c.infer("bulk/0", inputs)))
                     copies["torch_copy"].append(timed(lambda: dst.copy_(x)))
+                    passes.append(timed(lambda: model(x)))
             took = sum(calls) / len(calls)
             out[f"{key}_round_trip_ms"] = round(took * 1000, 3)
-            # The round trip moves the bytes twice (in and out) and runs the model once.
+            # The round trip moves the bytes twice (in and out) and runs the model once; the path's own
+            # part is the round trip less the model's pass (timed here, in turns, with the same threads).
+            path = took - sum(passes[-repeats:]) / repeats
             for name, times in copies.items():
                 out[f"{key}_over_{name}"] = round(2 * sum(times[-repeats:]) / repeats / took, 3)
+                # None when the machine's noise made the model's pass here outlast the whole round trip
+                out[f"{key}_path_over_{name}"] = round(2 * sum(times[-repeats:]) / repeats / path, 3) if path > 0 else None
     for name, times in copies.items():
         out[f"{name}_ms"] = round(sum(times) / len(times) * 1000, 3)
+    out["model_pass_ms"] = round(sum(passes) / len(passes) * 1000, 3)
     return out
 
 

@@ -1,0 +1,35 @@
+"""``tools/bench_path.py``'s bulk-tensor part end to end, on a real coordinator: cohort's result is
+checked against the model's own before anything is timed, and every figure is there."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tools.bench_path import bulk_tensors  # noqa: E402
+
+MODES = ("shared_memory", "shared_input", "sockets")
+
+
+@pytest.mark.timeout(180)
+def test_bulk_tensors_checks_results_and_writes_every_figure() -> None:
+    figures = bulk_tensors(repeats=3)
+
+    assert figures["bytes_each_way"] == 16 * 2**20
+    for name in ("memcpy_ms", "torch_copy_ms", "model_pass_ms"):
+        assert figures[name] > 0, name
+    for mode in MODES:
+        took = figures[f"{mode}_round_trip_ms"]
+        assert took > 0, mode
+        for floor in ("memcpy", "torch_copy"):
+            assert 0 < figures[f"{mode}_over_{floor}"] < math.inf, (mode, floor)
+            path = figures[f"{mode}_path_over_{floor}"]
+            # The path's own part leaves the model's pass out, so it is never slower than the whole trip.
+            assert path is None or path >= figures[f"{mode}_over_{floor}"], (mode, floor)
