@@ -6,10 +6,7 @@ contiguous view ``bank[name][k]``: per-model calls take the views, fused calls t
 the whole stacked tensors, and nothing is copied.
 
 On the CPU the buffer is a named shared-memory file (``/dev/shm``), opened by name.
-On a GPU it is device memory exported through CUDA IPC. PyTorch has no public API
-for that: this module is the one place that calls ``UntypedStorage._share_cuda_``
-and ``UntypedStorage._new_shared_cuda`` (as ``torch/multiprocessing/reductions.py``
-does), so a torch upgrade that changes them breaks here, loudly, under a GPU test.
+On a GPU it is device memory exported through CUDA IPC (``core.cuda_ipc``).
 """
 
 from __future__ import annotations
@@ -24,6 +21,7 @@ from typing import Literal
 import msgspec
 import torch
 
+from core.cuda_ipc import CudaIpcHandle, export_cuda, open_cuda
 from core.spec import EntrySpec
 from core.tensors import DTYPES
 
@@ -34,19 +32,6 @@ def shm_dir() -> Path:
     """Where named CPU banks live: ``/dev/shm`` on Linux, else the temp dir."""
     path = Path("/dev/shm")
     return path if path.is_dir() else Path(tempfile.gettempdir())
-
-
-class CudaIpcHandle(msgspec.Struct, array_like=True, frozen=True):
-    """The fields ``UntypedStorage._share_cuda_()`` gives, as plain values."""
-
-    device: int
-    handle: bytes
-    storage_size: int
-    storage_offset: int
-    ref_counter_handle: bytes
-    ref_counter_offset: int
-    event_handle: bytes
-    event_sync_required: bool
 
 
 class BankHandle(msgspec.Struct, array_like=True, frozen=True):
@@ -213,44 +198,3 @@ def leftover_shm(prefix: str) -> list[str]:
     return sorted(p.name for p in shm_dir().glob(f"{prefix}*"))
 
 
-# --------------------------------------------------------------------------- GPU: CUDA IPC
-
-
-def export_cuda(raw: torch.Tensor) -> CudaIpcHandle:
-    """The IPC fields of ``raw``'s storage; the caller keeps ``raw`` alive while anyone maps it.
-
-    The caching allocator may place the bank inside a larger block: the handle names
-    the block and ``storage_offset`` says where the bank starts in it.
-    """
-    storage = raw.untyped_storage()
-    (device, handle, size, offset, ref_handle, ref_offset, event_handle, event_sync) = storage._share_cuda_()
-    return CudaIpcHandle(
-        device=int(device),
-        handle=bytes(handle),
-        storage_size=int(size),
-        storage_offset=int(offset),
-        ref_counter_handle=bytes(ref_handle),
-        ref_counter_offset=int(ref_offset),
-        event_handle=bytes(event_handle) if event_handle else b"",
-        event_sync_required=bool(event_sync),
-    )
-
-
-def open_cuda(h: CudaIpcHandle, nbytes: int) -> torch.Tensor:
-    """Map an exported bank as a uint8 tensor on this process's view of the same device."""
-    if h.storage_size < nbytes:
-        raise ValueError(f"CUDA IPC storage of {h.storage_size} bytes is smaller than the bank ({nbytes})")
-    torch.cuda.init()
-    storage = torch.UntypedStorage._new_shared_cuda(
-        h.device,
-        h.handle,
-        h.storage_size,
-        h.storage_offset,
-        h.ref_counter_handle,
-        h.ref_counter_offset,
-        h.event_handle,  # bytes, always: torch checks PyBytes here
-        h.event_sync_required,
-    )
-    raw = torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", h.device))
-    raw.set_(storage, 0, (storage.nbytes(),), (1,))
-    return raw[:nbytes]

@@ -146,6 +146,7 @@ class HelloReply(Reply):
     cohort_version: str
     max_message_bytes: int
     shm_identity: str = ""  # the coordinator's core.arena.shm_identity(): a local client's arenas work when equal
+    device: str = ""  # the workers' device ("cpu", "cuda:0"): a local client's CUDA tensors go by CUDA IPC to a GPU
 
 
 class JobDone(Reply):

@@ -2,7 +2,8 @@
 
 This module and ``core.codec`` are the only places that know how tensor bytes travel.
 A ``TensorTree`` describes a tensor, a tuple of tensors or a dict of named tensors;
-``encode_tensors`` splits a value into that header and zero-copy buffers,
+``encode_tensors`` splits a value into that header and zero-copy buffers (or, for a local
+client's large tensors, references into shared memory or CUDA IPC: ``to_arena``, ``to_cuda_refs``),
 ``decode_tensors`` rebuilds it (in page-locked memory for a GPU) after checking every size against the
 header, and ``slice_rows``/``join_rows`` cut and join stacked tensors as bytes, so the
 coordinator never decodes a tensor it only forwards.
@@ -16,6 +17,7 @@ import msgspec
 import numpy as np
 import torch
 
+from core.cuda_ipc import CudaRef
 from core.errors import BadInput, ProtocolError
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -57,17 +59,19 @@ class ShmRef(msgspec.Struct, array_like=True, frozen=True):
 
 class TensorTree(msgspec.Struct, array_like=True, frozen=True):
     """A tensor, a tuple of tensors, or a dict of named tensors (``layout``); the bytes follow as
-    frames, or (``shm``, one reference per tensor) lie in a shared-memory arena of this machine."""
+    frames, or (``shm``, one reference per tensor) lie in a shared-memory arena of this machine, or
+    (``cuda``, one reference per tensor) on a GPU of this machine, mapped through CUDA IPC."""
 
     layout: Literal["tensor", "tuple", "dict", "none"]
     metas: tuple[TensorMeta, ...] = ()
     keys: tuple[str, ...] = ()
     shm: tuple[ShmRef, ...] = ()
+    cuda: tuple[CudaRef, ...] = ()
 
     @property
     def frames(self) -> int:
         """How many buffer frames follow the message for this tree."""
-        return 0 if self.shm else len(self.metas)
+        return 0 if self.shm or self.cuda else len(self.metas)
 
 
 NO_TENSORS = TensorTree("none")
@@ -89,7 +93,7 @@ def tensor_nbytes(meta: TensorMeta) -> int:
     return numel * dtype.itemsize
 
 
-def _tensor_buffer(t: torch.Tensor) -> memoryview:
+def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw bytes of a CPU tensor, without a copy when it is already contiguous."""
     if t.requires_grad:
         t = t.detach()
@@ -113,10 +117,19 @@ def _meta(t: torch.Tensor) -> TensorMeta:
 
 def encode_tensors(value: Any) -> tuple[TensorTree, list[memoryview]]:
     """Split a tensor, tuple/list of tensors, or dict of tensors into header and buffers."""
+    if isinstance(value, torch.Tensor):  # the common case first: this runs for every call
+        return TensorTree("tensor", (_meta(value),)), [tensor_bytes(value)]
+    tree, tensors = describe_tensors(value)
+    return tree, [tensor_bytes(t) for t in tensors]
+
+
+def describe_tensors(value: Any) -> tuple[TensorTree, list[torch.Tensor]]:
+    """The header of a tensor, tuple/list of tensors, or dict of tensors, and its tensors in order
+    (where they are: nothing is copied)."""
     if value is None:
         return NO_TENSORS, []
     if isinstance(value, torch.Tensor):
-        return TensorTree("tensor", (_meta(value),)), [_tensor_buffer(value)]
+        return TensorTree("tensor", (_meta(value),)), [value]
     if isinstance(value, (tuple, list)):
         items = list(value)
         layout: Literal["tuple", "dict"] = "tuple"
@@ -131,7 +144,20 @@ def encode_tensors(value: Any) -> tuple[TensorTree, list[memoryview]]:
         raise BadInput(f"expected a Tensor, a tuple of Tensors or a dict of Tensors, got {type(value).__name__}")
     if not all(isinstance(t, torch.Tensor) for t in items):
         raise BadInput("every element of the input must be a torch.Tensor")
-    return TensorTree(layout, tuple(_meta(t) for t in items), keys), [_tensor_buffer(t) for t in items]
+    return TensorTree(layout, tuple(_meta(t) for t in items), keys), items
+
+
+def to_cuda_refs(tree: TensorTree, tensors: list[torch.Tensor]) -> tuple[TensorTree, list[torch.Tensor]]:
+    """The same CUDA tensors as CUDA IPC references (``core.cuda_ipc``): the tree with no buffers,
+    and the tensors the caller keeps alive until the reader is done with them."""
+    from core.cuda_ipc import export_tensor  # CUDA only
+
+    refs, kept = [], []
+    for t in tensors:
+        ref, keep = export_tensor(t)
+        refs.append(ref)
+        kept.append(keep)
+    return msgspec.structs.replace(tree, cuda=tuple(refs)), kept
 
 
 def to_arena(tree: TensorTree, buffers: list[memoryview], arena: Any,
@@ -162,12 +188,14 @@ def to_arena(tree: TensorTree, buffers: list[memoryview], arena: Any,
 
 def check_buffers(tree: TensorTree, buffers: list[Any], max_bytes: int) -> int:
     """Check buffer count and sizes against the header before anything is built; return total bytes."""
-    if not tree.metas and tree.layout == "none" and not buffers and not tree.shm:  # no tensors (most targets)
+    if not tree.metas and tree.layout == "none" and not buffers and not tree.shm and not tree.cuda:  # no tensors
         return 0
     if len(tree.metas) > MAX_TENSORS:
         raise BadInput(f"too many tensors in one message ({len(tree.metas)} > {MAX_TENSORS})")
     if tree.shm and len(tree.shm) != len(tree.metas):
         raise ProtocolError(f"header announces {len(tree.metas)} tensors but {len(tree.shm)} shared-memory places")
+    if tree.cuda and (len(tree.cuda) != len(tree.metas) or tree.shm):
+        raise ProtocolError(f"header announces {len(tree.metas)} tensors but {len(tree.cuda)} CUDA places")
     if len(buffers) != tree.frames:
         raise ProtocolError(f"header announces {tree.frames} tensors but {len(buffers)} buffers followed")
     if tree.layout == "dict" and (len(tree.keys) != len(tree.metas) or len(set(tree.keys)) != len(tree.keys)):
@@ -175,7 +203,7 @@ def check_buffers(tree: TensorTree, buffers: list[Any], max_bytes: int) -> int:
     if tree.layout == "tensor" and len(tree.metas) != 1:
         raise ProtocolError("tensor layout needs exactly one tensor")
     total = 0
-    if tree.shm:
+    if tree.shm or tree.cuda:
         return _total(tree, max_bytes)
     for meta, buf in zip(tree.metas, buffers):
         need = tensor_nbytes(meta)
@@ -196,7 +224,7 @@ def _total(tree: TensorTree, max_bytes: int) -> int:
 
 
 def _decode_tensor(meta: TensorMeta, buf: Any, pinned: bool) -> torch.Tensor:
-    if isinstance(buf, torch.Tensor) and not pinned:  # bytes already in memory that stays ours: as they are
+    if isinstance(buf, torch.Tensor) and (not pinned or buf.is_cuda):  # bytes in memory that stays ours: as they are
         return _in_place_tensor(meta, buf)
     if isinstance(buf, torch.Tensor):
         out = torch.empty(meta.shape, dtype=DTYPES[meta.dtype], pin_memory=True)
@@ -221,6 +249,9 @@ def decode_tensors(tree: TensorTree, buffers: list[Any], max_bytes: int = DEFAUL
     check_buffers(tree, buffers, max_bytes)
     if tree.layout == "none":
         return None
+    if tree.cuda:  # a worker maps a client's GPU tensors before this (``core.cuda_ipc.open_bytes``)
+        raise BadInput("the client's tensors on its GPU could not be mapped by the worker (the worker's log says "
+                       "why); a client made with shm=False sends them through the host")
     if tree.shm:
         if arenas is None:
             raise ProtocolError("tensors in shared memory, but this peer does not read arenas")
@@ -263,7 +294,7 @@ def byte_tensor(view: memoryview) -> torch.Tensor:
 
 def slice_rows(tree: TensorTree, buffers: list[Any], lo: int, hi: int) -> tuple[TensorTree, list[Any]]:
     """Rows ``lo:hi`` of dim 0 of every tensor, as zero-copy views of the frames (or arena offsets)."""
-    metas, out, refs = [], [], []
+    metas, out, refs, gpu_refs = [], [], [], []
     for i, meta in enumerate(tree.metas):
         rows = meta.shape[0]
         row_bytes = tensor_nbytes(meta) // rows if rows else 0
@@ -271,9 +302,12 @@ def slice_rows(tree: TensorTree, buffers: list[Any], lo: int, hi: int) -> tuple[
         if tree.shm:
             ref = tree.shm[i]
             refs.append(ShmRef(ref.arena, ref.offset + lo * row_bytes, ref.sequence))
+        elif tree.cuda:
+            cuda = tree.cuda[i]
+            gpu_refs.append(msgspec.structs.replace(cuda, offset=cuda.offset + lo * row_bytes))
         else:
             out.append(memoryview(buffers[i])[lo * row_bytes : hi * row_bytes])
-    return TensorTree(tree.layout, tuple(metas), tree.keys, tuple(refs)), out
+    return TensorTree(tree.layout, tuple(metas), tree.keys, tuple(refs), tuple(gpu_refs)), out
 
 
 def join_rows(pieces: list[tuple[TensorTree, list[Any]]]) -> tuple[TensorTree, list[Any]]:

@@ -52,9 +52,11 @@ from core.messages import (
 from core.tensors import (
     DEFAULT_MAX_MESSAGE_BYTES,
     decode_tensors,
-    encode_tensors,
+    describe_tensors,
+    tensor_bytes,
     tensor_nbytes,
     to_arena,
+    to_cuda_refs,
 )
 from scheduler import __version__
 
@@ -67,6 +69,9 @@ MIN_TIME_LEFT_S = 0.001
 # Calls with at least this many tensor bytes go through shared memory when the coordinator is local:
 # below it the sockets cost less than the extra bookkeeping.
 SHM_MIN_BYTES = 256 * 1024
+# Calls whose tensors are all on a GPU, with at least this many bytes, reach a GPU coordinator on this
+# machine by CUDA IPC: below it, copies through host memory cost less than opening a handle.
+CUDA_IPC_MIN_BYTES = 1 << 20
 ARENA_BYTES = 256 << 20  # address space: pages are allocated as regions are first written (an idle ring restarts at 0)
 
 Returns = Callable[[Any, list[Any]], Any]
@@ -144,7 +149,7 @@ class Call:
     ``ClientCore.start`` stamps the call's own id, timeout and deadline.
     """
 
-    __slots__ = ("_buffers", "deadline", "future", "message", "op", "regions", "returns", "sent", "size")
+    __slots__ = ("_buffers", "deadline", "future", "gpu", "kept", "message", "op", "regions", "returns", "sent", "size")
 
     def __init__(self, op: str, message: msgspec.Struct, returns: Returns, buffers: list[Any] | None = None) -> None:
         self.op = op
@@ -155,6 +160,8 @@ class Call:
         self.sent = False  # on a connection: lost with it if that connection drops
         self.future: Any = None  # the flavour's waiter, when it has one
         self.regions: list[int] = []  # its tensors' places in the client's arena, given back on the reply
+        self.gpu: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # CUDA inputs, targets: not copied yet
+        self.kept: list[torch.Tensor] = []  # tensors a worker maps by CUDA IPC, alive until the reply
 
     @property
     def req_id(self) -> int:
@@ -180,10 +187,16 @@ def job(op: str, target: str, inputs: Any, targets: Any = None) -> Call:
         raise BadInput(f"unknown op {op!r}; ops: {', '.join(JOB_OPS)}")
     if op in TARGETED_OPS and targets is None:
         raise BadInput(f"{op} needs targets")
-    tree_in, buf_in = encode_tensors(inputs)
-    tree_t, buf_t = encode_tensors(targets)
+    tree_in, in_tensors = describe_tensors(inputs)
+    tree_t, t_tensors = describe_tensors(targets)
     returns = as_loss if op == "evaluate" and is_model_id(target) else JOB_RESULTS[op]
-    return Call(op, SubmitJob(0, op, target, tree_in, tree_t), returns, [*buf_in, *buf_t])
+    message = SubmitJob(0, op, target, tree_in, tree_t)
+    if in_tensors and all(t.is_cuda for t in (*in_tensors, *t_tensors)):  # how they travel is decided in start
+        call = Call(op, message, returns)
+        call.gpu = (in_tensors, t_tensors)
+        call.size = sum(tensor_nbytes(m) for m in (*tree_in.metas, *tree_t.metas))
+        return call
+    return Call(op, message, returns, [tensor_bytes(t) for t in (*in_tensors, *t_tensors)])
 
 
 class Settled(NamedTuple):
@@ -221,6 +234,7 @@ class ClientCore:
         self.server_bound: int | None = None  # the coordinator's, once a Hello has told it
         self.shm = shm  # large tensors through shared memory (a coordinator on this machine)
         self.shm_ok: bool | None = None  # whether the coordinator sees this client's shared memory (from the Hello)
+        self.cuda_ok = False  # whether its workers are on a GPU of this machine (CUDA IPC), from the Hello
         self.identity = shm_identity() if shm else ""  # the shared memory and pids this client sees
         self._ids = itertools.count(1)
         self._arena: Arena | None = None
@@ -233,14 +247,33 @@ class ClientCore:
         if hasattr(call.message, "timeout_s"):
             call.message.timeout_s = timeout
         call.deadline = (time.monotonic() if now is None else now) + timeout
+        if call.gpu is not None:
+            self._from_gpu(call)
         if self.identity:
             if isinstance(call.message, SubmitJob):  # the coordinator says yes when it sees what we see
                 call.message.shm_results = True
                 call.message.client_pid = os.getpid()  # a worker holds a result region for it
                 call.message.shm_identity = self.identity
-            if self.shm_ok and call.size >= SHM_MIN_BYTES:
+            if self.shm_ok and call.size >= SHM_MIN_BYTES and call.buffers:
                 self._place(call)
         return call
+
+    def _from_gpu(self, call: Call) -> None:
+        """A job whose tensors are all on a GPU: mapped in place by a GPU coordinator's workers on this
+        machine when large enough (CUDA IPC), else copied to host memory here, as any tensor sent."""
+        in_tensors, t_tensors = call.gpu or ([], [])
+        call.gpu = None
+        message = call.message
+        if self.cuda_ok and call.size >= CUDA_IPC_MIN_BYTES:
+            try:
+                inputs, kept = to_cuda_refs(message.inputs, in_tensors)
+                targets, kept_t = to_cuda_refs(message.targets, t_tensors) if t_tensors else (message.targets, [])
+            except RuntimeError:  # torch cannot export this memory (an allocator without IPC): through the host
+                pass
+            else:
+                message.inputs, message.targets, call.kept = inputs, targets, [*kept, *kept_t]
+                return
+        call.buffers = [tensor_bytes(t) for t in (*in_tensors, *t_tensors)]
 
     def _place(self, call: Call) -> None:
         """Move a call's tensors into the arena: only where they are crosses the sockets."""
@@ -280,7 +313,8 @@ class ClientCore:
         return torch.empty(shape, dtype=dtype)
 
     def finish(self, call: Call) -> None:
-        """A reply has come: the worker is done with the call's tensors in the arena."""
+        """A reply has come: the worker is done with the call's tensors in the arena or on the GPU."""
+        call.kept = []
         if call.regions and self._arena is not None:
             with self._arena_lock:
                 for offset in call.regions:
@@ -316,6 +350,7 @@ class ClientCore:
         ``/dev/shm`` and pids (else large tensors go through the sockets)."""
         self.server_bound = reply.max_message_bytes
         self.shm_ok = self.shm and bool(self.identity) and reply.shm_identity == self.identity
+        self.cuda_ok = bool(self.shm_ok) and reply.device.startswith("cuda")
 
     def check_size(self, call: Call) -> None:
         """Refuse a message over the bound here, rather than have the coordinator's socket drop it."""

@@ -36,6 +36,7 @@ from core.codec import (
 )
 from core.definition import build_definition
 from core.errors import (
+    BadInput,
     CohortError,
     ConfigError,
     JobFailed,
@@ -354,7 +355,7 @@ class Coordinator:
 
     def _on_hello(self, client: bytes, msg: Hello, _: list[Any]) -> None:
         self._reply(client, HelloReply(msg.req_id, PROTOCOL_VERSION, __version__, self.cc.max_message_bytes,
-                                       self.shm_identity))
+                                       self.shm_identity, self.device))
 
     def _on_models(self, client: bytes, msg: ListModels, _: list[Any]) -> None:
         infos = [ModelInfo(f"{g}/{i}", g, i, worker, self.versions[(g, i)], self.workers[worker].device or self.device)
@@ -369,6 +370,9 @@ class Coordinator:
 
     def _on_submit(self, client: bytes, msg: SubmitJob, buffers: list[Any]) -> None:
         check_op(msg.op)
+        on_gpu = msg.inputs.cuda or msg.targets.cuda
+        if on_gpu and not (self.device.startswith("cuda") and msg.shm_identity == self.shm_identity != ""):
+            raise BadInput("tensors on a client's GPU (CUDA IPC) reach only workers on a GPU of the client's machine")
         n_in = msg.inputs.frames
         size = check_buffers(msg.inputs, buffers[:n_in], self.cc.max_message_bytes)
         check_buffers(msg.targets, buffers[n_in:], self.cc.max_message_bytes - size)

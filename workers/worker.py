@@ -27,6 +27,7 @@ import zmq
 from core.arena import Arena, ArenaReader
 from core.bank import Bank, BankHandle, bank_layout, unlink_shm
 from core.codec import unbundle, worker_codec, zero_copy
+from core.cuda_ipc import open_bytes, visible_gpus
 from core.device import resolve_device
 from core.errors import CohortError
 from core.messages import (
@@ -80,6 +81,7 @@ class Worker:
         self.out: Arena | None = None  # this worker's arena for large results, made on first use
         self.shm_results: dict[int, int] = {}  # jobs whose client reads results from shared memory: its pid
         self.shm_prefix = ""
+        self.gpus: dict[str, int] | None = None  # GPU UUID to index, for clients' CUDA tensors
         self.handlers: dict[type, Callable[[Any, list[Any], list[tuple[RunJob, list[Any]]]], None]] = {
             RunJob: lambda m, buffers, jobs: jobs.append(self._local(m, buffers)),
             RunJobs: lambda m, buffers, jobs: jobs.extend(self._local(j, b) for j, b in unbundle(m.jobs, buffers)),
@@ -110,6 +112,8 @@ class Worker:
         device = resolve_device(init.device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        else:
+            self.gpus = {}  # a CPU worker maps no client's GPU memory (and never starts CUDA to find out)
         cache = self._compile_cache(init, device)
         for spec, mirror in zip(init.groups, init.mirrors, strict=True):
             bank = Bank.create(spec.name, spec.entries, len(spec.indices), device, f"{init.shm_prefix}{spec.name}")
@@ -183,12 +187,13 @@ class Worker:
             self.handlers[type(message)](message, buffers, jobs)
 
     def _local(self, job: RunJob, buffers: list[Any]) -> tuple[RunJob, list[Any]]:
-        """A job whose tensors lie in a client's arena, as if they had come in frames: byte tensors over
-        the arena, which the job computes on in place (the region stays the client's until the reply). An arena that cannot be read fails the
-        job when it is prepared (its header no longer matches)."""
+        """A job whose tensors lie in a client's arena or on its GPU, as if they had come in frames: byte
+        tensors over the arena or over the client's GPU memory (CUDA IPC), which the job computes on in
+        place (the memory stays the client's until the reply). Tensors that cannot be read fail the job
+        when it is prepared, with the reason in this worker's log."""
         if job.shm_results:
             self.shm_results[job.job_id] = job.client_pid
-        if not (job.inputs.shm or job.targets.shm):
+        if not (job.inputs.shm or job.targets.shm or job.inputs.cuda or job.targets.cuda):
             return job, buffers
         try:
             own: list[Any] = []
@@ -199,12 +204,22 @@ class Worker:
                     own += [byte_tensor(self.arenas.read(ref, tensor_nbytes(meta)))
                             for ref, meta in zip(tree.shm, tree.metas)]
                     trees[name] = msgspec.structs.replace(tree, shm=())
+                elif tree.cuda:
+                    own += [open_bytes(ref, tensor_nbytes(meta), self._visible_gpus())
+                            for ref, meta in zip(tree.cuda, tree.metas)]
+                    trees[name] = msgspec.structs.replace(tree, cuda=())
                 else:
                     own += buffers[:tree.frames] if name == "inputs" else buffers[job.inputs.frames:]
             return msgspec.structs.replace(job, **trees), own
-        except (OSError, ValueError) as exc:
-            log.warning("job %d: its tensors in shared memory cannot be read: %s", job.job_id, exc)
+        except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: torch's, a CUDA IPC handle not opened
+            log.warning("job %d: its tensors in shared memory or on the client's GPU cannot be read: %s", job.job_id, exc)
             return job, buffers
+
+    def _visible_gpus(self) -> dict[str, int]:
+        """GPU UUID to device index here, found once (a CPU worker sees none)."""
+        if self.gpus is None:
+            self.gpus = visible_gpus()
+        return self.gpus
 
     def _arena_out(self) -> Arena:
         if self.out is None:

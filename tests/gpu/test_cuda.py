@@ -168,3 +168,43 @@ def test_fused_calls_on_cuda_equal_per_model_calls(gpu_cohort) -> None:
         worker = c.stats()["workers"][0]
     print(f"calls {worker['calls']}, joined jobs {worker['joined_jobs']}")
     assert worker["joined_jobs"] > 0
+
+
+def test_a_local_clients_cuda_tensors_reach_the_worker_by_cuda_ipc(gpu_cohort) -> None:
+    """CUDA inputs of 1 MiB or more from a client on this machine are mapped in place by the worker:
+    the same results as through host memory, the call's request carries no tensor bytes, and a
+    non-contiguous input or one at an offset in its storage is read right."""
+    from core.tensors import TensorTree
+    from scheduler import client_core
+
+    scale = {"name": "s", "factory": "examples.models:scale", "kwargs": {"d": 512}, "count": 2,
+             "input": {"shape": [-1, 512], "dtype": "float32"}, "loss": "mse", "optimizer": {"name": "sgd", "lr": 0.1}}
+    running = gpu_cohort([scale], mps="off")
+    x = torch.randn(1024, 512)  # 2 MiB
+    sent: list[TensorTree] = []
+    start = client_core.ClientCore.start
+
+    def spy(self, call, timeout, now=None):
+        started = start(self, call, timeout, now)
+        if call.op == "infer":
+            sent.append(started.message.inputs)
+        return started
+
+    with running.client(timeout=120, shm=False) as host, running.client(timeout=120) as local:
+        want = host.infer("s/0", x)
+        client_core.ClientCore.start = spy
+        try:
+            got = local.infer("s/0", x.cuda())
+            pad = torch.randn(4096, 512, device="cuda")
+            pad[1000:2024].copy_(x)
+            at_offset = local.infer("s/0", pad[1000:2024])
+            transposed = local.infer("s/0", x.t().contiguous().cuda().t())
+            trained = local.train_step("s/1", x.cuda(), torch.zeros(1024, 512, device="cuda"))
+        finally:
+            client_core.ClientCore.start = start
+        assert torch.equal(got, want) and torch.equal(at_offset, want) and torch.equal(transposed, want)
+        assert trained > 0
+        assert all(tree.cuda and not tree.shm for tree in sent), sent
+        assert host.train_step("s/1", x, torch.zeros(1024, 512)) < trained  # the step above did update s/1
+        small = torch.randn(4, 512)
+        assert torch.equal(local.infer("s/0", small.cuda()), host.infer("s/0", small))  # under 1 MiB: through the host

@@ -178,3 +178,22 @@ def test_the_next_start_removes_an_arena_no_worker_read() -> None:
     assert arenas(child.pid), "expected the killed client's arena to be left behind"
     remove_stale()  # what the next coordinator start does
     assert arenas(child.pid) == []
+
+
+def test_a_cpu_coordinator_refuses_tensors_on_a_clients_gpu_and_goes_on(cohort) -> None:
+    """CUDA IPC references reach only a GPU coordinator on the client's machine: a CPU one refuses
+    them with BadInput (a client only sends them after a hello that says cuda) and keeps serving."""
+    from core.cuda_ipc import CudaIpcHandle, CudaRef
+    from core.messages import SubmitJob
+    from core.tensors import NO_TENSORS, TensorMeta, TensorTree
+
+    running = cohort([SCALE], workers=1)
+    handle = CudaIpcHandle(0, b"\x01" * 64, 1 << 20, 0, b"\x02" * 16, 0, b"", False)
+    tree = TensorTree("tensor", (TensorMeta("float32", (4, 256)),), cuda=(CudaRef(handle, "GPU-x", 0),))
+    with running.client(timeout=30) as c:
+        forged = client_core.Call("infer", SubmitJob(0, "infer", "s/0", tree, NO_TENSORS), client_core.as_outputs)
+        with pytest.raises(BadInput, match="CUDA IPC"):
+            c._call(forged, 30)
+        x = torch.randn(4, 256)
+        assert torch.equal(c.infer("s/0", x), x)  # the scale model starts at ones
+    assert stop_and_check_clean(running) == 0
