@@ -16,8 +16,9 @@ it is done (``released``) and can tell when the writer reclaimed a region before
 A result region names its reader's process: it is held until the reader releases it (its
 last tensor over the region is freed) or the reader's process is gone, however long that
 takes, since the reader computes on that memory. A region without a reader (a client's
-inputs) is given back by its writer when the reply comes, or reclaimed after
-``reclaim_after_s`` (a call abandoned while its job may still read it).
+inputs) is given back by its writer when the reply comes, or reclaimed once its call's
+deadline is ``reclaim_after_s`` past (a call abandoned while its job may still read it: a
+job is never started after its deadline).
 """
 
 from __future__ import annotations
@@ -49,12 +50,11 @@ class _Region:
     start: int
     end: int
     sequence: int
-    taken: float
+    until: float  # without a reader: reclaimed by time only after this (its calls' deadlines, and a margin)
     reader: int = 0  # the pid of the process that holds it (0: none; reclaimed by time)
     released: bool = False
     lent: bool = False  # a tensor of the writer's own process (``Arena.lend``)
     uses: int = 0  # lent: calls out that send it
-    last_use: float = 0.0
 
 
 def _freed(region: _Region) -> None:
@@ -89,9 +89,10 @@ class Arena:
         self._sequence = 0
         self._readers: dict[int, tuple[float, bool]] = {}  # pid -> (when checked, alive)
 
-    def take(self, nbytes: int, reader: int = 0) -> tuple[int, int] | None:
+    def take(self, nbytes: int, reader: int = 0, deadline: float | None = None) -> tuple[int, int] | None:
         """A region of ``nbytes`` (its data offset and sequence number), or None when there is no room.
-        ``reader``: the pid of the process the region is for (it is held until that one releases it or is gone)."""
+        ``reader``: the pid of the process the region is for (it is held until that one releases it or is
+        gone). ``deadline`` (monotonic): that of the call that sends it, if it is not given back."""
         self._reclaim()
         need = _round(HEADER.size + nbytes)
         at = self._place(need)
@@ -105,7 +106,7 @@ class Arena:
                 return None
             self._reserved = start + need
         self._sequence += 1
-        self._regions.insert(index, _Region(start, start + need, self._sequence, time.monotonic(), reader))
+        self._regions.insert(index, _Region(start, start + need, self._sequence, self._until(deadline), reader))
         HEADER.pack_into(self.view, start, 1, self._sequence)
         return start + HEADER.size, self._sequence
 
@@ -135,9 +136,10 @@ class Arena:
         weakref.finalize(owner, _freed, region)
         return torch.from_numpy(owner)
 
-    def locate(self, data: memoryview) -> tuple[int, int, int] | None:
+    def locate(self, data: memoryview, deadline: float | None = None) -> tuple[int, int, int] | None:
         """Where ``data`` lies when it is in a lent region: its offset, the region's sequence number and
-        the region's own offset (``give_back`` it when the call is done); None when it lies elsewhere."""
+        the region's own offset (``give_back`` it when the call is done); None when it lies elsewhere.
+        ``deadline``: that of the call that sends it (the region is kept at least that long)."""
         if not self._lent or not data.nbytes:
             return None
         offset = np.frombuffer(data, dtype=np.uint8).ctypes.data - self._base
@@ -146,7 +148,7 @@ class Arena:
         for region in self._regions:
             if region.lent and region.start + HEADER.size <= offset and offset + data.nbytes <= region.end:
                 region.uses += 1
-                region.last_use = time.monotonic()
+                region.until = max(region.until, self._until(deadline))
                 return offset, region.sequence, region.start + HEADER.size
         return None
 
@@ -171,13 +173,16 @@ class Arena:
             at = region.end
         return (len(self._regions), at) if self.size - at >= need else None
 
+    def _until(self, deadline: float | None) -> float:
+        return (time.monotonic() if deadline is None else deadline) + self.reclaim_after_s
+
     def _reclaim(self) -> None:
         now = time.monotonic()
         kept = []
         for region in self._regions:
             state, _ = HEADER.unpack_from(self.view, region.start)
             if region.lent:
-                gone = region.released and (region.uses <= 0 or now - region.last_use > self.reclaim_after_s)
+                gone = region.released and (region.uses <= 0 or now > region.until)
             else:
                 gone = region.released or state == 0 or self._abandoned(region, now)
             if gone:
@@ -192,7 +197,7 @@ class Arena:
 
     def _abandoned(self, region: _Region, now: float) -> bool:
         if not region.reader:
-            return now - region.taken > self.reclaim_after_s
+            return now > region.until
         checked, alive = self._readers.get(region.reader, (-READER_CHECK_S, True))
         if now - checked >= READER_CHECK_S:
             alive = _alive(region.reader)
@@ -258,10 +263,12 @@ class ArenaReader:
         """The bytes of one result as a uint8 tensor over the region, without a copy: the region
         is released to its writer when the last tensor over these bytes is freed."""
         region = self.read(ref, nbytes)
-        if not nbytes:
+        if not nbytes:  # nothing to hold: the region goes back now
+            self.release(ref)
             return torch.empty(0, dtype=torch.uint8)
         owner = np.frombuffer(region, dtype=np.uint8)  # the tensor's storage keeps this array alive
-        weakref.finalize(owner, _release, self._maps[ref.arena][0], ref)  # the map: it outlives a forget
+        # The map: it outlives a forget. The pid: a forked child's copy of the tensor is not the region's.
+        weakref.finalize(owner, _release, self._maps[ref.arena][0], ref, os.getpid())
         return torch.from_numpy(owner)
 
     def current(self, ref: ShmRef) -> bool:
@@ -296,13 +303,15 @@ def shm_identity() -> str:
     try:
         shm = os.stat(shm_dir())
         pids = os.stat("/proc/self/ns/pid")
+        with open("/proc/sys/kernel/random/boot_id") as f:  # two hosts' /dev/shm and pid inodes may agree
+            boot = f.read().strip()
     except OSError:
         return ""
-    return f"{shm.st_dev}:{shm.st_ino}:{pids.st_ino}"
+    return f"{boot}:{shm.st_dev}:{shm.st_ino}:{pids.st_ino}:{os.geteuid()}"  # the user: arenas are 0600
 
 
-def _release(mapping: mmap.mmap, ref: ShmRef) -> None:
-    if mapping.closed:
+def _release(mapping: mmap.mmap, ref: ShmRef, pid: int = 0) -> None:
+    if mapping.closed or pid and pid != os.getpid():  # a finalizer a forked child inherited: not its region
         return
     state, sequence = HEADER.unpack_from(mapping, ref.offset - HEADER.size)
     if state == 1 and sequence == ref.sequence:  # still ours: a reclaimed region is someone else's now
@@ -317,9 +326,11 @@ def _writer_pid(name: str) -> int:
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return pid == 0  # 0: no pid to check (kept); a negative one names no process
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True  # another user's process of that pid: alive as far as we can tell

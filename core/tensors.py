@@ -160,20 +160,21 @@ def to_cuda_refs(tree: TensorTree, tensors: list[torch.Tensor]) -> tuple[TensorT
     return msgspec.structs.replace(tree, cuda=tuple(refs)), kept
 
 
-def to_arena(tree: TensorTree, buffers: list[memoryview], arena: Any,
-             reader: int = 0) -> tuple[TensorTree, list[Any], list[int]]:
+def to_arena(tree: TensorTree, buffers: list[memoryview], arena: Any, reader: int = 0,
+             deadline: float | None = None) -> tuple[TensorTree, list[Any], list[int]]:
     """The same tensors in ``arena`` (``core.arena.Arena``): the tree with references and no buffers,
     and the regions used (give each back when the call is done); as they were if the arena has no
     room. A tensor already in a lent region of the arena is sent where it lies; the others are copied
-    in. ``reader``: the pid of the process the new regions are held for (results), 0 for none."""
+    in. ``reader``: the pid of the process the new regions are held for (results), 0 for none;
+    ``deadline``: that of the call that sends them (``Arena.take``)."""
     refs: list[ShmRef] = []
     used: list[int] = []
     for buf in buffers:
-        found = arena.locate(buf)
+        found = arena.locate(buf, deadline)
         if found is not None:
             offset, sequence, region = found
         else:
-            taken = arena.take(buf.nbytes, reader)
+            taken = arena.take(buf.nbytes, reader, deadline)
             if taken is None:
                 for region in used:
                     arena.give_back(region)

@@ -239,6 +239,7 @@ class ClientCore:
         self._ids = itertools.count(1)
         self._arena: Arena | None = None
         self._arena_lock = threading.Lock()
+        self._closed = False
 
     def start(self, call: Call, timeout: float, now: float | None = None) -> Call:
         """Give ``call`` its id, timeout and deadline; it is then ready to go on a connection.
@@ -289,7 +290,7 @@ class ClientCore:
                 tree = getattr(message, name)
                 own = call.buffers[at:at + tree.frames]
                 at += tree.frames
-                placed, left, regions = to_arena(tree, own, arena)
+                placed, left, regions = to_arena(tree, own, arena, deadline=call.deadline)
                 setattr(message, name, placed)
                 rest += left
                 call.regions += regions
@@ -297,6 +298,8 @@ class ClientCore:
 
     def _own_arena(self) -> Arena:
         """This client's arena, made on first use (hold ``_arena_lock``)."""
+        if self._closed:  # a new arena now would outlive the client, with no worker to remove it
+            raise ProtocolError("the client is closed")
         if self._arena is None:
             self._arena = Arena(f"cohort-{os.getpid()}-{uuid.uuid4().hex[:8]}-arena", ARENA_BYTES)
         return self._arena
@@ -323,6 +326,7 @@ class ClientCore:
 
     def close(self) -> None:
         with self._arena_lock:
+            self._closed = True
             if self._arena is not None:
                 self._arena.close()
                 self._arena = None
@@ -426,11 +430,22 @@ class Connection:
         settled = []
         for reply, reply_buffers in replies:
             call = self._pending.pop(reply.req_id, None)
-            if call is not None:
-                if self.core is not None:
-                    self.core.finish(call)
-                settled.append(self._settle(call, reply, reply_buffers))
+            if call is None:  # a late answer: a worker holds its results for this process until released
+                self._release(reply)
+                continue
+            if self.core is not None:
+                self.core.finish(call)
+            settled.append(self._settle(call, reply, reply_buffers))
         return settled
+
+    def _release(self, reply: Any) -> None:
+        """Give back the regions of a reply's results that nobody will read."""
+        tree = getattr(reply, "outputs", None)
+        for ref in tree.shm if tree is not None else ():
+            try:
+                self._arenas.release(ref)  # only if the region is still the one it names
+            except (OSError, ValueError):
+                pass  # the worker's arena is gone: nothing is held
 
     def _settle(self, call: Call, reply: Any, buffers: list[Any]) -> Settled:
         """A reply's outcome. Outputs that lie in a worker's arena come back as tensors over that
@@ -440,10 +455,12 @@ class Connection:
             return _outcome(call, reply, buffers)
         try:
             if not all(self._arenas.current(ref) for ref in tree.shm):
+                self._release(reply)
                 return Settled(call, error=ProtocolError(
                     "the worker reused the result's shared memory before it was read (did it restart?)"))
             held = [self._arenas.hold(ref, tensor_nbytes(meta)) for ref, meta in zip(tree.shm, tree.metas)]
         except (OSError, ValueError) as exc:
+            self._release(reply)  # the tensors held so far go back when freed, the others now
             return Settled(call, error=ProtocolError(f"the result in shared memory cannot be read: {exc}"))
         return _outcome(call, msgspec.structs.replace(reply, outputs=msgspec.structs.replace(tree, shm=())), held)
 

@@ -370,8 +370,8 @@ class Coordinator:
 
     def _on_submit(self, client: bytes, msg: SubmitJob, buffers: list[Any]) -> None:
         check_op(msg.op)
-        on_gpu = msg.inputs.cuda or msg.targets.cuda
-        if on_gpu and not (self.device.startswith("cuda") and msg.shm_identity == self.shm_identity != ""):
+        local = msg.shm_identity == self.shm_identity != ""  # the client sees this machine's memory as we do
+        if (msg.inputs.cuda or msg.targets.cuda) and not (self.device.startswith("cuda") and local):
             raise BadInput("tensors on a client's GPU (CUDA IPC) reach only workers on a GPU of the client's machine")
         n_in = msg.inputs.frames
         size = check_buffers(msg.inputs, buffers[:n_in], self.cc.max_message_bytes)
@@ -392,8 +392,8 @@ class Coordinator:
         job.shared = msg.op in ("train_round", "evaluate") and stacked is None  # one batch for every model
         self._split(job, msg.inputs, buffers[:n_in], msg.targets, buffers[n_in:], stacked)
         # Results in a worker's arena for a client that sees it; results of several workers are joined here.
-        job.shm_results = msg.shm_results and msg.shm_identity == self.shm_identity != "" and len(job.parts) == 1
-        job.client_pid = msg.client_pid
+        job.client_pid = msg.client_pid if 0 < msg.client_pid < 1 << 22 else 0  # Linux pids are below 2**22
+        job.shm_results = msg.shm_results and local and len(job.parts) == 1 and job.client_pid > 0
         self._queue(job)
         self.stats.record_submit()
 
@@ -538,13 +538,15 @@ class Coordinator:
         job = part.job
         if error is None:
             job.results[part.worker] = result
+        elif not job.answered and job.open_parts > 1 and job.in_client_memory():  # the client reuses that memory
+            job.error = job.error or error  # once answered: the answer waits for the parts that may read it
         elif not job.answered:
             self._answer(job, error)
         job.open_parts -= 1
         if job.open_parts > 0:
             return
         if not job.answered:
-            self._answer(job, None)
+            self._answer(job, job.error)
         self._retire(job)
 
     def _answer(self, job: Job, error: CohortError | None) -> None:
@@ -619,7 +621,7 @@ class Coordinator:
             batch: list[Part] = []
             while w.pending and len(w.in_flight) + len(batch) < self.cc.window:
                 part = w.pending[0]
-                if part.job.answered:  # another part failed: do not run the rest
+                if part.job.answered or part.job.error:  # another part failed: do not run the rest
                     w.pending.popleft()
                     self._finish_part(part, None, None)
                     continue

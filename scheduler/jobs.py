@@ -57,6 +57,11 @@ class Job:
     shm_results: bool = False  # a local client: large results may come back in the worker's arena
     client_pid: int = 0  # that client's process (the worker holds such a result for it)
     seed: int | None = None  # reset
+    error: CohortError | None = None  # a part's failure, answered once no other part reads the client's memory
+
+    def in_client_memory(self) -> bool:
+        """Whether its tensors lie in the client's memory (its arena, its GPU), not in frames here."""
+        return any(tree.shm or tree.cuda for part in self.parts for tree in (part.inputs, part.targets))
 
     def fenced(self) -> bool:
         """True while a barrier accepted before this job has not completed."""

@@ -149,3 +149,27 @@ def mlp_bf16(d_in: int = 8, hidden: int = 16, d_out: int = 4) -> nn.Module:
     from examples.models import mlp
 
     return mlp(d_in, hidden, d_out).to(torch.bfloat16)
+
+
+class Witness(nn.Module):
+    """Sleeps ``x[0, 0]`` seconds, raises when ``x[0, 1]`` is above 1000, and appends the sum of its input
+    to the file ``seen``: what the model read, after the fact."""
+
+    def __init__(self, d: int = 4, seen: str = "") -> None:
+        super().__init__()
+        self.linear = nn.Linear(d, 4)
+        self.seen = seen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "meta":
+            if float(x[0, 0]) > 0:
+                time.sleep(min(float(x[0, 0]), 30.0))
+            if float(x[0, 1]) > 1000:
+                raise RuntimeError("input too hot for this model")
+            with open(self.seen, "a") as f:
+                f.write(f"{float(x.double().sum())}\n")
+        return self.linear(x)
+
+
+def witness(d: int = 4, seen: str = "") -> nn.Module:
+    return Witness(d, seen)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from cohort_harness import mlp_group, stop_and_check_clean
 
-from core.errors import BadInput
+from core.errors import BadInput, JobFailed, JobTimeout
 from scheduler import client_core
 from scheduler.leftovers import remove_stale
 
@@ -196,4 +196,81 @@ def test_a_cpu_coordinator_refuses_tensors_on_a_clients_gpu_and_goes_on(cohort) 
             c._call(forged, 30)
         x = torch.randn(4, 256)
         assert torch.equal(c.infer("s/0", x), x)  # the scale model starts at ones
+    assert stop_and_check_clean(running) == 0
+
+
+def held_regions(run_id: str) -> list[int]:
+    """Offsets of the regions a worker's result arena holds (state 1 in a region header)."""
+    [path] = Path("/dev/shm").glob(f"cohort-{run_id}-w*-out*")
+    data = path.read_bytes()[: 32 << 20]
+    return [at for at in range(0, len(data) - 16, 64)
+            if int.from_bytes(data[at:at + 8], "little") == 1 and 0 < int.from_bytes(data[at + 8:at + 16], "little") < 10_000]
+
+
+def test_a_result_that_comes_after_its_call_timed_out_is_given_back(cohort) -> None:
+    sleepy = {**SCALE, "name": "z", "factory": "fixture_models:sleepy", "kwargs": {"d": 256}}
+    running = cohort([sleepy], workers=1)
+    x = torch.randn(2048, 256)  # 2 MB out: the result comes in the worker's arena
+    x[0, 0] = 0
+    with running.client(timeout=60) as c:
+        c.infer("z/0", x)
+        gc.collect()
+        slow = x.clone()
+        slow[0, 0] = 1.5
+        with pytest.raises(JobTimeout):
+            c.infer("z/0", slow, timeout=0.5)
+        time.sleep(2.0)  # the late answer comes while the next call waits for its own
+        got = c.infer("z/0", x)
+        del got
+        gc.collect()
+        assert held_regions(running.info["run_id"]) == [], "a late result's region is held for good"
+    assert stop_and_check_clean(running) == 0
+
+
+def test_a_failed_part_is_answered_only_once_the_others_stopped_reading_the_clients_memory(cohort, tmp_path) -> None:
+    seen = tmp_path / "seen.txt"
+    group = {**SCALE, "name": "g", "factory": "fixture_models:witness", "kwargs": {"d": 256, "seen": str(seen)},
+             "count": 2, "loss": "cross_entropy"}
+    running = cohort([group], workers=2)
+    with running.client(timeout=60) as c:
+        assert len({w["id"] for w in c.stats()["workers"] if w["models"]}) == 2, "one model on each worker"
+        xs = c.shared((2, 1024, 256))
+        xs.copy_(torch.ones(2, 1024, 256))
+        xs[0, 0, 1] = 5000.0  # model 0 fails at once
+        xs[1, 0, 0] = 1.5  # model 1 reads its rows after 1.5 s
+        want = float(xs[1].double().sum())
+        with pytest.raises(JobFailed, match="too hot"):
+            c.evaluate("g", xs, torch.randint(0, 4, (2, 1024)))
+        xs.fill_(3.0)  # answered: the caller may reuse its buffer now
+        deadline = time.monotonic() + 10
+        while not seen.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        assert [float(v) for v in seen.read_text().split()] == [want]
+    assert stop_and_check_clean(running) == 0
+
+
+def test_a_client_pid_that_names_no_process_never_crashes_the_worker(cohort, monkeypatch) -> None:
+    mlp = mlp_group("m", 1, kwargs={"d_in": 8, "hidden": 16, "d_out": 65536})  # 1 MB results: the worker's arena
+    running = cohort([mlp], workers=1)
+    x = torch.randn(4, 8)
+    start = client_core.ClientCore.start
+
+    def forged(self, call, timeout, now=None):
+        call = start(self, call, timeout, now)
+        if isinstance(call.message, client_core.SubmitJob):
+            call.message.client_pid = 1 << 40
+        return call
+
+    with running.client(timeout=30) as good:
+        want = good.infer("m/0", x)
+        with running.client(timeout=30) as bad:
+            monkeypatch.setattr(client_core.ClientCore, "start", forged)
+            kept = bad.infer("m/0", x)
+            monkeypatch.setattr(client_core.ClientCore, "start", start)
+            time.sleep(1.2)  # the worker checks its readers about once a second
+            for _ in range(3):
+                assert torch.equal(good.infer("m/0", x), want)
+            assert torch.equal(kept, want)
+        assert good.stats()["workers"][0]["restarts"] == 0
     assert stop_and_check_clean(running) == 0

@@ -9,12 +9,13 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
 import torch
 
-from core.arena import HEADER, Arena, ArenaReader
+from core.arena import HEADER, Arena, ArenaReader, shm_identity
 from core.bank import shm_dir
 from core.tensors import ShmRef, decode_tensors, encode_tensors, to_arena
 
@@ -189,14 +190,30 @@ def test_a_lent_tensor_is_sent_where_it_lies_and_kept_while_a_call_uses_it(arena
 
 
 def test_a_freed_lent_region_whose_call_never_came_back_is_reclaimed_after_its_time(arena: Arena) -> None:
+    arena.reclaim_after_s = 0.0
     lent = arena.lend(40_000)
     tree, buffers = encode_tensors(lent)
-    to_arena(tree, buffers, arena)  # the call is abandoned: its region is never given back
-    arena.reclaim_after_s = 0.0
+    to_arena(tree, buffers, arena, deadline=time.monotonic() - 1)  # abandoned, its deadline past
     assert arena.take(40_000) is None  # still alive: never reclaimed by time while the tensor lives
     del lent, buffers
     gc.collect()
     assert arena.take(40_000) is not None
+
+
+def test_regions_of_a_call_still_out_are_kept_however_long_it_runs(arena: Arena) -> None:
+    """A call's regions are reclaimed by time only once its deadline is ``reclaim_after_s`` past: a job
+    queued or running long (a long timeout) still reads them."""
+    arena.reclaim_after_s = 0.0
+    lent = arena.lend(40_000)
+    tree, buffers = encode_tensors(lent)
+    to_arena(tree, buffers, arena, deadline=time.monotonic() + 60)  # out, the user's tensor freed
+    del lent, buffers
+    gc.collect()
+    x = torch.ones(4_000)
+    tree, buffers = encode_tensors(x)
+    _, _, used = to_arena(tree, buffers, arena, deadline=time.monotonic() + 60)
+    assert used and arena.take(40_000) is None  # neither is reclaimed while its call may be read
+    assert arena.held() == 2
 
 
 def test_a_reader_forgets_arenas_whose_file_is_gone_and_removes_dead_clients_ones() -> None:
@@ -221,3 +238,47 @@ def test_a_reader_forgets_arenas_whose_file_is_gone_and_removes_dead_clients_one
         reader.close()
         live.close()
         orphan.close()
+
+
+def test_a_forked_child_freeing_its_copy_of_a_result_does_not_release_the_parents(arena: Arena) -> None:
+    offset, sequence = arena.take(4096, reader=os.getpid())
+    ref = ShmRef(arena.name, offset, sequence)
+    reader = ArenaReader()
+    try:
+        held = reader.hold(ref, 4096)
+        child = os.fork()
+        if child == 0:  # the child frees the tensor it inherited, and leaves as a script would
+            del held
+            gc.collect()
+            os._exit(0)
+        os.waitpid(child, 0)
+        assert reader.current(ref), "the child's finalizer gave the parent's result back to the writer"
+        del held
+        gc.collect()
+        assert not reader.current(ref)  # the parent's own release still works
+    finally:
+        reader.close()
+
+
+def test_an_empty_result_holds_no_region(arena: Arena) -> None:
+    offset, sequence = arena.take(0, reader=os.getpid())
+    reader = ArenaReader()
+    try:
+        assert reader.hold(ShmRef(arena.name, offset, sequence), 0).numel() == 0
+        assert arena.take(10) is not None and arena.held() == 1  # the empty one went back at once
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("pid", [-1, 1 << 40])
+def test_a_reader_pid_that_names_no_process_is_taken_for_gone(arena: Arena, pid: int) -> None:
+    arena.take(1000, reader=pid)
+    time.sleep(0.01)
+    assert arena.take(60_000) is not None  # reclaimed, not a crash and not held for good
+
+
+def test_the_shared_memory_identity_names_the_user_and_the_boot() -> None:
+    identity = shm_identity()
+    assert identity.endswith(f":{os.geteuid()}")
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        assert identity.startswith(f.read().strip())

@@ -374,3 +374,12 @@ def test_a_local_client_uses_shared_memory_only_where_the_coordinator_sees_it_to
         assert (big.buffers == []) is same
     finally:
         core.close()
+
+
+def test_no_shared_tensor_after_close_leaves_an_arena_behind() -> None:
+    core = ClientCore(shm=True)
+    core.shm_ok = True
+    core.close()
+    with pytest.raises(ProtocolError, match="closed"):
+        core.shared((1024,), torch.float32)
+    assert core._arena is None
