@@ -81,9 +81,15 @@ def open_cuda(h: CudaIpcHandle, nbytes: int) -> torch.Tensor:
     return raw[:nbytes]
 
 
+def normal_uuid(uuid: str) -> str:
+    """A GPU UUID as torch and NVML both can write it (NVML prefixes ``GPU-``): lower case, no prefix."""
+    uuid = uuid.strip().lower()
+    return uuid[4:] if uuid.startswith("gpu-") else uuid
+
+
 def gpu_uuid(index: int) -> str:
     """The UUID of this process's GPU ``index``: the same for every process that sees that GPU."""
-    return str(torch.cuda.get_device_properties(index).uuid)
+    return normal_uuid(str(torch.cuda.get_device_properties(index).uuid))
 
 
 def export_tensor(t: torch.Tensor) -> tuple[CudaRef, torch.Tensor]:
@@ -93,6 +99,8 @@ def export_tensor(t: torch.Tensor) -> tuple[CudaRef, torch.Tensor]:
     if t.requires_grad:
         t = t.detach()
     t = t.contiguous()
+    if not t.numel():
+        raise ValueError("an empty tensor has no device memory to share")
     torch.cuda.current_stream(t.device).synchronize()
     handle = export_cuda(t)
     return CudaRef(handle, gpu_uuid(t.device.index), t.storage_offset() * t.element_size()), t
@@ -102,13 +110,19 @@ def open_bytes(ref: CudaRef, nbytes: int, devices: dict[str, int]) -> torch.Tens
     """A client's tensor's ``nbytes`` bytes as a uint8 tensor mapped in place on this process's index of
     its GPU. ``devices``: GPU UUID to index here (``visible_gpus``); ``ValueError`` when that GPU is not
     visible to this process, ``RuntimeError`` (torch's) when the handle cannot be opened."""
-    index = devices.get(ref.gpu)
+    index = devices.get(normal_uuid(ref.gpu))
     if index is None:
         raise ValueError(f"the client's GPU {ref.gpu} is not visible to this process")
-    if nbytes == 0:
-        return torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", index))
     handle = msgspec.structs.replace(ref.handle, device=index)
     return open_cuda(handle, ref.offset + nbytes)[ref.offset:]
+
+
+def release_unopened(ref: CudaRef, device: int) -> None:
+    """Give back the share a reference counts on its client's memory without mapping it: each export
+    counts one reader, which frees its count when its mapping goes; until then torch keeps the client's
+    memory out of reuse, for good if nobody ever maps it."""
+    torch.UntypedStorage._release_ipc_counter(ref.handle.ref_counter_handle, ref.handle.ref_counter_offset,
+                                              device=device)
 
 
 def visible_gpus() -> dict[str, int]:

@@ -146,7 +146,8 @@ class HelloReply(Reply):
     cohort_version: str
     max_message_bytes: int
     shm_identity: str = ""  # the coordinator's core.arena.shm_identity(): a local client's arenas work when equal
-    device: str = ""  # the workers' device ("cpu", "cuda:0"): a local client's CUDA tensors go by CUDA IPC to a GPU
+    device: str = ""  # the workers' device ("cpu", "cuda:0")
+    gpu: str = ""  # their GPU's UUID: a local client's CUDA tensors on that GPU may go by CUDA IPC
 
 
 class JobDone(Reply):

@@ -54,8 +54,9 @@ class Client(BaseClient):
 
     def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, curve: CurveClient | None = None,
-                 shm: bool | None = None) -> None:
-        super().__init__(address, timeout=timeout, max_message_bytes=max_message_bytes, curve=curve, shm=shm)
+                 shm: bool | None = None, cuda_ipc: bool = False) -> None:
+        super().__init__(address, timeout=timeout, max_message_bytes=max_message_bytes, curve=curve, shm=shm,
+                         cuda_ipc=cuda_ipc)
         self._closed = False
         self._context = zmq.Context()
         self._local = threading.local()

@@ -80,13 +80,18 @@ class BaseClient(abc.ABC):
 
     def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, curve: CurveClient | None = None,
-                 shm: bool | None = None) -> None:
+                 shm: bool | None = None, cuda_ipc: bool = False) -> None:
+        """``shm``: large tensors through shared memory with a coordinator on this machine (default: when
+        the address is local). ``cuda_ipc``: a one-model job (``infer``, ``train_step``) whose tensors
+        are all on the workers' GPU, 1 MiB or more, is mapped there in place by CUDA IPC instead of
+        copied through host memory (off by default; see the README for what it asks of you)."""
         self.address = check_address(address or default_address())
         self.timeout = timeout
         self.curve = curve or CurveClient.from_env()
         # Large tensors through shared memory, when the coordinator is on this machine (None: decide by address).
         local = is_private_address(self.address)
-        self._core = ClientCore(max_message_bytes, shm=local if shm is None else bool(shm) and local)
+        self._core = ClientCore(max_message_bytes, shm=local if shm is None else bool(shm) and local,
+                                cuda_ipc=bool(cuda_ipc))
 
     @property
     def max_message_bytes(self) -> int:

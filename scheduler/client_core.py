@@ -32,6 +32,7 @@ import torch
 
 from core.arena import Arena, ArenaReader, shm_identity
 from core.codec import client_codec, unbundle
+from core.cuda_ipc import normal_uuid
 from core.errors import BadInput, CohortError, JobTimeout, ProtocolError, error_from_wire
 from core.messages import (
     JOB_OPS,
@@ -69,9 +70,11 @@ MIN_TIME_LEFT_S = 0.001
 # Calls with at least this many tensor bytes go through shared memory when the coordinator is local:
 # below it the sockets cost less than the extra bookkeeping.
 SHM_MIN_BYTES = 256 * 1024
-# Calls whose tensors are all on a GPU, with at least this many bytes, reach a GPU coordinator on this
-# machine by CUDA IPC: below it, copies through host memory cost less than opening a handle.
+# With cuda_ipc on, a job whose tensors are all on the workers' GPU, with at least this many bytes, reaches
+# them by CUDA IPC: below it, copies through host memory cost less than opening a handle.
 CUDA_IPC_MIN_BYTES = 1 << 20
+# Jobs that run on one model, hence on one worker: each reference is mapped by one reader, as torch counts.
+CUDA_IPC_OPS = ("infer", "train_step")
 ARENA_BYTES = 256 << 20  # address space: pages are allocated as regions are first written (an idle ring restarts at 0)
 
 Returns = Callable[[Any, list[Any]], Any]
@@ -191,7 +194,7 @@ def job(op: str, target: str, inputs: Any, targets: Any = None) -> Call:
     tree_t, t_tensors = describe_tensors(targets)
     returns = as_loss if op == "evaluate" and is_model_id(target) else JOB_RESULTS[op]
     message = SubmitJob(0, op, target, tree_in, tree_t)
-    if in_tensors and all(t.is_cuda for t in (*in_tensors, *t_tensors)):  # how they travel is decided in start
+    if in_tensors and in_tensors[0].is_cuda and all(t.is_cuda for t in (*in_tensors, *t_tensors)):  # see start
         call = Call(op, message, returns)
         call.gpu = (in_tensors, t_tensors)
         call.size = sum(tensor_nbytes(m) for m in (*tree_in.metas, *tree_t.metas))
@@ -229,12 +232,14 @@ class ClientCore:
     written once with a value every writer agrees on.
     """
 
-    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, shm: bool = False) -> None:
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, shm: bool = False,
+                 cuda_ipc: bool = False) -> None:
         self.max_message_bytes = max_message_bytes
         self.server_bound: int | None = None  # the coordinator's, once a Hello has told it
         self.shm = shm  # large tensors through shared memory (a coordinator on this machine)
         self.shm_ok: bool | None = None  # whether the coordinator sees this client's shared memory (from the Hello)
-        self.cuda_ok = False  # whether its workers are on a GPU of this machine (CUDA IPC), from the Hello
+        self.cuda_ipc = cuda_ipc  # CUDA tensors by CUDA IPC (opt-in), to workers on a GPU of this machine
+        self.cuda_gpu = ""  # that GPU's UUID (normalised), from the Hello: "" while CUDA IPC is off
         self.identity = shm_identity() if shm else ""  # the shared memory and pids this client sees
         self._ids = itertools.count(1)
         self._arena: Arena | None = None
@@ -260,21 +265,28 @@ class ClientCore:
         return call
 
     def _from_gpu(self, call: Call) -> None:
-        """A job whose tensors are all on a GPU: mapped in place by a GPU coordinator's workers on this
-        machine when large enough (CUDA IPC), else copied to host memory here, as any tensor sent."""
+        """A job whose tensors are all on a GPU: with ``cuda_ipc``, a one-model job of 1 MiB or more whose
+        tensors are all on the workers' GPU is mapped in place by the worker (CUDA IPC); any other is
+        copied to host memory here, as any tensor sent."""
         in_tensors, t_tensors = call.gpu or ([], [])
         call.gpu = None
         message = call.message
-        if self.cuda_ok and call.size >= CUDA_IPC_MIN_BYTES:
+        if self.cuda_gpu and call.op in CUDA_IPC_OPS and call.size >= CUDA_IPC_MIN_BYTES \
+                and self._on_workers_gpu((*in_tensors, *t_tensors)):
             try:
                 inputs, kept = to_cuda_refs(message.inputs, in_tensors)
                 targets, kept_t = to_cuda_refs(message.targets, t_tensors) if t_tensors else (message.targets, [])
-            except RuntimeError:  # torch cannot export this memory (an allocator without IPC): through the host
+            except Exception:  # noqa: BLE001 - memory torch cannot export (an allocator without IPC): the host
                 pass
             else:
                 message.inputs, message.targets, call.kept = inputs, targets, [*kept, *kept_t]
                 return
         call.buffers = [tensor_bytes(t) for t in (*in_tensors, *t_tensors)]
+
+    def _on_workers_gpu(self, tensors: tuple[torch.Tensor, ...]) -> bool:
+        from core.cuda_ipc import gpu_uuid  # CUDA only
+
+        return all(t.numel() and gpu_uuid(t.device.index) == self.cuda_gpu for t in tensors)
 
     def _place(self, call: Call) -> None:
         """Move a call's tensors into the arena: only where they are crosses the sockets."""
@@ -354,7 +366,8 @@ class ClientCore:
         ``/dev/shm`` and pids (else large tensors go through the sockets)."""
         self.server_bound = reply.max_message_bytes
         self.shm_ok = self.shm and bool(self.identity) and reply.shm_identity == self.identity
-        self.cuda_ok = bool(self.shm_ok) and reply.device.startswith("cuda")
+        on_gpu = self.cuda_ipc and self.shm_ok and reply.device.startswith("cuda") and reply.gpu
+        self.cuda_gpu = normal_uuid(reply.gpu) if on_gpu else ""
 
     def check_size(self, call: Call) -> None:
         """Refuse a message over the bound here, rather than have the coordinator's socket drop it."""

@@ -153,8 +153,7 @@ class Coordinator:
         for w in self.workers:
             self.supervisor.prepare(w, [self._spec_for_block(b.group, b.indices) for b in w.blocks])
         queue = JobQueue(self.bank_job, self._feed, self._fail_blocked, self.given_up, self.jobs)
-        self.weight_ops = WeightOps(self.cc, self.specs, self.versions, self.host, self.barriers, queue, self._reply,
-                                    self._reply_error)
+        self.weight_ops = WeightOps(self.cc, self.specs, self.versions, self.host, self.barriers, queue, self._reply, self._reply_error)
         self.client_handlers: dict[type, Callable[[bytes, Any, list[Any]], None]] = {
             Hello: self._on_hello,
             SubmitJob: self._on_submit,
@@ -355,7 +354,7 @@ class Coordinator:
 
     def _on_hello(self, client: bytes, msg: Hello, _: list[Any]) -> None:
         self._reply(client, HelloReply(msg.req_id, PROTOCOL_VERSION, __version__, self.cc.max_message_bytes,
-                                       self.shm_identity, self.device))
+                                       self.shm_identity, self.device, self.plan.gpu.uuid if self.plan.gpu else ""))
 
     def _on_models(self, client: bytes, msg: ListModels, _: list[Any]) -> None:
         infos = [ModelInfo(f"{g}/{i}", g, i, worker, self.versions[(g, i)], self.workers[worker].device or self.device)
@@ -541,7 +540,7 @@ class Coordinator:
         elif not job.answered and job.open_parts > 1 and job.in_client_memory():  # the client reuses that memory
             job.error = job.error or error  # once answered: the answer waits for the parts that may read it
         elif not job.answered:
-            self._answer(job, error)
+            self._answer(job, job.error or error)  # the first failure is the cause
         job.open_parts -= 1
         if job.open_parts > 0:
             return
@@ -600,9 +599,10 @@ class Coordinator:
             job = self.jobs.get(job_id)
             if job is None or job.answered or any(p.sent for p in job.parts):
                 continue  # finished, or already running: it will answer on its own
-            self._answer(job, JobTimeout(f"job passed its {job.deadline - job.accepted:.3f} s deadline before it started"))
-            for part in job.parts:
-                self.workers[part.worker].pending.remove(part)
+            self._answer(job, job.error or JobTimeout(f"job passed its {job.deadline - job.accepted:.3f} s deadline before it started"))
+            for part in job.parts:  # one may have failed already (its worker given up), and left its queue
+                if part in self.workers[part.worker].pending:
+                    self.workers[part.worker].pending.remove(part)
             job.open_parts = 0
             self._retire(job)
 

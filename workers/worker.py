@@ -27,7 +27,7 @@ import zmq
 from core.arena import Arena, ArenaReader
 from core.bank import Bank, BankHandle, bank_layout, unlink_shm
 from core.codec import unbundle, worker_codec, zero_copy
-from core.cuda_ipc import open_bytes, visible_gpus
+from core.cuda_ipc import open_bytes, release_unopened, visible_gpus
 from core.device import resolve_device
 from core.errors import CohortError
 from core.messages import (
@@ -205,8 +205,7 @@ class Worker:
                             for ref, meta in zip(tree.shm, tree.metas)]
                     trees[name] = msgspec.structs.replace(tree, shm=())
                 elif tree.cuda:
-                    own += [open_bytes(ref, tensor_nbytes(meta), self._visible_gpus())
-                            for ref, meta in zip(tree.cuda, tree.metas)]
+                    own += self._map_gpu(job, tree)
                     trees[name] = msgspec.structs.replace(tree, cuda=())
                 else:
                     own += buffers[:tree.frames] if name == "inputs" else buffers[job.inputs.frames:]
@@ -214,6 +213,23 @@ class Worker:
         except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: torch's, a CUDA IPC handle not opened
             log.warning("job %d: its tensors in shared memory or on the client's GPU cannot be read: %s", job.job_id, exc)
             return job, buffers
+
+    def _map_gpu(self, job: RunJob, tree: Any) -> list[torch.Tensor]:
+        """A client's tensors on its GPU, mapped here. Each reference counts one reader with torch: one
+        not mapped (a failure) is given back at once, so the client's memory does not stay pinned."""
+        mapped: list[torch.Tensor] = []
+        try:
+            for ref, meta in zip(tree.cuda, tree.metas):
+                mapped.append(open_bytes(ref, tensor_nbytes(meta), self._visible_gpus()))
+        except Exception:
+            later = job.targets.cuda if tree is job.inputs else ()  # the targets are mapped after the inputs
+            for ref in (*tree.cuda[len(mapped):], *later):
+                try:
+                    release_unopened(ref, torch.cuda.current_device())
+                except Exception:  # noqa: BLE001 - the job fails all the same; its log line says why
+                    log.warning("job %d: could not give back a client's GPU memory share", job.job_id)
+            raise
+        return mapped
 
     def _visible_gpus(self) -> dict[str, int]:
         """GPU UUID to device index here, found once (a CPU worker sees none)."""

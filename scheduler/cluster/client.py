@@ -149,13 +149,14 @@ class _ClusterBase:
 
     def __init__(self, ray_address: str = "auto", *, timeout: float = DEFAULT_TIMEOUT_S,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, curve: CurveClient | None = None,
-                 shm: bool | None = None) -> None:
+                 shm: bool | None = None, cuda_ipc: bool = False) -> None:
         self.ray_address = ray_address
         self.timeout = timeout
         # Each coordinator's client as ``Client`` would be made for it (``shm``: large tensors through shared
         # memory to a coordinator on this machine; None decides by its address).
         self._options: dict[str, Any] = {"timeout": timeout, "max_message_bytes": max_message_bytes,
-                                         "curve": curve or CurveClient.from_env(), "shm": shm}
+                                         "curve": curve or CurveClient.from_env(), "shm": shm,
+                                         "cuda_ipc": cuda_ipc}
         self._lock = threading.Lock()
         self._clients: dict[int, Any] = {}
         self._retired: list[Any] = []  # clients of a former address: closed with this client

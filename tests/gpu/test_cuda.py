@@ -190,7 +190,7 @@ def test_a_local_clients_cuda_tensors_reach_the_worker_by_cuda_ipc(gpu_cohort) -
             sent.append(started.message.inputs)
         return started
 
-    with running.client(timeout=120, shm=False) as host, running.client(timeout=120) as local:
+    with running.client(timeout=120, shm=False) as host, running.client(timeout=120, cuda_ipc=True) as local:
         want = host.infer("s/0", x)
         client_core.ClientCore.start = spy
         try:

@@ -58,25 +58,28 @@ def test_a_cuda_tree_the_worker_did_not_map_fails_with_a_clear_error() -> None:
         decode_tensors(cuda_tree(), [])
 
 
-@pytest.mark.parametrize(("same_host", "device", "expected"), [
-    (True, "cuda:0", True), (True, "cpu", False), (False, "cuda:0", False)])
-def test_cuda_ipc_only_for_a_gpu_coordinator_on_this_machine(same_host: bool, device: str, expected: bool) -> None:
-    core = ClientCore(shm=True)
-    core.greeted(HelloReply(1, 1, "x", 1 << 28, core.identity if same_host else "elsewhere", device))
-    assert core.cuda_ok is expected
+@pytest.mark.parametrize(("asked", "same_host", "device", "expected"), [
+    (True, True, "cuda:0", "abcd-01"), (False, True, "cuda:0", ""), (True, True, "cpu", ""),
+    (True, False, "cuda:0", "")])
+def test_cuda_ipc_only_when_asked_for_a_gpu_coordinator_on_this_machine(asked: bool, same_host: bool, device: str,
+                                                                       expected: str) -> None:
+    core = ClientCore(shm=True, cuda_ipc=asked)
+    gpu = "GPU-ABCD-01" if device != "cpu" else ""  # NVML's spelling; torch's has no prefix
+    core.greeted(HelloReply(1, 1, "x", 1 << 28, core.identity if same_host else "elsewhere", device, gpu))
+    assert core.cuda_gpu == expected
 
 
-def gpu_call(x: torch.Tensor) -> Call:
+def gpu_call(x: torch.Tensor, op: str = "infer") -> Call:
     """A job whose tensors the client found on a GPU (here CPU tensors stand in: no copy is made)."""
     tree = TensorTree("tensor", (TensorMeta("float32", tuple(x.shape)),))
-    call = Call("infer", SubmitJob(0, "infer", "m/0", tree, NO_TENSORS), as_outputs)
+    call = Call(op, SubmitJob(0, op, "m/0", tree, NO_TENSORS), as_outputs)
     call.gpu = ([x], [])
     call.size = x.numel() * 4
     return call
 
 
 def test_a_small_gpu_call_or_one_to_a_cpu_coordinator_is_copied_to_host_memory() -> None:
-    core = ClientCore(shm=True)
+    core = ClientCore(shm=True, cuda_ipc=True)
     core.greeted(HelloReply(1, 1, "x", 1 << 28, core.identity, "cpu"))
     x = torch.arange(CUDA_IPC_MIN_BYTES // 4, dtype=torch.float32)
     call = core.start(gpu_call(x), 10.0)
@@ -94,15 +97,29 @@ def test_a_large_gpu_call_to_a_local_gpu_coordinator_goes_by_reference(monkeypat
         return TensorTree(tree.layout, tree.metas, tree.keys, cuda=(CudaRef(HANDLE, "GPU-abc", 0),)), list(tensors)
 
     monkeypatch.setattr(client_core, "to_cuda_refs", refs)
-    core = ClientCore(shm=True)
-    core.greeted(HelloReply(1, 1, "x", 1 << 28, core.identity, "cuda:0"))
+    monkeypatch.setattr(ClientCore, "_on_workers_gpu", lambda self, tensors: True)
+    core = ClientCore(shm=True, cuda_ipc=True)
+    core.greeted(HelloReply(1, 1, "x", 1 << 28, core.identity, "cuda:0", "GPU-abc"))
     x = torch.zeros(CUDA_IPC_MIN_BYTES // 4)
     call = core.start(gpu_call(x), 10.0)
     assert call.buffers == [] and call.message.inputs.cuda and exported == [x]
     assert call.kept == [x]  # alive until the reply
     core.finish(call)
     assert call.kept == []
+    # A group call is mapped by one worker per part, more readers than torch counts: through the host.
+    ensemble = core.start(gpu_call(x, "ensemble"), 10.0)
+    assert not ensemble.message.inputs.cuda and exported == [x]
+    core.finish(ensemble)
     core.close()
+
+
+def test_tensors_on_another_gpu_than_the_workers_go_through_host_memory(monkeypatch) -> None:
+    monkeypatch.setattr(client_core, "to_cuda_refs", lambda tree, tensors: pytest.fail("exported"))
+    monkeypatch.setattr(ClientCore, "_on_workers_gpu", lambda self, tensors: False)
+    core = ClientCore(shm=False, cuda_ipc=True)
+    core.cuda_gpu = "abc"
+    call = core.start(gpu_call(torch.zeros(CUDA_IPC_MIN_BYTES // 4)), 10.0)
+    assert not call.message.inputs.cuda and len(call.buffers) == 1
 
 
 def test_memory_torch_cannot_export_goes_through_host_memory(monkeypatch) -> None:
@@ -110,8 +127,15 @@ def test_memory_torch_cannot_export_goes_through_host_memory(monkeypatch) -> Non
         raise RuntimeError("no IPC for this allocator")
 
     monkeypatch.setattr(client_core, "to_cuda_refs", refuse)
-    core = ClientCore(shm=False)
-    core.cuda_ok = True
+    monkeypatch.setattr(ClientCore, "_on_workers_gpu", lambda self, tensors: True)
+    core = ClientCore(shm=False, cuda_ipc=True)
+    core.cuda_gpu = "abc"
     x = torch.ones(CUDA_IPC_MIN_BYTES // 4)
     call = core.start(gpu_call(x), 10.0)
     assert not call.message.inputs.cuda and len(call.buffers) == 1 and call.size == x.numel() * 4
+
+
+def test_gpu_uuids_compare_as_torch_and_nvml_write_them() -> None:
+    from core.cuda_ipc import normal_uuid
+
+    assert normal_uuid("GPU-5B1C-AA") == normal_uuid("5b1c-aa") == "5b1c-aa"
