@@ -17,7 +17,7 @@ import msgspec
 import numpy as np
 import torch
 
-from core.cuda_ipc import CudaRef
+from core.cuda_ipc import CudaRef, export_tensor
 from core.errors import BadInput, ProtocolError
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -150,8 +150,6 @@ def describe_tensors(value: Any) -> tuple[TensorTree, list[torch.Tensor]]:
 def to_cuda_refs(tree: TensorTree, tensors: list[torch.Tensor]) -> tuple[TensorTree, list[torch.Tensor]]:
     """The same CUDA tensors as CUDA IPC references (``core.cuda_ipc``): the tree with no buffers,
     and the tensors the caller keeps alive until the reader is done with them."""
-    from core.cuda_ipc import export_tensor  # CUDA only
-
     refs, kept = [], []
     for t in tensors:
         ref, keep = export_tensor(t)

@@ -32,7 +32,7 @@ import torch
 
 from core.arena import Arena, ArenaReader, shm_identity
 from core.codec import client_codec, unbundle
-from core.cuda_ipc import normal_uuid
+from core.cuda_ipc import gpu_uuid, normal_uuid
 from core.errors import BadInput, CohortError, JobTimeout, ProtocolError, error_from_wire
 from core.messages import (
     JOB_OPS,
@@ -194,12 +194,13 @@ def job(op: str, target: str, inputs: Any, targets: Any = None) -> Call:
     tree_t, t_tensors = describe_tensors(targets)
     returns = as_loss if op == "evaluate" and is_model_id(target) else JOB_RESULTS[op]
     message = SubmitJob(0, op, target, tree_in, tree_t)
-    if in_tensors and in_tensors[0].is_cuda and all(t.is_cuda for t in (*in_tensors, *t_tensors)):  # see start
+    tensors = in_tensors + t_tensors
+    if tensors and tensors[0].is_cuda and all(t.is_cuda for t in tensors):  # how they travel: see start
         call = Call(op, message, returns)
         call.gpu = (in_tensors, t_tensors)
         call.size = sum(tensor_nbytes(m) for m in (*tree_in.metas, *tree_t.metas))
         return call
-    return Call(op, message, returns, [tensor_bytes(t) for t in (*in_tensors, *t_tensors)])
+    return Call(op, message, returns, [tensor_bytes(t) for t in tensors])
 
 
 class Settled(NamedTuple):
@@ -272,20 +273,18 @@ class ClientCore:
         call.gpu = None
         message = call.message
         if self.cuda_gpu and call.op in CUDA_IPC_OPS and call.size >= CUDA_IPC_MIN_BYTES \
-                and self._on_workers_gpu((*in_tensors, *t_tensors)):
+                and self._on_workers_gpu(in_tensors + t_tensors):
             try:
                 inputs, kept = to_cuda_refs(message.inputs, in_tensors)
                 targets, kept_t = to_cuda_refs(message.targets, t_tensors) if t_tensors else (message.targets, [])
             except Exception:  # noqa: BLE001 - memory torch cannot export (an allocator without IPC): the host
                 pass
             else:
-                message.inputs, message.targets, call.kept = inputs, targets, [*kept, *kept_t]
+                message.inputs, message.targets, call.kept = inputs, targets, kept + kept_t
                 return
-        call.buffers = [tensor_bytes(t) for t in (*in_tensors, *t_tensors)]
+        call.buffers = [tensor_bytes(t) for t in in_tensors + t_tensors]
 
-    def _on_workers_gpu(self, tensors: tuple[torch.Tensor, ...]) -> bool:
-        from core.cuda_ipc import gpu_uuid  # CUDA only
-
+    def _on_workers_gpu(self, tensors: list[torch.Tensor]) -> bool:
         return all(t.numel() and gpu_uuid(t.device.index) == self.cuda_gpu for t in tensors)
 
     def _place(self, call: Call) -> None:

@@ -198,6 +198,7 @@ class Worker:
         try:
             own: list[Any] = []
             trees = {}
+            on_gpu = iter(self._map_gpu(job))
             for name in ("inputs", "targets"):
                 tree = getattr(job, name)
                 if tree.shm:
@@ -205,7 +206,7 @@ class Worker:
                             for ref, meta in zip(tree.shm, tree.metas)]
                     trees[name] = msgspec.structs.replace(tree, shm=())
                 elif tree.cuda:
-                    own += self._map_gpu(job, tree)
+                    own += [next(on_gpu) for _ in tree.cuda]
                     trees[name] = msgspec.structs.replace(tree, cuda=())
                 else:
                     own += buffers[:tree.frames] if name == "inputs" else buffers[job.inputs.frames:]
@@ -214,16 +215,17 @@ class Worker:
             log.warning("job %d: its tensors in shared memory or on the client's GPU cannot be read: %s", job.job_id, exc)
             return job, buffers
 
-    def _map_gpu(self, job: RunJob, tree: Any) -> list[torch.Tensor]:
-        """A client's tensors on its GPU, mapped here. Each reference counts one reader with torch: one
-        not mapped (a failure) is given back at once, so the client's memory does not stay pinned."""
+    def _map_gpu(self, job: RunJob) -> list[torch.Tensor]:
+        """A job's tensors on its client's GPU (inputs, then targets), mapped here. Each reference counts
+        one reader with torch: one not mapped (a failure) is given back at once, so the client's memory
+        does not stay pinned."""
+        refs = [*zip(job.inputs.cuda, job.inputs.metas), *zip(job.targets.cuda, job.targets.metas)]
         mapped: list[torch.Tensor] = []
         try:
-            for ref, meta in zip(tree.cuda, tree.metas):
+            for ref, meta in refs:
                 mapped.append(open_bytes(ref, tensor_nbytes(meta), self._visible_gpus()))
         except Exception:
-            later = job.targets.cuda if tree is job.inputs else ()  # the targets are mapped after the inputs
-            for ref in (*tree.cuda[len(mapped):], *later):
+            for ref, _ in refs[len(mapped):]:
                 try:
                     release_unopened(ref, torch.cuda.current_device())
                 except Exception:  # noqa: BLE001 - the job fails all the same; its log line says why
