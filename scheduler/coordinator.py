@@ -493,8 +493,8 @@ class Coordinator:
     # ================================================================== step 2: workers
 
     def _receive_workers(self, timeout_ms: int = 0, ready: dict[Any, int] | None = None) -> None:
-        if ready is None:
-            ready = dict(self._poller().poll(timeout_ms))
+        if ready is None:  # start-up: the workers alone (an early client's request would make it spin)
+            ready = dict.fromkeys(zmq.select([w.socket for w in self.workers if w.socket is not None], [], [], timeout_ms / 1000)[0])
         for w in self.workers:
             if w.socket is None or w.socket not in ready:
                 continue

@@ -62,6 +62,13 @@ def faulty(d: int = 4) -> nn.Module:
     return Faulty(d)
 
 
+def slow_start(d: int = 4) -> nn.Module:
+    """A linear layer that takes its worker 8 s to build (the coordinator's build, on meta, is quick)."""
+    if torch.empty(0).device.type != "meta":
+        time.sleep(8.0)
+    return nn.Linear(d, d)
+
+
 def group(name: str, factory: str, count: int = 2, d: int = 4) -> dict:
     return {
         "name": name,

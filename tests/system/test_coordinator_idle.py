@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from typing import Any
 
 import psutil
 import torch
@@ -30,3 +32,29 @@ def test_a_full_window_or_a_fenced_queue_does_not_spin_the_loop(cohort) -> None:
         for f in [busy, *queued]:
             f.result(timeout=30)
     assert stop_and_check_clean(running) == 0
+
+
+def test_a_client_that_asks_during_start_up_does_not_spin_the_loop(cohort) -> None:
+    """The harness asks for stats until the coordinator answers: its request waits in the client
+    socket while the workers start, and must not wake the start-up loop again and again."""
+    me = psutil.Process()
+    started: list[Any] = []
+    starting = threading.Thread(target=lambda: started.append(cohort([group("slow", "slow_start", count=1)])))
+    starting.start()
+    try:
+        worker = None
+        deadline = time.monotonic() + 60
+        while worker is None and time.monotonic() < deadline:  # the worker: the coordinator's child
+            coordinators = [p for p in me.children() if "scheduler" in " ".join(p.cmdline())]
+            workers = [w for c in coordinators for w in c.children()]
+            worker = workers[0] if workers and coordinators else None
+            time.sleep(0.1)
+        assert worker is not None, "no worker started within 60 s"
+        time.sleep(1.0)
+        spent = cpu_seconds_over(coordinators[0].pid, 2.0)  # the worker sleeps 8 s building its model
+        print(f"coordinator CPU while its worker started: {spent:.3f} s in 2 s")
+        assert spent < 0.5, f"the start-up loop spun: {spent:.2f} s of CPU in 2 s"
+    finally:
+        starting.join(timeout=120)
+    assert started, "the coordinator did not come up"
+    assert stop_and_check_clean(started[0]) == 0
