@@ -46,6 +46,7 @@ from core.errors import (
     WorkerDied,
     error_from_wire,
 )
+from core.heap import freeze_start_up_heap
 from core.messages import (
     BarrierRequest,
     CopyWeights,
@@ -159,12 +160,9 @@ class Coordinator:
             SubmitJob: self._on_submit,
             BarrierRequest: self.weight_ops.on_barrier,
             ListModels: self._on_models,
-            GetWeights: self.weight_ops.on_get_weights,
-            SetWeights: self.weight_ops.on_set_weights,
-            CopyWeights: self.weight_ops.on_copy_weights,
-            SnapshotRequest: self.weight_ops.on_snapshot,
-            SetHparams: self.weight_ops.on_set_hparams,
-            GetHparams: self.weight_ops.on_get_hparams,
+            GetWeights: self.weight_ops.on_get_weights, SetWeights: self.weight_ops.on_set_weights,
+            CopyWeights: self.weight_ops.on_copy_weights, SnapshotRequest: self.weight_ops.on_snapshot,
+            SetHparams: self.weight_ops.on_set_hparams, GetHparams: self.weight_ops.on_get_hparams,
             ResetModel: self.weight_ops.on_reset,
             StatsRequest: self._on_stats,
         }
@@ -573,6 +571,7 @@ class Coordinator:
 
     def _retire(self, job: Job) -> None:
         self.jobs.pop(job.id, None)
+        job.parts.clear()  # each part points back at its job: without this cycle, the job is freed now, not by the collector
         queued = self.queued_per_model
         for m in job.models:
             if queued[m] <= 1:
@@ -683,6 +682,7 @@ def run(config: Config) -> int:
     try:
         coordinator.start()
         describe(coordinator)
+        freeze_start_up_heap()
         coordinator.serve()
     finally:
         log.info("shutting down")

@@ -19,7 +19,7 @@ from core.tensors import TensorTree
 from scheduler.barrier import Barrier
 
 
-@dataclass
+@dataclass(slots=True)
 class Part:
     """The piece of a job that one worker runs."""
 
@@ -34,7 +34,7 @@ class Part:
     hparams: dict[str, list[float]] = field(default_factory=dict)  # set_hparams: values for this part's slots
 
 
-@dataclass
+@dataclass(slots=True)
 class Job:
     id: int
     client: bytes

@@ -30,6 +30,7 @@ from core.codec import unbundle, worker_codec, zero_copy
 from core.cuda_ipc import open_bytes, release_unopened, visible_gpus
 from core.device import resolve_device
 from core.errors import CohortError
+from core.heap import freeze_start_up_heap
 from core.messages import (
     Heartbeat,
     InitWorker,
@@ -135,6 +136,7 @@ class Worker:
         self.executor = make_executor(self.runtimes, device, init.streams)
         self.max_wait_s = max((g.batching.max_wait_ms for g in init.groups), default=0.0) / 1000
         self.max_jobs = max((g.batching.max_jobs for g in init.groups), default=1)
+        freeze_start_up_heap()
         self._send(WorkerReady(self.worker_id, str(device), [b.handle for b in self.banks]))
 
     @staticmethod
