@@ -263,8 +263,7 @@ class Coordinator:
         if sockets != self._polled:
             self._polled = sockets
             self._poll = zmq.Poller()
-            self._poll.register(self.frontend, zmq.POLLIN)
-            for socket in sockets:
+            for socket in (self.frontend, *sockets):
                 self._poll.register(socket, zmq.POLLIN)
         return self._poll
 
@@ -482,6 +481,8 @@ class Coordinator:
         job.blocked = False
 
     def _fail_blocked(self, job: Job, error: CohortError) -> None:
+        if job.answered:  # it passed its deadline while it waited: answered and retired then
+            return
         for part in job.parts:
             self.workers[part.worker].pending.remove(part)
         self._answer(job, error)
@@ -660,8 +661,7 @@ class Coordinator:
             "run_id": self.run_id,
             "restored_from": self.cc.restore_run or None,
             "uptime_s": round(uptime, 3),
-            "address": self.cc.address,
-            "device": self.device,
+            "address": self.cc.address, "device": self.device,
             "gpu": None if self.plan.gpu is None else {"uuid": self.plan.gpu.uuid, "name": self.plan.gpu.name,
                                                        "compute_mode": self.plan.gpu.compute_mode},
             "mps": {**self.mps.state(), "recycles": list(self.supervisor.recycles)},
@@ -677,8 +677,8 @@ class Coordinator:
 def run(config: Config) -> int:
     """Start a coordinator, serve until SIGINT or SIGTERM, then shut down cleanly."""
     coordinator = Coordinator(config)
-    signal.signal(signal.SIGINT, coordinator.request_stop)
-    signal.signal(signal.SIGTERM, coordinator.request_stop)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, coordinator.request_stop)
     try:
         coordinator.start()
         describe(coordinator)

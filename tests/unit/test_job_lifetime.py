@@ -6,6 +6,7 @@ collector time under pipelined tiny jobs)."""
 from __future__ import annotations
 
 import gc
+import heapq
 import time
 
 import pytest
@@ -53,3 +54,25 @@ def tracked_objects_after(jobs: int, failed: bool) -> int:
 def test_answered_jobs_are_freed_without_the_collector(failed: bool) -> None:
     grown = tracked_objects_after(1000, failed)
     assert grown < 100, f"{grown} objects left for the collector by 1000 answered jobs"
+
+
+def test_a_blocked_job_answered_at_its_deadline_is_not_failed_again() -> None:
+    """A copy between workers: the write waits for the read; when the write passed its deadline
+    first, a failing read must not answer it a second time (nor count it out of its model twice)."""
+    c, _ = coordinator()
+    answers: list[str | None] = []
+    now = time.monotonic()
+    write = Job(7, b"", 0, "write", "g", [("g", 0)], now, now - 0.001)
+    write.on_done = lambda job, error: answers.append(None if error is None else type(error).__name__)
+    write.blocked = True
+    part = Part(write, 0, [0], [0], TensorTree("none"), TensorTree("none"), [])
+    write.parts.append(part)
+    write.open_parts = 1
+    c.workers[0].pending.append(part)
+    c.jobs[write.id] = write
+    c.queued_per_model[("g", 0)] = 2  # the write, and another job on the model
+    heapq.heappush(c.deadlines, (write.deadline, write.id))
+    c._expire_deadlines()
+    c._fail_blocked(write, JobFailed("the read failed"))
+    assert answers == ["JobTimeout"]
+    assert c.queued_per_model[("g", 0)] == 1 and not c.workers[0].pending
