@@ -11,6 +11,7 @@ coordinator never decodes a tensor it only forwards.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import msgspec
@@ -77,6 +78,7 @@ class TensorTree(msgspec.Struct, array_like=True, frozen=True):
 NO_TENSORS = TensorTree("none")
 
 
+@functools.lru_cache(maxsize=4096)  # a stream of calls repeats a few headers: each is checked once
 def tensor_nbytes(meta: TensorMeta) -> int:
     """Bytes that a tensor of this header occupies, validating the header first."""
     dtype = DTYPES.get(meta.dtype)
