@@ -41,6 +41,8 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 # Dtypes numpy holds as they are: their bytes are taken with one numpy() call (bfloat16 is viewed as bytes first).
 NUMPY_DTYPES = frozenset(DTYPES.values()) - {torch.bfloat16}
+NUMPY_OF: dict[str, np.dtype[Any]] = {name: torch.empty(0, dtype=dtype).numpy().dtype for name, dtype in DTYPES.items()
+                                      if dtype in NUMPY_DTYPES}
 SMALL_BYTES = 64 * 1024  # received tensors up to this size are copied out in one step (bytearray)
 
 class TensorMeta(msgspec.Struct, array_like=True, frozen=True):
@@ -97,6 +99,10 @@ def tensor_nbytes(meta: TensorMeta) -> int:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw bytes of a CPU tensor, without a copy when it is already contiguous."""
+    try:  # the common case (contiguous, on the CPU, a dtype numpy holds) in two calls: this runs for every tensor sent
+        return memoryview(t.numpy()).cast("B")
+    except (RuntimeError, TypeError):  # grad, another device, bfloat16, conj bit (numpy()), strided (cast)
+        pass
     if t.requires_grad:
         t = t.detach()
     if t.device.type != "cpu":
@@ -105,7 +111,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
         t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    if t.dtype in NUMPY_DTYPES:  # the common case in as few calls as possible: this runs for every tensor sent
+    if t.dtype in NUMPY_DTYPES:
         return memoryview(t.numpy()).cast("B")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
@@ -234,6 +240,9 @@ def _decode_tensor(meta: TensorMeta, buf: Any, pinned: bool) -> torch.Tensor:
     # Copy into a tensor we own: received frames are read-only and short-lived.
     nbytes = memoryview(buf).nbytes
     if not pinned and 0 < nbytes <= SMALL_BYTES:  # one copy into memory the tensor owns, in three calls
+        as_numpy = NUMPY_OF.get(meta.dtype)
+        if as_numpy is not None:  # numpy builds the shaped array in one call: half of torch's frombuffer and view
+            return torch.from_numpy(np.ndarray(meta.shape, as_numpy, bytearray(buf)))
         return torch.frombuffer(bytearray(buf), dtype=DTYPES[meta.dtype]).view(meta.shape)
     out = torch.empty(meta.shape, dtype=DTYPES[meta.dtype], pin_memory=pinned)
     if out.numel():
