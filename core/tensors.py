@@ -103,12 +103,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
         return memoryview(t.numpy()).cast("B")
     except (RuntimeError, TypeError):  # grad, another device, bfloat16, conj bit (numpy()), strided (cast)
         pass
-    if t.requires_grad:
-        t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if not t.is_contiguous():
-        t = t.contiguous()
+    t = t.detach().cpu().contiguous()  # each step leaves the tensor as it is where it has nothing to do
     if t.numel() == 0:
         return memoryview(b"")
     if t.dtype in NUMPY_DTYPES:
