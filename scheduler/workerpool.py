@@ -25,6 +25,7 @@ import zmq
 
 from core.bank import leftover_shm, unlink_shm
 from core.codec import zero_copy
+from core.frames_io import NOBLOCK, send_frames
 from core.spec import GroupSpec
 from scheduler.jobs import Part
 from scheduler.placement import Block
@@ -139,7 +140,7 @@ class WorkerHandle:
         if self.socket is None:
             return False
         try:
-            self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=not zero_copy(frames))
+            send_frames(self.socket, frames, NOBLOCK, copy=not zero_copy(frames))
             return True
         except zmq.ZMQError:
             return False

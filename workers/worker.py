@@ -30,6 +30,7 @@ from core.codec import unbundle, worker_codec, zero_copy
 from core.cuda_ipc import open_bytes, release_unopened, visible_gpus
 from core.device import resolve_device
 from core.errors import CohortError
+from core.frames_io import NOBLOCK, readable, recv_frames, send_frames
 from core.heap import freeze_start_up_heap
 from core.messages import (
     Heartbeat,
@@ -180,13 +181,17 @@ class Worker:
             self.executor.submit_many(jobs)
 
     def _drain(self, jobs: list[tuple[RunJob, list[Any]]]) -> None:
+        """Every command waiting: the poll said one waits, so a look (3 us) comes before each further
+        receive, not a receive that raises when none waits (7 us)."""
         while self.running:
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self.socket, NOBLOCK)
             except zmq.Again:
                 return
             message, buffers = self.codec.decode([f.buffer for f in frames])
             self.handlers[type(message)](message, buffers, jobs)
+            if not readable(self.socket):
+                return
 
     def _local(self, job: RunJob, buffers: list[Any]) -> tuple[RunJob, list[Any]]:
         """A job whose tensors lie in a client's arena or on its GPU, as if they had come in frames: byte
@@ -300,7 +305,7 @@ class Worker:
 
     def _send(self, message: Any, buffers: list[Any] | None = None) -> None:
         frames = self.codec.encode(message, buffers)
-        self.socket.send_multipart(frames, copy=not zero_copy(frames))
+        send_frames(self.socket, frames, copy=not zero_copy(frames))
 
     def close(self) -> None:
         self.arenas.close()
