@@ -334,7 +334,18 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # another user's process of that pid: alive as far as we can tell
-    return True
+    return not _exited(pid)
+
+
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` is a process that has exited but was not yet waited for (a zombie): it still
+    answers ``kill(pid, 0)``, and would hold its regions until its parent reaps it, or for ever."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rsplit(b")", 1)[1].split()[0]  # the name before it may hold anything
+    except (OSError, IndexError):
+        return False  # no /proc here, or it went between the two looks (then the next look says so)
+    return state in (b"Z", b"X")
 
 
 def _unmap(mapping: mmap.mmap, view: memoryview) -> None:

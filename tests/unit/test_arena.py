@@ -113,6 +113,28 @@ def test_a_result_is_held_while_its_reader_lives_and_reclaimed_once_it_is_gone(a
     assert arena.take(30_000) is None  # the living reader's region stays, however old
 
 
+def test_a_reader_that_exited_unreaped_is_taken_for_gone(arena: Arena) -> None:
+    """A client that exited but was not yet waited for by its parent (a zombie) still answers kill(pid, 0)."""
+    arena.reclaim_after_s = 0.0
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 30
+        while not _is_zombie(zombie.pid):  # exited, and deliberately not waited for yet
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.01)
+        os.kill(zombie.pid, 0)  # still there as far as kill can tell
+        assert arena.take(40_000, reader=zombie.pid) is not None
+        assert arena.take(40_000, reader=os.getpid()) is not None  # its room, given back: its reader is gone
+        assert arena.held() == 1
+    finally:
+        zombie.wait()
+
+
+def _is_zombie(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        return stat.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+
+
 def test_a_held_result_is_a_tensor_over_the_region_released_when_freed(arena: Arena) -> None:
     value = torch.arange(1000, dtype=torch.float32)
     tree, buffers = encode_tensors(value)
