@@ -33,3 +33,24 @@ def test_bulk_tensors_checks_results_and_writes_every_figure() -> None:
             path = figures[f"{mode}_path_over_{floor}"]
             # The path's own part leaves the model's pass out, so it is never slower than the whole trip.
             assert path is None or path >= figures[f"{mode}_over_{floor}"], (mode, floor)
+
+
+@pytest.mark.timeout(240)
+def test_bench_warm_times_the_handler_both_ways_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    import json
+    import os
+    import tempfile
+
+    from tools.bench_warm import main
+
+    before = {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("cohort-warm-")}
+    out = tmp_path / "warm.json"
+    assert main(["--calls", "150", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+
+    assert report["calls"] == 150
+    assert report["on_submit_in_loop_p50_us"] > 0 and report["on_submit_warm_us"] > 0
+    assert report["cold_over_warm"] == pytest.approx(report["on_submit_in_loop_p50_us"] / report["on_submit_warm_us"], rel=0.05)
+    assert report["p50_us_loop_sleeping"] > 0 and report["p50_us_loop_spinning"] > 0
+    after = {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("cohort-warm-")}
+    assert after == before  # its socket's directory is gone
