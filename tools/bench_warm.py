@@ -8,8 +8,8 @@ a client process makes ``N`` calls one at a time, twice:
 
 1. with the coordinator's loop as it is (it sleeps in ``poll`` between messages), timing its
    request handler (``_on_submit``) inside the loop; then that handler again on the same
-   request, back to back, with the caches warm: the ratio is what a cold wake-up costs the
-   coordinator's Python;
+   request, back to back, with the caches warm (medians both): the ratio is what a cold
+   wake-up costs the coordinator's Python;
 2. with the loop never sleeping (``poll`` with no wait: it keeps its core and its caches), the
    client's p50 against the first run's.
 
@@ -75,20 +75,20 @@ def serve_one_client(c: Coordinator, calls: int, spin: bool) -> float:
 
 
 def handler_warm_us(c: Coordinator, handler: Any, request: tuple[bytes, SubmitJob, list[bytes]], times: int) -> float:
-    """The request handler run back to back on one request, its job dropped after each."""
+    """The request handler's median time run back to back on one request, its job dropped after each."""
     client, message, buffers = request
-    total = 0
+    took = []
     for _ in range(times):
         views = [memoryview(b) for b in buffers]
         began = time.perf_counter_ns()
         handler(client, message, views)
-        total += time.perf_counter_ns() - began
+        took.append(time.perf_counter_ns() - began)
         c.jobs.clear()
         c.deadlines.clear()
         c.queued_per_model.clear()
         for w in c.workers:
             w.pending.clear()
-    return total / times / 1000
+    return sorted(took)[len(took) // 2] / 1000
 
 
 def measure(calls: int) -> dict[str, Any]:
