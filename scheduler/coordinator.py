@@ -427,6 +427,9 @@ class Coordinator:
             self.workers[part.worker].pending.append(part)
         if job.deadline is not None:
             heapq.heappush(self.deadlines, (job.deadline, job.id))
+            if len(self.deadlines) > 2 * len(self.jobs) + 1024:  # mostly answered jobs' entries: keep the live ones
+                self.deadlines = [(j.deadline, j.id) for j in self.jobs.values() if j.deadline is not None]
+                heapq.heapify(self.deadlines)
 
     def _check_alive(self, models: list[ModelKey]) -> None:
         for m in models:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import heapq
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -76,3 +77,27 @@ def test_a_blocked_job_answered_at_its_deadline_is_not_failed_again() -> None:
     c._fail_blocked(write, JobFailed("the read failed"))
     assert answers == ["JobTimeout"]
     assert c.queued_per_model[("g", 0)] == 1 and not c.workers[0].pending
+
+
+def test_the_deadline_heap_keeps_the_live_jobs_and_not_every_answered_one() -> None:
+    """Each job with a timeout leaves an entry in the deadline heap until that deadline passes: at
+    thousands of jobs a second and a minute's timeout, hundreds of thousands of dead entries."""
+    c, replies = coordinator()
+    c.barriers = SimpleNamespace(fences_for=lambda models: [], job_finished=lambda *a: None)
+    now = time.monotonic()
+    slow = one_model_job(0)
+    slow.deadline = now + 0.05
+    c._queue(slow)  # still queued when its deadline passes
+    c.workers[0].pending.clear()
+    for job_id in range(1, 20_000):
+        job = one_model_job(job_id)
+        job.deadline = now + 60
+        c._queue(job)
+        c.workers[0].pending.clear()
+        c._retire(job)  # answered
+        assert len(c.deadlines) <= 2 * (len(c.jobs) + 1) + 1024  # the bound, counted before this one retired
+    assert (slow.deadline, slow.id) in c.deadlines
+    time.sleep(0.06)
+    c._answer = lambda job, error: replies.append(type(error).__name__)
+    c._expire_deadlines()
+    assert replies == ["JobTimeout"] and not c.jobs
