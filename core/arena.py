@@ -343,9 +343,10 @@ def _exited(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             state = stat.read().rsplit(b")", 1)[1].split()[0]  # the name before it may hold anything
+        # A main thread that exited while others run shows as a zombie too: the process lives on.
+        return state in (b"Z", b"X") and len(os.listdir(f"/proc/{pid}/task")) <= 1
     except (OSError, IndexError):
         return False  # no /proc here, or it went between the two looks (then the next look says so)
-    return state in (b"Z", b"X")
 
 
 def _unmap(mapping: mmap.mmap, view: memoryview) -> None:

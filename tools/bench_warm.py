@@ -41,6 +41,7 @@ from scheduler.config import parse_config  # noqa: E402
 from scheduler.coordinator import Coordinator  # noqa: E402
 from tools.bench_path import TINY  # noqa: E402
 
+CLIENT_LIMIT_S = 120.0  # its start-up (importing torch) and warm-up; each call may take up to 10 ms more
 CLIENT = """
 import json, sys, time, torch
 from scheduler import Client
@@ -61,8 +62,11 @@ def serve_one_client(c: Coordinator, calls: int, spin: bool) -> float:
     """Serve a client process making ``calls`` lone calls; its p50 in microseconds."""
     client = subprocess.Popen([sys.executable, "-c", CLIENT, c.cc.address, str(calls)], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + CLIENT_LIMIT_S + calls * 0.01
     try:
         while client.poll() is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the client process did not finish {calls} calls in time")
             c.step(0 if spin else 50)
         out, _ = client.communicate()
     finally:

@@ -130,6 +130,26 @@ def test_a_reader_that_exited_unreaped_is_taken_for_gone(arena: Arena) -> None:
         zombie.wait()
 
 
+def test_a_reader_whose_main_thread_exited_while_others_run_is_alive(arena: Arena) -> None:
+    """Linux shows such a process as a zombie too, though it still runs (and may hold results)."""
+    code = ("import ctypes, threading, time\n"
+            "threading.Thread(target=time.sleep, args=(60,)).start()\n"
+            "ctypes.CDLL(None).pthread_exit(None)\n")  # the main thread alone ends; ctypes lets go of the GIL
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 30
+        while not _is_zombie(child.pid):
+            assert time.monotonic() < deadline, "the main thread did not exit"
+            time.sleep(0.01)
+        assert len(os.listdir(f"/proc/{child.pid}/task")) > 1
+        arena.reclaim_after_s = 0.0
+        assert arena.take(40_000, reader=child.pid) is not None
+        assert arena.take(40_000, reader=os.getpid()) is None  # still held: its reader lives on
+    finally:
+        child.kill()
+        child.wait()
+
+
 def _is_zombie(pid: int) -> bool:
     with open(f"/proc/{pid}/stat", "rb") as stat:
         return stat.read().rsplit(b")", 1)[1].split()[0] == b"Z"
