@@ -43,6 +43,14 @@ def short_tmp() -> Iterator[Path]:
 
 
 
+def _ctrl_c_as_from_a_terminal() -> None:
+    """The example started as a terminal starts it: a suite run in the background (``make test &``)
+    ignores SIGINT, every child inherits that, and a Python started so never turns it into
+    KeyboardInterrupt (it ran to the end: the test failed for the way it was run)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 def _env(tmp: Path) -> dict[str, str]:
     return {**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1", "COLUMNS": "160"}
 
@@ -107,7 +115,8 @@ def test_sweep_prints_the_best_learning_rate(short_tmp: Path) -> None:
 @pytest.mark.timeout(120)
 def test_ctrl_c_stops_the_examples_coordinator(short_tmp: Path) -> None:
     process = subprocess.Popen([sys.executable, "examples/pbt.py"], cwd=ROOT, env=_env(short_tmp),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=_ctrl_c_as_from_a_terminal)
     lines: list[str] = []
     try:
         assert process.stdout is not None
