@@ -30,9 +30,14 @@ cluster: setup
 demo: setup
 	$(PY) examples/demo_client.py
 
+# Two passes: the tests side by side, one pytest-xdist process per CPU (each test file on one of
+# them), then those marked `alone` one at a time: they kill a coordinator and look at what its run
+# left, which any other coordinator's start on the machine removes. TEST_JOBS=0: all in one process.
+TEST_JOBS ?= logical
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -m "not alone" -n $(TEST_JOBS) --maxprocesses 4 --dist loadfile
+	$(PY) -m pytest -q tests -m alone
 
 bench: setup
 	$(PY) tools/bench.py --out docs/bench/latest.json

@@ -33,7 +33,8 @@ from torch import nn  # noqa: E402
 from examples.models import mlp  # noqa: E402
 from scheduler import AsyncClusterClient, ClusterClient, ProtocolError  # noqa: E402
 
-pytestmark = pytest.mark.timeout(300)
+# Alone: a coordinator killed here must find its host copies when Ray restarts it, and another test's coordinator start would remove them.
+pytestmark = [pytest.mark.timeout(300), pytest.mark.alone]
 
 LRS = [0.3, 0.2, 0.1, 0.05, 0.02]
 K = len(LRS)

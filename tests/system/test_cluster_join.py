@@ -22,7 +22,8 @@ from scheduler import ClusterClient, WorkerDied  # noqa: E402
 from scheduler.cluster.raylocal import address_file, answers  # noqa: E402
 from tools.harness import alive, config_text  # noqa: E402
 
-pytestmark = pytest.mark.timeout(300)
+# Alone: it kills a coordinator and looks at what its run left, and another test's coordinator start would remove them.
+pytestmark = [pytest.mark.timeout(300), pytest.mark.alone]
 
 GROUPS = [{"name": "m", "factory": "examples.models:mlp", "kwargs": {"d_in": 4, "hidden": 8, "d_out": 2},
            "count": 2, "input": {"shape": [-1, 4], "dtype": "float32"}}]

@@ -166,6 +166,7 @@ def test_sigint_stops_the_tree_cleanly_and_a_private_directory_goes_too() -> Non
     assert cohort.close() == leaks  # a second close changes nothing
 
 
+@pytest.mark.alone
 def test_after_a_sigkill_of_the_coordinator_nothing_is_left(tmp_path: Path) -> None:
     cohort = _start(tmp_path)
     tree = _tree(cohort)

@@ -25,6 +25,7 @@ def test_a_job_longer_than_the_heartbeat_timeout_is_not_a_death(cohort) -> None:
     assert stop_and_check_clean(running) == 0
 
 
+@pytest.mark.alone
 def test_workers_of_a_killed_coordinator_end_at_once_and_the_next_start_cleans_up(cohort) -> None:
     running = cohort([group("slow", "sleepy", count=2)], workers=2)
     run_id = running.info["run_id"]
@@ -70,6 +71,7 @@ def test_a_stalled_coordinator_does_not_take_its_workers_for_dead(cohort) -> Non
     assert stop_and_check_clean(running) == 0
 
 
+@pytest.mark.alone
 def test_a_new_coordinator_restores_a_killed_runs_host_copies(cohort) -> None:
     """``restore_run``: the models start where the killed coordinator's last host copies had them:
     weights, optimizer state, run-time hyperparameters, step counts and versions."""
