@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s cohort %(levelname)s %(message)s", stream=sys.stderr)
     from scheduler.config import load_config, override_coordinator
-    from scheduler.coordinator import run
+    from scheduler.serve import run
 
     try:
         config = load_config(args.config)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import heapq
 import logging
 import os
+import select
 import shutil
-import signal
 import tempfile
 import time
 import uuid
@@ -46,7 +46,6 @@ from core.errors import (
     error_from_wire,
 )
 from core.frames_io import NOBLOCK, readable, recv_frames, send_frames
-from core.heap import freeze_start_up_heap
 from core.messages import (
     BarrierRequest,
     CopyWeights,
@@ -83,6 +82,7 @@ from scheduler.config import Config
 from scheduler.host_copies import HostCopies
 from scheduler.jobs import Job, Part
 from scheduler.leftovers import KEEP_HOST_COPIES_ENV, alive, remove_stale
+from scheduler.local_clients import LocalClients
 from scheduler.mps import MpsDaemon
 from scheduler.placement import place
 from scheduler.security import CurveServer
@@ -97,7 +97,7 @@ from scheduler.validate import (
     parse_model,
 )
 from scheduler.weight_ops import JobQueue, WeightOps
-from scheduler.workerpool import WorkerHandle
+from scheduler.workerpool import WorkerHandle, flush_links, writing
 
 log = logging.getLogger("cohort")
 
@@ -107,7 +107,7 @@ SNAPSHOT_FINISH_S = 120.0  # at shutdown, how long snapshot files being written 
 WEIGHT_CHANGING = ("train_step", "train_round")
 LOSSES = ("train_step", "train_round", "evaluate")  # answered with their losses
 
-__all__ = ["Coordinator", "StartupError", "describe", "run"]
+__all__ = ["Coordinator", "StartupError"]
 
 
 class Coordinator:
@@ -141,9 +141,11 @@ class Coordinator:
         self.stopping = False
         self._last_health = 0.0
         self.curve: CurveServer | None = None
+        self.local: LocalClients | None = None  # clients on this host, over a Unix socket
         self._replies: dict[bytes, list[tuple[Any, list[Any]]]] = {}
         self._polled: tuple[Any, ...] = ()
-        self._poll = zmq.Poller()
+        self._poll = select.poll()
+        self._frontend_fd = -1  # the client socket's descriptor, once bound (poll skips a negative one)
         self.context: zmq.Context[Any] = zmq.Context()
         self.frontend = self.context.socket(zmq.ROUTER)
         self.client_codec = coordinator_client_codec()
@@ -207,6 +209,9 @@ class Coordinator:
             self.curve = CurveServer(self.context, self.cc.curve_secret_key, self.cc.curve_allowed_keys)
             self.curve.apply(self.frontend)
         self.frontend.bind(self.cc.address)
+        self._frontend_fd = self.frontend.get(zmq.FD)
+        if self.curve is None:  # with CURVE every client proves who it is: no way round it
+            self.local = LocalClients.open(self.cc.address, self.cc.max_message_bytes + (1 << 20))
         self.mps.start("cuda" if self.plan.gpu is not None else "cpu", self.plan.daemon_env(), self.run_dir)
         gpu.check_sharing(self.plan, self.cc.workers, self.mps.mode == "on", self.mps.reason)
         self.supervisor.device = self.plan.worker_device(self.mps.mode == "on")
@@ -225,7 +230,7 @@ class Coordinator:
                 unlink_shm(name)
 
     def _spawn(self, w: WorkerHandle) -> None:
-        self.supervisor.spawn(w, self.context, self.run_dir, self.run_id)
+        self.supervisor.spawn(w, self.run_dir, self.run_id)
 
     def request_stop(self, *_: Any) -> None:
         self.stopping = True
@@ -236,16 +241,20 @@ class Coordinator:
             self.step()
 
     def step(self, timeout_ms: int = IDLE_POLL_MS) -> None:
-        events = dict(self._poller().poll(0 if self._can_dispatch() else timeout_ms))
-        if self.frontend in events:
+        clients_wait = readable(self.frontend)  # its descriptor signals new messages only, not those taken in
+        ready = self._wait(0 if clients_wait or self._can_dispatch() else timeout_ms)
+        if clients_wait or self._frontend_fd in ready:
             self._receive_clients()
-        self._receive_workers(timeout_ms=0, ready=events)
+        if self.local is not None:
+            self.local.receive(ready, self._on_client_message)
+        self._receive_workers(timeout_ms=0, ready=ready)
         self._check_health()
         self._expire_deadlines()
         self.weight_ops.periodic()
         self.weight_ops.poll_snapshots()
         self._dispatch()
         self._flush_replies()
+        self._flush_links()
 
     def _can_dispatch(self) -> bool:
         """Whether some worker has a queued part it may be sent now: else the loop can sleep in poll."""
@@ -256,27 +265,40 @@ class Coordinator:
                     return True
         return False
 
-    def _poller(self) -> zmq.Poller:
-        """The poller over the client socket and every live worker socket, rebuilt when they change."""
-        sockets = tuple(w.socket for w in self.workers if w.socket is not None)
-        if sockets != self._polled:
-            self._polled = sockets
-            self._poll = zmq.Poller()
-            for socket in (self.frontend, *sockets):
-                self._poll.register(socket, zmq.POLLIN)
-        return self._poll
+    def _wait(self, timeout_ms: int) -> dict[int, int]:
+        """Wait up to ``timeout_ms`` for the client sockets and the live worker links; the ready
+        descriptors. One poll object, made again only when the links change (not every turn)."""
+        polled = (tuple(w.link for w in self.workers if w.link is not None and not w.link.closed),
+                  self.local.version if self.local is not None else 0)
+        if polled != self._polled:
+            self._polled = polled
+            self._poll = select.poll()
+            for fd in (self._frontend_fd, *(link.fileno() for link in polled[0]),
+                       *(self.local.fds() if self.local is not None else ())):
+                self._poll.register(fd, select.POLLIN)
+        if writing(self.workers) or self.local is not None and self.local.writing():
+            timeout_ms = min(timeout_ms, 1)  # a socket was full (it holds megabytes): look again soon
+        return dict(self._poll.poll(timeout_ms))
+
+    def _flush_links(self) -> None:
+        """Send, in order, what a worker's or a local client's socket could not take before."""
+        if self.local is not None:
+            self.local.flush()
+        flush_links(self.workers)
 
     def shutdown(self) -> None:
         """Stop every worker, remove every shared-memory segment, socket and directory."""
         self.weight_ops.finish_writing(SNAPSHOT_FINISH_S)
         self._flush_replies()
         for w in self.workers:
-            if w.socket is not None and w.state in ("ready", "starting"):
+            if w.link is not None and w.state in ("ready", "starting"):
                 w.send(self.worker_codec.encode(Shutdown()))
             w.state = "stopping"
         self.supervisor.stop_all()
         self.host.close()
         self.frontend.close(linger=0)
+        if self.local is not None:
+            self.local.close()
         if self.curve is not None:
             self.curve.stop()
         self.context.term()
@@ -296,14 +318,14 @@ class Coordinator:
                 frames = recv_frames(self.frontend, NOBLOCK)
             except zmq.Again:
                 return
-            self._on_client_message(frames[0].bytes, frames[1:])
+            self._on_client_message(frames[0].bytes, [f.buffer for f in frames[1:]])
             if not readable(self.frontend):
                 return
 
     def _on_client_message(self, client: bytes, frames: list[Any]) -> None:
         message = None
         try:
-            message, buffers = self.client_codec.decode([f.buffer for f in frames])
+            message, buffers = self.client_codec.decode(frames)
             items = unbundle(message.requests, buffers) if isinstance(message, Requests) else [(message, buffers)]
         except CohortError as exc:  # unreadable (answered as request 0), or a bundle whose buffers do not add up
             self._reply_error(client, 0 if message is None else message.req_id, exc)
@@ -338,6 +360,9 @@ class Coordinator:
                 message = Replies(0, [m for m, _ in items])
                 buffers = [b for _, own in items for b in own]
             frames = self.client_codec.encode(message, buffers)
+            if self.local is not None and self.local.owns(client):
+                self.local.send(client, frames)
+                continue
             try:
                 send_frames(self.frontend, [client, *frames], NOBLOCK, copy=not zero_copy(frames))
             except zmq.ZMQError:
@@ -493,19 +518,16 @@ class Coordinator:
 
     def _receive_workers(self, timeout_ms: int = 0, ready: dict[Any, int] | None = None) -> None:
         if ready is None:  # start-up: the workers alone (an early client's request would make it spin)
-            ready = dict.fromkeys(zmq.select([w.socket for w in self.workers if w.socket is not None], [], [], timeout_ms / 1000)[0])
+            links = [w.link.fileno() for w in self.workers if w.link is not None and not w.link.closed]
+            ready = dict.fromkeys(select.select(links, [], [], timeout_ms / 1000)[0])
         for w in self.workers:
-            if w.socket is None or w.socket not in ready:
+            if w.link is None or w.link.fileno() not in ready:  # polled by file descriptor
                 continue
-            for n in range(1000):
-                if w.socket is None or (n and not readable(w.socket)):  # as for clients: a look after the first
+            for _ in range(1000):
+                if (frames := w.receive()) is None:  # None too once a handler has buried the worker
                     break
                 try:
-                    frames = recv_frames(w.socket, NOBLOCK)
-                except zmq.Again:
-                    break
-                try:
-                    message, buffers = self.worker_codec.decode([f.buffer for f in frames])
+                    message, buffers = self.worker_codec.decode(frames)
                     self.worker_handlers[type(message)](w, message, buffers)
                 except StartupError:
                     raise
@@ -673,28 +695,3 @@ class Coordinator:
             "models": models,
         }
 
-
-def run(config: Config) -> int:
-    """Start a coordinator, serve until SIGINT or SIGTERM, then shut down cleanly."""
-    coordinator = Coordinator(config)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, coordinator.request_stop)
-    try:
-        coordinator.start()
-        describe(coordinator)
-        freeze_start_up_heap()
-        coordinator.serve()
-    finally:
-        log.info("shutting down")
-        coordinator.shutdown()
-    log.info("stopped")
-    return 0
-
-
-def describe(c: Coordinator) -> None:
-    """What a user needs to see at start-up: where it listens, what runs where, on which device."""
-    mps = c.mps.state()
-    log.info("cohort %s listening on %s (device %s, MPS %s: %s)", __version__, c.cc.address, c.device, mps["mode"], mps["reason"])
-    for w in c.workers:
-        groups = ", ".join(f"{b.group}/{b.start}..{b.start + b.count - 1}" for b in w.blocks) or "(no models)"
-        log.info("worker %d pid %d on %s: %s", w.id, w.pid, w.device, groups)

@@ -1,4 +1,5 @@
-"""A client's connection to the coordinator: one DEALER socket that says when it drops.
+"""A client's connection to the coordinator: one DEALER socket that says when it drops, or, for
+a coordinator on the client's own host, its Unix socket (``LocalLink``).
 
 Two socket settings make a client dependable when the coordinator goes away:
 
@@ -11,11 +12,13 @@ Two socket settings make a client dependable when the coordinator goes away:
   ``ProtocolError`` instead of waiting for their deadline.
 
 ZeroMQ reconnects by itself; the next call goes to whichever coordinator answers at
-the address.
+the address. A ``LocalLink`` does not: once its coordinator has gone it is ``gone``, and the
+client opens a new connection for the next call.
 """
 
 from __future__ import annotations
 
+import select
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +29,7 @@ from zmq.utils.monitor import recv_monitor_message
 from core.codec import zero_copy
 from core.errors import ProtocolError
 from core.frames_io import NOBLOCK, SNDMORE, readable, recv_frames
+from core.unix_link import LinkClosed, UnixLink
 from scheduler.security import CurveClient
 
 DROPPED = zmq.EVENT_DISCONNECTED
@@ -48,6 +52,18 @@ class Link:
         self.socket = dealer(context, curve)
         self.monitor = self.socket.get_monitor_socket(DROPPED)
         self.socket.connect(address)
+        self._poller = zmq.Poller()
+        self._poller.register(self.socket, zmq.POLLIN)
+        self._poller.register(self.monitor, zmq.POLLIN)
+
+    gone = False  # ZeroMQ reconnects by itself
+
+    def hung_up(self) -> bool:
+        return False
+
+    def wait(self, timeout_ms: int) -> bool:
+        """Wait until a reply or a drop can be read; False on timeout."""
+        return bool(self._poller.poll(timeout_ms))
 
     def dropped(self) -> bool:
         """Read the monitor's events; whether the connection dropped since the last look."""
@@ -80,6 +96,70 @@ class Link:
 
     def close(self) -> None:
         close_monitored(self.socket, self.monitor)
+
+
+class LocalLink:
+    """A connection to a coordinator on this host over its Unix socket (``scheduler.local_clients``):
+    what ``Link`` does, without ZeroMQ's I/O threads on either side."""
+
+    def __init__(self, name: str) -> None:
+        self.link = UnixLink.connect(name, blocking=False)
+        self.gone = False
+        self._dropped = False
+        self._writable = select.poll()
+        self._writable.register(self.link.fileno(), select.POLLOUT)
+        self._hangup = select.poll()  # reports the other end's close alone, not replies waiting
+        self._hangup.register(self.link.fileno(), select.POLLRDHUP)
+
+    def wait(self, timeout_ms: int) -> bool:
+        return self.gone or self.link.wait(timeout_ms)
+
+    def dropped(self) -> bool:
+        dropped, self._dropped = self._dropped, False
+        return dropped
+
+    def hung_up(self) -> bool:
+        """Whether the coordinator has closed its end (it stopped, or died, since the last call):
+        the link is given up then, and the client opens a new one, to whichever coordinator is
+        there now. A look, without waiting."""
+        if not self.gone and self._hangup.poll(0):
+            self._lose()
+        return self.gone
+
+    def send(self, encode: Callable[[], list[Any]], deadline: float) -> bool:
+        """Send now, waiting for the coordinator's socket to take it up to ``deadline``; False (and the
+        link given up: a part of the message may be out) if it did not."""
+        if self.gone:
+            raise ProtocolError("the connection to the coordinator dropped")
+        try:
+            self.link.send(encode())
+            while self.link.wants_write:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._writable.poll(int(remaining * 1000) + 1):
+                    self._lose()
+                    return False
+                self.link.flush()
+        except LinkClosed:
+            self._lose()
+            raise ProtocolError("the connection to the coordinator dropped while the request was being sent") from None
+        return True
+
+    def receive(self) -> list[Any] | None:
+        if self.gone:
+            return None
+        try:
+            return self.link.recv()
+        except LinkClosed:  # the coordinator has gone: the calls out on this link learn it from dropped()
+            self._lose()
+            return None
+
+    def close(self) -> None:
+        self.gone = True
+        self.link.close()
+
+    def _lose(self) -> None:
+        self._dropped = True
+        self.close()
 
 
 def try_send(socket: zmq.Socket[Any], frames: list[Any]) -> bool:

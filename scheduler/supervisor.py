@@ -17,8 +17,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import zmq
-
 from core.codec import Codec
 from core.errors import CohortError, WorkerDied
 from core.messages import Heartbeat, InitWorker, WorkerFailed, WorkerHello, WorkerReady
@@ -76,8 +74,8 @@ class Supervisor:
         self._specs[w.id] = specs
         self._mirrors[w.id] = [self.host.create(w.id, spec) for spec in specs]
 
-    def spawn(self, w: WorkerHandle, context: zmq.Context[Any], run_dir: str, run_id: str) -> None:
-        w.spawn(context, run_dir, run_id, self.env)
+    def spawn(self, w: WorkerHandle, run_dir: str, run_id: str) -> None:
+        w.spawn(run_dir, run_id, self.env)
 
     def wait_until_ready(self, receive: Callable[[int], None], stopping: Callable[[], bool]) -> None:
         """Serve worker messages until every worker is ready; ``StartupError`` naming the reason if not."""
@@ -161,7 +159,7 @@ class Supervisor:
         log.error("worker %d (pid %d) died: %s", w.id, w.pid, reason)
         self.mps.terminate_client(w.pid)
         w.kill()
-        w.close_socket()
+        w.close_link()
         w.remove_shm()
         in_flight = list(w.in_flight.values())
         w.in_flight.clear()
@@ -201,7 +199,7 @@ class Supervisor:
     def stop_all(self) -> None:
         stop_processes(self.workers, before_kill=self.mps.terminate_client)
         for w in self.workers:
-            w.close_socket()
+            w.close_link()
             w.remove_shm()
 
 

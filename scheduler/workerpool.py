@@ -1,8 +1,8 @@
 """Worker processes as the coordinator sees them: start, talk, notice death, stop.
 
-Each worker has its own ZeroMQ PAIR socket on a private ``ipc://`` path (a new one
-for every replacement, so a late message from a dead worker never reaches its
-successor). Death is noticed from the process itself (``poll()``, checked every loop
+Each worker has its own link, a Unix socket pair whose other end the worker inherits (a new
+one for every replacement, so a late message from a dead worker never reaches its
+successor; ``core.unix_link`` says why not ZeroMQ). Death is noticed from the process itself (``poll()``, checked every loop
 turn) and from silence: a thread in the worker stamps the time into a small file every
 quarter second, whatever the worker is running, so a long job is never taken for a
 death, and the coordinator's own pauses never count as a worker's silence.
@@ -21,12 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import zmq
-
 from core.bank import leftover_shm, unlink_shm
-from core.codec import zero_copy
-from core.frames_io import NOBLOCK, send_frames
 from core.spec import GroupSpec
+from core.unix_link import LinkClosed, UnixLink
 from scheduler.jobs import Part
 from scheduler.placement import Block
 
@@ -57,9 +54,8 @@ class WorkerHandle:
     specs: list[GroupSpec]
     state: str = "new"  # new -> starting -> ready -> dead (-> starting ...) ; stopping
     generation: int = 0
-    address: str = ""
     beat_path: str = ""
-    socket: zmq.Socket | None = None
+    link: UnixLink | None = None
     process: subprocess.Popen[bytes] | None = None
     pid: int = 0
     device: str = ""
@@ -96,29 +92,29 @@ class WorkerHandle:
                             "recompiles": counted("recompiles", 0)},
                 "plans": self.plans}
 
-    def spawn(self, context: zmq.Context[Any], run_dir: str, run_id: str, env: dict[str, str]) -> None:
-        """Start (or restart) the process on a fresh socket, with exactly the environment ``env``."""
+    def spawn(self, run_dir: str, run_id: str, env: dict[str, str]) -> None:
+        """Start (or restart) the process on a fresh link, with exactly the environment ``env``."""
         self.generation += 1
-        self.address = f"ipc://{run_dir}/worker-{self.id}-{self.generation}.sock"
         self.beat_path = f"{run_dir}/worker-{self.id}-{self.generation}.beat"
         with open(self.beat_path, "wb") as beat:
             beat.write(BEAT.pack(0.0))
         self.shm_prefix = f"cohort-{run_id}-w{self.id}g{self.generation}-"
-        self.socket = context.socket(zmq.PAIR)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.SNDHWM, 0)
-        self.socket.bind(self.address)
+        self.link, theirs = UnixLink.pair(blocking=False)
         worker_env = dict(env)  # complete: the supervisor decides what the worker sees
         worker_env.update(allocator_env(worker_env))
         path = [os.getcwd(), *filter(None, worker_env.get("PYTHONPATH", "").split(os.pathsep))]
         worker_env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "workers", "--address", self.address, "--worker-id", str(self.id),
-             "--beat", self.beat_path],
-            env=worker_env,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C reaches the coordinator only; it stops workers in order
-        )
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "workers", "--link-fd", str(theirs.fileno()), "--worker-id", str(self.id),
+                 "--beat", self.beat_path],
+                env=worker_env,
+                stdin=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,  # Ctrl-C reaches the coordinator only; it stops workers in order
+            )
+        finally:
+            theirs.close()  # the worker's now: its end is seen to close when the worker dies
         self.pid = self.process.pid
         self.state = "starting"
         self.started_at = time.monotonic()
@@ -136,14 +132,23 @@ class WorkerHandle:
         return None if self.process is None else self.process.poll()
 
     def send(self, frames: list[Any]) -> bool:
-        """Send without blocking; False when the message could not be queued."""
-        if self.socket is None:
+        """Send without blocking (what the socket cannot take now goes later, in order); False when
+        the worker has gone."""
+        if self.link is None:
             return False
         try:
-            send_frames(self.socket, frames, NOBLOCK, copy=not zero_copy(frames))
+            self.link.send(frames)
             return True
-        except zmq.ZMQError:
+        except LinkClosed:
             return False
+
+    def receive(self) -> list[Any] | None:
+        """The frames of the worker's next message; None when none waits or the worker has gone
+        (its exit is seen by the supervisor's health check)."""
+        try:
+            return None if self.link is None else self.link.recv()
+        except LinkClosed:
+            return None
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -160,16 +165,29 @@ class WorkerHandle:
         for name in leftover_shm(self.shm_prefix):
             unlink_shm(name)
 
-    def close_socket(self) -> None:
-        if self.socket is not None:
-            self.socket.close(linger=0)
-            self.socket = None
-        for path in (self.address[len("ipc://"):] if self.address.startswith("ipc://") else "", self.beat_path):
-            if path:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+    def close_link(self) -> None:
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+        if self.beat_path:
+            try:
+                os.unlink(self.beat_path)
+            except OSError:
+                pass
+
+
+def writing(workers: list[WorkerHandle]) -> bool:
+    """Whether a worker's socket holds back messages (``flush_links`` sends them as it takes them)."""
+    return any(w.link is not None and w.link.wants_write for w in workers)
+
+
+def flush_links(workers: list[WorkerHandle]) -> None:
+    for w in workers:
+        if w.link is not None and w.link.wants_write and not w.link.closed:
+            try:
+                w.link.flush()
+            except LinkClosed:
+                pass  # the worker has gone; its exit is seen by the supervisor's health check
 
 
 def stop_processes(workers: list[WorkerHandle], grace_s: float = STOP_GRACE_S,

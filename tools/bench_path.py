@@ -3,9 +3,10 @@
 
     python tools/bench_path.py [--out FILE.json] [--seconds S]
 
-1. **tiny jobs**: the p50 round trip of a tiny ``infer`` through cohort against a raw
-   two-hop ZeroMQ echo (client -> broker -> echo worker) and against the same three
-   processes in Python doing nothing but forward (the floor of cohort's design in Python),
+1. **tiny jobs**: the p50 round trip of a tiny ``infer`` through cohort (a local client, over
+   the coordinator's Unix socket, and the same call over ZeroMQ, as a client on another host
+   makes it) against a raw two-hop ZeroMQ echo (client -> broker -> echo worker) and against
+   the same three processes in Python doing nothing but forward over ZeroMQ,
    and pipelined tiny jobs/s (64 in flight, with ``Client.map`` and with ``submit``) against
    ``ProcessPoolExecutor`` running a no-op (64 in flight);
 2. **CPU per call**: user+system CPU of the client, the coordinator and the worker per tiny
@@ -14,7 +15,8 @@
    against the raw in-process ``torch.func.vmap`` of the same models;
 4. **bulk tensors**: a local client's 16 MB input and 16 MB result through shared memory
    (an ordinary input tensor, and one filled in the client's shared memory with
-   ``Client.shared``), and through the sockets, against a plain memcpy of the same bytes
+   ``Client.shared``), in the messages over the Unix socket, and over ZeroMQ (a remote
+   client), against a plain memcpy of the same bytes
    (libc, one thread) and against torch's ``copy_`` (its intra-op threads), timed in turns; the
    ``*_path_over_*`` ratios leave out the model's own pass over the data (the same model run in
    this process, timed in the same turns), so they weigh the moving of the bytes alone.
@@ -99,6 +101,10 @@ def tiny_jobs(seconds: float) -> dict[str, Any]:
         out["cohort_jobs_s"] = round(jobs / took)  # Client.map: the way to keep calls in flight
         out["cpu_us_per_call_pipelined"] = {name: round((a - b) / jobs * 1e6, 1) for name, a, b in
                                             zip(("client", "coordinator", "worker"), after, before)}
+        with Client(running.address, timeout=60, local_link=False) as over_zeromq:  # as a client on another host
+            over_zeromq.infer("cp/0", x)
+            latencies = round_trips(lambda: over_zeromq.infer("cp/0", x), cp.round_trips, cp.warmup, cp.budget_s)
+            out["cohort_zeromq_p50_ms"] = p50_ms(latencies)
     with echo_servers() as address:
         echo = EchoClient(address, bytes(cp.payload_bytes))
         try:
@@ -110,6 +116,7 @@ def tiny_jobs(seconds: float) -> dict[str, Any]:
     pool = measure_pool(cp, 1)
     out["pool_jobs_s"] = round(pool["jobs_s"])
     out["p50_over_echo"] = round(out["cohort_p50_ms"] / out["echo_p50_ms"], 2)
+    out["zeromq_p50_over_echo"] = round(out["cohort_zeromq_p50_ms"] / out["echo_p50_ms"], 2)
     out["python_relay_over_echo"] = round(out["python_relay_p50_ms"] / out["echo_p50_ms"], 2)
     out["jobs_s_over_pool"] = round(out["cohort_jobs_s"] / out["pool_jobs_s"], 2)
     out["submit_jobs_s_over_pool"] = round(out["cohort_submit_jobs_s"] / out["pool_jobs_s"], 2)
@@ -180,10 +187,12 @@ def bulk_tensors(repeats: int = 50) -> dict[str, Any]:
     passes: list[float] = []
     with start([SCALE], {"workers": 1}) as running:
         # A local client's ordinary tensor (copied once into shared memory), one it filled in its shared
-        # memory (``Client.shared``: no copy on the way in), and the sockets. The result comes back as a
-        # tensor over the worker's shared memory: the worker copies it there once.
-        for key, shm in (("shared_memory", True), ("shared_input", True), ("sockets", False)):
-            with Client(running.address, timeout=120, shm=shm) as c:
+        # memory (``Client.shared``: no copy on the way in), the tensors in the messages over the Unix
+        # socket, and over ZeroMQ (as a client on another host). The result comes back as a tensor over
+        # the worker's shared memory: the worker copies it there once.
+        for key, shm, local_link in (("shared_memory", True, True), ("shared_input", True, True),
+                                     ("unix_socket", False, True), ("sockets", False, False)):
+            with Client(running.address, timeout=120, shm=shm, local_link=local_link) as c:
                 inputs = x
                 if key == "shared_input":
                     inputs = c.shared(x.shape)

@@ -1,6 +1,6 @@
 """A worker process: owns the banks of the models placed on it and runs their jobs.
 
-Start-up: connect to the coordinator's socket for this worker, say hello, receive the
+Start-up: on the link to the coordinator this worker was started with, say hello, receive the
 compiled group definitions, allocate the banks and fill them (initialised, then copied
 to their host copies; or, for a replacement, restored from the host copies), and say
 ready (or say why start-up failed). Then the loop, in named steps: receive commands,
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -22,15 +24,13 @@ from typing import Any
 
 import msgspec
 import torch
-import zmq
 
 from core.arena import Arena, ArenaReader
 from core.bank import Bank, BankHandle, bank_layout, unlink_shm
-from core.codec import unbundle, worker_codec, zero_copy
+from core.codec import unbundle, worker_codec
 from core.cuda_ipc import open_bytes, release_unopened, visible_gpus
 from core.device import resolve_device
 from core.errors import CohortError
-from core.frames_io import NOBLOCK, readable, recv_frames, send_frames
 from core.heap import freeze_start_up_heap
 from core.messages import (
     Heartbeat,
@@ -47,6 +47,7 @@ from core.messages import (
 )
 from core.spec import GroupSpec
 from core.tensors import byte_tensor, encode_tensors, tensor_nbytes, to_arena
+from core.unix_link import LinkClosed, UnixLink
 from workers import bank_ops
 from workers.compile_cache import CompileCache
 from workers.execute import GroupRuntime
@@ -66,12 +67,9 @@ log = logging.getLogger("cohort.worker")
 
 
 class Worker:
-    def __init__(self, address: str, worker_id: int) -> None:
+    def __init__(self, link: UnixLink, worker_id: int) -> None:
         self.worker_id = worker_id
-        self.context = zmq.Context()
-        self.socket = self.context.socket(zmq.PAIR)
-        self.socket.setsockopt(zmq.LINGER, 1000)
-        self.socket.connect(address)
+        self.link = link  # blocking: the coordinator always reads, so a send never waits long
         self.codec = worker_codec()
         self.banks: list[Bank] = []
         self.runtimes: dict[str, GroupRuntime] = {}
@@ -94,9 +92,10 @@ class Worker:
 
     def start(self) -> bool:
         self._send(WorkerHello(self.worker_id, os.getpid()))
-        if not self.socket.poll(int(INIT_TIMEOUT_S * 1000)):
+        frames = self._next(int(INIT_TIMEOUT_S * 1000))
+        if frames is None:
             return False
-        message, _ = self.codec.decode(self.socket.recv_multipart())
+        message, _ = self.codec.decode(frames)
         if not isinstance(message, InitWorker):
             return False
         try:
@@ -158,13 +157,14 @@ class Worker:
 
     def run(self) -> None:
         assert self.executor is not None
-        poller = zmq.Poller()
-        poller.register(self.socket, zmq.POLLIN)
+        poller = select.poll()
+        poller.register(self.link.fileno(), select.POLLIN)
         for fd in self.executor.wake_fds():
-            poller.register(fd, zmq.POLLIN)
+            poller.register(fd, select.POLLIN)
+        link_fd = self.link.fileno()
         while self.running and not self.fatal:
             wait = self.executor.wait_ms()
-            if any(socket is self.socket for socket, _ in poller.poll(int(REPORT_S * 1000) if wait is None else wait)):
+            if any(fd == link_fd for fd, _ in poller.poll(int(REPORT_S * 1000) if wait is None else wait)):
                 self._receive()
             self._reply(self.executor.poll())
             self._report()
@@ -175,23 +175,30 @@ class Worker:
         jobs: list[tuple[RunJob, list[Any]]] = []
         self._drain(jobs)
         waiting_pays = jobs and self.max_wait_s > 0 and len(jobs) < self.max_jobs and self.running
-        if waiting_pays and self.socket.poll(int(self.max_wait_s * 1000)):  # the group's policy: wait for company
+        if waiting_pays and self.link.wait(int(self.max_wait_s * 1000)):  # the group's policy: wait for company
             self._drain(jobs)
         if jobs:
             self.executor.submit_many(jobs)
 
     def _drain(self, jobs: list[tuple[RunJob, list[Any]]]) -> None:
-        """Every command waiting: the poll said one waits, so a look (3 us) comes before each further
-        receive, not a receive that raises when none waits (7 us)."""
+        """Every command waiting."""
         while self.running:
-            try:
-                frames = recv_frames(self.socket, NOBLOCK)
-            except zmq.Again:
+            frames = self._next(0)
+            if frames is None:
                 return
-            message, buffers = self.codec.decode([f.buffer for f in frames])
+            message, buffers = self.codec.decode(frames)
             self.handlers[type(message)](message, buffers, jobs)
-            if not readable(self.socket):
-                return
+
+    def _next(self, timeout_ms: int) -> list[Any] | None:
+        """The next message, waiting up to ``timeout_ms`` for it; the coordinator's end of the link
+        closing is its last word: the worker stops as on ``Shutdown``."""
+        try:
+            if timeout_ms and not self.link.wait(timeout_ms):
+                return None
+            return self.link.recv()
+        except LinkClosed:
+            self.running = False
+            return None
 
     def _local(self, job: RunJob, buffers: list[Any]) -> tuple[RunJob, list[Any]]:
         """A job whose tensors lie in a client's arena or on its GPU, as if they had come in frames: byte
@@ -304,8 +311,10 @@ class Worker:
                 unlink_shm(bank.handle.shm_name)
 
     def _send(self, message: Any, buffers: list[Any] | None = None) -> None:
-        frames = self.codec.encode(message, buffers)
-        send_frames(self.socket, frames, copy=not zero_copy(frames))
+        try:
+            self.link.send(self.codec.encode(message, buffers))
+        except LinkClosed:
+            self.running = False  # the coordinator has gone: nobody is left to answer
 
     def close(self) -> None:
         self.arenas.close()
@@ -314,8 +323,7 @@ class Worker:
         for bank in self.banks:
             bank.close()
         self.banks = []
-        self.socket.close(linger=500)
-        self.context.term()
+        self.link.close()
 
 
 def open_host_copy(spec: GroupSpec, name: str, device: torch.device) -> Bank:
@@ -327,13 +335,13 @@ def open_host_copy(spec: GroupSpec, name: str, device: torch.device) -> Bank:
     return host
 
 
-def main(address: str, worker_id: int, beat_path: str) -> int:
+def main(link_fd: int, worker_id: int, beat_path: str) -> int:
     # The coordinator's log level and format, so a worker's lines read like its own.
     logging.basicConfig(level=os.environ.get(LOG_LEVEL_ENV, "INFO"), stream=sys.stderr,
                         format=f"%(asctime)s cohort worker {worker_id} %(levelname)s %(message)s")
     # Ctrl-C goes to the coordinator, which stops the workers in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    worker = Worker(address, worker_id)
+    worker = Worker(UnixLink(socket.socket(fileno=link_fd), blocking=True), worker_id)
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "running", False))
     lifeline = Lifeline(beat_path, os.getppid(), worker.remove_shm).start()
     try:

@@ -149,7 +149,7 @@ class _ClusterBase:
 
     def __init__(self, ray_address: str = "auto", *, timeout: float = DEFAULT_TIMEOUT_S,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, curve: CurveClient | None = None,
-                 shm: bool | None = None, cuda_ipc: bool = False) -> None:
+                 shm: bool | None = None, cuda_ipc: bool = False, local_link: bool = True) -> None:
         self.ray_address = ray_address
         self.timeout = timeout
         # Each coordinator's client as ``Client`` would be made for it (``shm``: large tensors through shared
@@ -157,6 +157,8 @@ class _ClusterBase:
         self._options: dict[str, Any] = {"timeout": timeout, "max_message_bytes": max_message_bytes,
                                          "curve": curve or CurveClient.from_env(), "shm": shm,
                                          "cuda_ipc": cuda_ipc}
+        if self._flavour is Client:  # a coordinator on this host over its Unix socket (AsyncClient: ZeroMQ only)
+            self._options["local_link"] = local_link
         self._lock = threading.Lock()
         self._clients: dict[int, Any] = {}
         self._retired: list[Any] = []  # clients of a former address: closed with this client

@@ -15,7 +15,7 @@ if str(ROOT) not in sys.path:
 
 from tools.bench_path import bulk_tensors  # noqa: E402
 
-MODES = ("shared_memory", "shared_input", "sockets")
+MODES = ("shared_memory", "shared_input", "unix_socket", "sockets")
 
 
 @pytest.mark.timeout(180)

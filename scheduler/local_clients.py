@@ -1,0 +1,172 @@
+"""Clients on the coordinator's own host, over a Unix socket beside ZeroMQ's.
+
+A coordinator on a private address (``ipc://`` or loopback) also listens on a Unix socket in
+the abstract namespace whose name follows from that address (``local_name``): a client of
+the same address on the same host connects there and sends its blocking calls and ``map``
+streams over it instead of through ZeroMQ: the same messages, without ZeroMQ's I/O threads
+on either side (``core.unix_link`` says what that saves). Nothing to find out first, so no
+extra round trip; where the connect fails (another host, another network namespace, an older
+coordinator) the client stays on ZeroMQ. An abstract name leaves no file behind, whatever
+ends the coordinator. Only processes of the coordinator's own user are accepted.
+
+Each connection gets a client key of its own, so the coordinator answers it as it answers a
+ZeroMQ client, by key. A client that goes away is seen at once (end of file) and forgotten;
+what was queued for it is dropped, as ZeroMQ drops replies to a gone peer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from core.unix_link import LinkClosed, UnixLink
+
+LISTEN_BACKLOG = 128
+MESSAGES_PER_TURN = 1000  # from one client per loop turn, so the others and the workers are served between
+KEY_PREFIX = b"\x00local:"  # never a ZeroMQ routing id: those are 5 bytes starting with a zero byte, or the peer's own
+
+_PEER = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
+
+log = logging.getLogger("cohort")
+
+
+def local_name(address: str) -> str | None:
+    """The abstract Unix socket name of the coordinator at ``address`` (ZeroMQ's form), the same
+    in the coordinator and its clients; None for an address other hosts can reach."""
+    if address.startswith("ipc://"):
+        where = "ipc:" + os.path.abspath(address[len("ipc://"):])
+    elif address.startswith("tcp://"):
+        host, _, port = address[len("tcp://"):].rpartition(":")
+        host = host.strip("[]")
+        if host == "localhost":
+            host = "127.0.0.1"
+        if not (host.startswith("127.") or host == "::1"):
+            return None
+        where = f"tcp:{host}:{port}"
+    else:
+        return None
+    return "\0cohort-" + hashlib.sha256(where.encode()).hexdigest()[:32]
+
+
+class LocalClients:
+    """The listening socket and the connections of local clients, served by the coordinator's loop."""
+
+    def __init__(self, name: str, max_message_bytes: int) -> None:
+        self.name = name
+        self.max_message_bytes = max_message_bytes  # a client over it is disconnected, as ZeroMQ's MAXMSGSIZE does
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._listener.bind(name)
+            self._listener.listen(LISTEN_BACKLOG)
+        except OSError:
+            self._listener.close()
+            raise
+        self._listener.setblocking(False)
+        self.listener_fd = self._listener.fileno()
+        self._links: dict[bytes, UnixLink] = {}
+        self._by_fd: dict[int, bytes] = {}
+        self._writing: dict[bytes, UnixLink] = {}  # those whose socket holds back replies
+        self._next = 0
+        self.version = 0  # changes whenever a client comes or goes: the loop polls their descriptors anew
+
+    @classmethod
+    def open(cls, address: str, max_message_bytes: int) -> LocalClients | None:
+        """Listening for local clients of ``address``; None (every client on ZeroMQ) for an address
+        other hosts can reach, or where the name is taken (another coordinator on that address)."""
+        name = local_name(address)
+        if name is None:
+            return None
+        try:
+            return cls(name, max_message_bytes)
+        except OSError as exc:
+            log.warning("local clients of %s use ZeroMQ: no Unix socket for them (%s)", address, exc)
+            return None
+
+    def fds(self) -> list[int]:
+        """To poll for reading: the listener and every client."""
+        return [self.listener_fd, *self._by_fd]
+
+    def writing(self) -> bool:
+        """Whether some client's socket holds back replies (``flush`` sends them as it takes them)."""
+        return bool(self._writing)
+
+    def receive(self, ready: dict[int, int], on_message: Callable[[bytes, list[Any]], None]) -> None:
+        """Accept new clients and hand every message waiting on a ready client to ``on_message``."""
+        if self.listener_fd in ready:
+            self._accept()
+        for fd in [fd for fd in ready if fd in self._by_fd]:
+            key = self._by_fd[fd]
+            link = self._links[key]
+            for _ in range(MESSAGES_PER_TURN):
+                try:
+                    frames = link.recv()
+                except LinkClosed:
+                    self._drop(key)
+                    break
+                if frames is None:
+                    break
+                on_message(key, frames)
+
+    def owns(self, client: bytes) -> bool:
+        return client.startswith(KEY_PREFIX)
+
+    def send(self, client: bytes, frames: list[Any]) -> None:
+        """Send (or queue, in order) a reply to a local client; dropped if the client has gone."""
+        link = self._links.get(client)
+        if link is None:
+            return
+        try:
+            link.send(frames)
+        except LinkClosed:
+            self._drop(client)
+            return
+        if link.wants_write:
+            self._writing[client] = link
+
+    def flush(self) -> None:
+        """Send what clients' sockets could not take before, as they take it."""
+        for key, link in list(self._writing.items()):
+            try:
+                if link.flush():
+                    del self._writing[key]
+            except LinkClosed:
+                self._drop(key)
+
+    def close(self) -> None:
+        for key in list(self._links):
+            self._drop(key)
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of file descriptors, say: the client falls back to ZeroMQ
+                log.warning("a local client could not be accepted: %s", exc)
+                return
+            pid, uid, _ = _PEER.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER.size))
+            if uid != os.geteuid():  # the address may be loopback TCP, open to all; this socket is not
+                log.warning("refused a local client of another user (pid %d, uid %d)", pid, uid)
+                sock.close()
+                continue
+            self._next += 1
+            key = KEY_PREFIX + str(self._next).encode()
+            link = UnixLink(sock, blocking=False, max_message_bytes=self.max_message_bytes)
+            self._links[key] = link
+            self._by_fd[link.fileno()] = key
+            self.version += 1
+
+    def _drop(self, key: bytes) -> None:
+        link = self._links.pop(key, None)
+        self._writing.pop(key, None)
+        if link is not None:
+            self._by_fd.pop(link.fileno(), None)
+            link.close()
+            self.version += 1
