@@ -22,6 +22,8 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
 RECORD_BYTES = 64 * 1024  # a record must fit the socket's send buffer (208 KiB by default on Linux)
 SOCKET_BUFFER_BYTES = 4 << 20  # asked for; the kernel caps it at net.core.wmem_max / rmem_max
 _HEAD = struct.Struct("<QI")
@@ -75,11 +77,14 @@ class UnixLink:
             except OSError:
                 pass  # the default buffer still holds a record
         self.closed = False
+        # What the socket cannot take now is copied, as the caller may reuse its buffers once
+        # ``send`` returns; an owner that flushes everything before it lets go of them sets False.
+        self.copy_unsent = True
         self._fd = sock.fileno()
         self._scratch = bytearray(RECORD_BYTES)
         self._scratch_view = memoryview(self._scratch)
         self._unsent: deque[list[bytes]] = deque()
-        self._partial: bytearray | None = None  # a message whose records are still coming
+        self._partial: memoryview | None = None  # a message whose records are still coming
         self._filled = 0
         self._poller = select.poll()
         self._poller.register(self._fd, select.POLLIN)
@@ -125,7 +130,7 @@ class UnixLink:
             records = _records([memoryview(head), *views], RECORD_BYTES)
         for record in records:
             if self._unsent or not self._send_record(record):
-                self._unsent.append([bytes(piece) for piece in record])  # the caller may reuse its buffers
+                self._unsent.append([bytes(piece) for piece in record] if self.copy_unsent else record)
 
     def flush(self) -> bool:
         """Send what was kept while the socket takes it; True when nothing is left."""
@@ -158,11 +163,13 @@ class UnixLink:
                 total = self._check_head(count)
                 if count == total:
                     return self._frames(self._scratch[:count])
-                self._partial = bytearray(total)
+                # Not bytearray(total): zeroing a fresh 16 MB costs milliseconds (a page fault per page,
+                # then the fill) before the records overwrite it anyway.
+                self._partial = memoryview(np.empty(total, np.uint8)).cast("B")
                 self._partial[:count] = self._scratch_view[:count]
                 self._filled = count
                 continue
-            view = memoryview(self._partial)[self._filled:]
+            view = self._partial[self._filled:]
             count = self._recv_into(view[:RECORD_BYTES])
             if count is None:
                 return None
@@ -203,7 +210,7 @@ class UnixLink:
         self.sock.close()
         raise LinkClosed(f"the other end broke the link's rules: {what}")
 
-    def _frames(self, message: bytearray) -> list[memoryview]:
+    def _frames(self, message: bytearray | memoryview) -> list[memoryview]:
         nframes = _HEAD.unpack_from(message)[1]
         sizes = _lengths(nframes).unpack_from(message, _HEAD.size)
         if sum(sizes) != len(message) - _HEAD.size - 8 * nframes:

@@ -104,6 +104,7 @@ class LocalLink:
 
     def __init__(self, name: str) -> None:
         self.link = UnixLink.connect(name, blocking=False)
+        self.link.copy_unsent = False  # send() returns once all of a message is out
         self.gone = False
         self._dropped = False
         self._writable = select.poll()
