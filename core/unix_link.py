@@ -15,6 +15,7 @@ message come in order and unbroken. A link is used by one thread at a time.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import struct
@@ -27,12 +28,19 @@ import numpy as np
 RECORD_BYTES = 64 * 1024  # a record must fit the socket's send buffer (208 KiB by default on Linux)
 SOCKET_BUFFER_BYTES = 4 << 20  # asked for; the kernel caps it at net.core.wmem_max / rmem_max
 _HEAD = struct.Struct("<QI")
+_PEER = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 _LENGTHS: dict[int, struct.Struct] = {}
 
 
 class LinkClosed(ConnectionError):
     """The process at the other end has closed the link or gone, or broke its rules (a message
     over the bound, or one that does not add up): the link is closed either way."""
+
+
+def peer(sock: socket.socket) -> tuple[int, int]:
+    """The pid and user id of the process at the other end of a connected Unix socket."""
+    pid, uid, _ = _PEER.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER.size))
+    return pid, uid
 
 
 def _lengths(count: int) -> struct.Struct:
@@ -97,10 +105,15 @@ class UnixLink:
 
     @classmethod
     def connect(cls, path: str, blocking: bool, timeout_s: float = 5.0) -> UnixLink:
+        """A link to the listener at ``path``, refused (``PermissionError``) unless a process of this
+        user listens there: an abstract name has no permissions, so anyone could have taken it."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             sock.settimeout(timeout_s)
             sock.connect(path)
+            pid, uid = peer(sock)
+            if uid != os.geteuid():
+                raise PermissionError(f"{path!r} is held by another user's process (pid {pid}, uid {uid})")
         except OSError:
             sock.close()
             raise
@@ -181,8 +194,12 @@ class UnixLink:
     def _recv_into(self, view: memoryview) -> int | None:
         if self.closed:
             raise LinkClosed("link closed")
+        flags = 0 if self.blocking and self._partial is not None else socket.MSG_DONTWAIT
         try:
-            count = self.sock.recv_into(view, 0, 0 if self.blocking and self._partial is not None else socket.MSG_DONTWAIT)
+            try:
+                count = self.sock.recv_into(view, 0, flags)
+            except ConnectionResetError:  # the peer went with our messages unread: said once, and what it
+                count = self.sock.recv_into(view, 0, flags)  # sent before it went is still there to read
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:

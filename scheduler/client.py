@@ -181,10 +181,7 @@ class Client(BaseClient):
             local = self._local_link()
             if local is None:
                 direct.retry_at = time.monotonic() + LOCAL_RETRY_S
-            else:
-                with self._direct_lock:
-                    self._direct_sockets.discard(direct)
-                direct.link.close()
+            else:  # the ZeroMQ one stays open for a map of this thread that may still use it
                 direct = self._local.direct = self._open(local)
         return direct
 

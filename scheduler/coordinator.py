@@ -83,6 +83,7 @@ from scheduler.host_copies import HostCopies
 from scheduler.jobs import Job, Part
 from scheduler.leftovers import KEEP_HOST_COPIES_ENV, alive, remove_stale
 from scheduler.local_clients import LocalClients
+from scheduler.loop_poll import LoopPoll
 from scheduler.mps import MpsDaemon
 from scheduler.placement import place
 from scheduler.security import CurveServer
@@ -97,7 +98,7 @@ from scheduler.validate import (
     parse_model,
 )
 from scheduler.weight_ops import JobQueue, WeightOps
-from scheduler.workerpool import WorkerHandle, flush_links, writing
+from scheduler.workerpool import WorkerHandle
 
 log = logging.getLogger("cohort")
 
@@ -143,9 +144,7 @@ class Coordinator:
         self.curve: CurveServer | None = None
         self.local: LocalClients | None = None  # clients on this host, over a Unix socket
         self._replies: dict[bytes, list[tuple[Any, list[Any]]]] = {}
-        self._polled: tuple[Any, ...] = ()
-        self._poll = select.poll()
-        self._frontend_fd = -1  # the client socket's descriptor, once bound (poll skips a negative one)
+        self.loop_poll = LoopPoll(-1, self.workers, None)  # the client socket's descriptor once bound (-1: none)
         self.context: zmq.Context[Any] = zmq.Context()
         self.frontend = self.context.socket(zmq.ROUTER)
         self.client_codec = coordinator_client_codec()
@@ -209,9 +208,9 @@ class Coordinator:
             self.curve = CurveServer(self.context, self.cc.curve_secret_key, self.cc.curve_allowed_keys)
             self.curve.apply(self.frontend)
         self.frontend.bind(self.cc.address)
-        self._frontend_fd = self.frontend.get(zmq.FD)
         if self.curve is None:  # with CURVE every client proves who it is: no way round it
             self.local = LocalClients.open(self.cc.address, self.cc.max_message_bytes + (1 << 20))
+        self.loop_poll = LoopPoll(self.frontend.get(zmq.FD), self.workers, self.local)
         self.mps.start("cuda" if self.plan.gpu is not None else "cpu", self.plan.daemon_env(), self.run_dir)
         gpu.check_sharing(self.plan, self.cc.workers, self.mps.mode == "on", self.mps.reason)
         self.supervisor.device = self.plan.worker_device(self.mps.mode == "on")
@@ -242,8 +241,8 @@ class Coordinator:
 
     def step(self, timeout_ms: int = IDLE_POLL_MS) -> None:
         clients_wait = readable(self.frontend)  # its descriptor signals new messages only, not those taken in
-        ready = self._wait(0 if clients_wait or self._can_dispatch() else timeout_ms)
-        if clients_wait or self._frontend_fd in ready:
+        ready = self.loop_poll.wait(0 if clients_wait or self._can_dispatch() else timeout_ms)
+        if clients_wait or self.loop_poll.frontend_fd in ready:
             self._receive_clients()
         if self.local is not None:
             self.local.receive(ready, self._on_client_message)
@@ -254,7 +253,7 @@ class Coordinator:
         self.weight_ops.poll_snapshots()
         self._dispatch()
         self._flush_replies()
-        self._flush_links()
+        self.loop_poll.flush()
 
     def _can_dispatch(self) -> bool:
         """Whether some worker has a queued part it may be sent now: else the loop can sleep in poll."""
@@ -265,27 +264,6 @@ class Coordinator:
                     return True
         return False
 
-    def _wait(self, timeout_ms: int) -> dict[int, int]:
-        """Wait up to ``timeout_ms`` for the client sockets and the live worker links; the ready
-        descriptors. One poll object, made again only when the links change (not every turn)."""
-        polled = (tuple(w.link for w in self.workers if w.link is not None and not w.link.closed),
-                  self.local.version if self.local is not None else 0)
-        if polled != self._polled:
-            self._polled = polled
-            self._poll = select.poll()
-            for fd in (self._frontend_fd, *(link.fileno() for link in polled[0]),
-                       *(self.local.fds() if self.local is not None else ())):
-                self._poll.register(fd, select.POLLIN)
-        if writing(self.workers) or self.local is not None and self.local.writing():
-            timeout_ms = min(timeout_ms, 1)  # a socket was full (it holds megabytes): look again soon
-        return dict(self._poll.poll(timeout_ms))
-
-    def _flush_links(self) -> None:
-        """Send, in order, what a worker's or a local client's socket could not take before."""
-        if self.local is not None:
-            self.local.flush()
-        flush_links(self.workers)
-
     def shutdown(self) -> None:
         """Stop every worker, remove every shared-memory segment, socket and directory."""
         self.weight_ops.finish_writing(SNAPSHOT_FINISH_S)
@@ -294,6 +272,7 @@ class Coordinator:
             if w.link is not None and w.state in ("ready", "starting"):
                 w.send(self.worker_codec.encode(Shutdown()))
             w.state = "stopping"
+        self.loop_poll.drain()
         self.supervisor.stop_all()
         self.host.close()
         self.frontend.close(linger=0)
@@ -318,7 +297,9 @@ class Coordinator:
                 frames = recv_frames(self.frontend, NOBLOCK)
             except zmq.Again:
                 return
-            self._on_client_message(frames[0].bytes, [f.buffer for f in frames[1:]])
+            client = frames[0].bytes
+            if self.local is None or not self.local.owns(client):  # a ZeroMQ peer may name itself anything
+                self._on_client_message(client, [f.buffer for f in frames[1:]])
             if not readable(self.frontend):
                 return
 
@@ -519,7 +500,10 @@ class Coordinator:
     def _receive_workers(self, timeout_ms: int = 0, ready: dict[Any, int] | None = None) -> None:
         if ready is None:  # start-up: the workers alone (an early client's request would make it spin)
             links = [w.link.fileno() for w in self.workers if w.link is not None and not w.link.closed]
-            ready = dict.fromkeys(select.select(links, [], [], timeout_ms / 1000)[0])
+            poll = select.poll()
+            for fd in links:
+                poll.register(fd, select.POLLIN)
+            ready = dict(poll.poll(timeout_ms))
         for w in self.workers:
             if w.link is None or w.link.fileno() not in ready:  # polled by file descriptor
                 continue

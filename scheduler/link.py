@@ -155,11 +155,12 @@ class LocalLink:
             return None
 
     def close(self) -> None:
+        """Closed with the client: a call still waiting on it fails as dropped, now."""
+        self._dropped = True
         self.gone = True
         self.link.close()
 
     def _lose(self) -> None:
-        self._dropped = True
         self.close()
 
 

@@ -20,17 +20,14 @@ import hashlib
 import logging
 import os
 import socket
-import struct
 from collections.abc import Callable
 from typing import Any
 
-from core.unix_link import LinkClosed, UnixLink
+from core.unix_link import LinkClosed, UnixLink, peer
 
 LISTEN_BACKLOG = 128
 MESSAGES_PER_TURN = 1000  # from one client per loop turn, so the others and the workers are served between
-KEY_PREFIX = b"\x00local:"  # never a ZeroMQ routing id: those are 5 bytes starting with a zero byte, or the peer's own
-
-_PEER = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
+KEY_PREFIX = b"\x00local:"  # a ZeroMQ peer may name itself so too: the coordinator ignores such a peer
 
 log = logging.getLogger("cohort")
 
@@ -89,11 +86,14 @@ class LocalClients:
 
     def fds(self) -> list[int]:
         """To poll for reading: the listener and every client."""
-        return [self.listener_fd, *self._by_fd]
+        return [self.listener_fd, *self._by_fd] if self.listener_fd >= 0 else list(self._by_fd)
 
     def writing(self) -> bool:
         """Whether some client's socket holds back replies (``flush`` sends them as it takes them)."""
         return bool(self._writing)
+
+    def writing_fds(self) -> set[int]:
+        return {link.fileno() for link in self._writing.values()}
 
     def receive(self, ready: dict[int, int], on_message: Callable[[bytes, list[Any]], None]) -> None:
         """Accept new clients and hand every message waiting on a ready client to ``on_message``."""
@@ -140,7 +140,13 @@ class LocalClients:
     def close(self) -> None:
         for key in list(self._links):
             self._drop(key)
+        self._stop_listening()
+
+    def _stop_listening(self) -> None:
+        """Clients waiting to be accepted see their connection end, and go to ZeroMQ."""
         self._listener.close()
+        self.listener_fd = -1  # poll skips it
+        self.version += 1
 
     def _accept(self) -> None:
         while True:
@@ -148,10 +154,11 @@ class LocalClients:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # out of file descriptors, say: the client falls back to ZeroMQ
-                log.warning("a local client could not be accepted: %s", exc)
+            except OSError as exc:  # out of file descriptors: stop listening, rather than fail every turn
+                log.error("local clients use ZeroMQ from now on: a connection could not be accepted (%s)", exc)
+                self._stop_listening()
                 return
-            pid, uid, _ = _PEER.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER.size))
+            pid, uid = peer(sock)
             if uid != os.geteuid():  # the address may be loopback TCP, open to all; this socket is not
                 log.warning("refused a local client of another user (pid %d, uid %d)", pid, uid)
                 sock.close()

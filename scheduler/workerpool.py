@@ -113,6 +113,9 @@ class WorkerHandle:
                 pass_fds=(theirs.fileno(),),
                 start_new_session=True,  # Ctrl-C reaches the coordinator only; it stops workers in order
             )
+        except BaseException:
+            self.close_link()
+            raise
         finally:
             theirs.close()  # the worker's now: its end is seen to close when the worker dies
         self.pid = self.process.pid

@@ -18,7 +18,8 @@ import torch
 from cohort_harness import ROOT, mlp_group
 
 from core.codec import PROTOCOL_VERSION, client_codec
-from core.messages import ListModels, ModelsReply
+from core.messages import ListModels, ModelsReply, SubmitJob
+from core.tensors import encode_tensors
 from core.unix_link import UnixLink
 from scheduler import ProtocolError
 from scheduler.local_clients import local_name
@@ -162,3 +163,25 @@ def test_a_thread_that_began_before_its_coordinator_moves_to_the_unix_socket(tmp
             assert c.infer("mlp/0", torch.randn(2, 8)).shape == (2, 4)
         finally:
             running.close()
+
+
+def test_a_zeromq_peer_named_like_a_local_client_is_ignored(running) -> None:
+    import zmq
+
+    from scheduler.local_clients import KEY_PREFIX
+
+    with running.client(timeout=10) as local:
+        local.infer("mlp/0", torch.randn(2, 8))  # a local client, whose key the impostor takes
+        s = zmq.Context.instance().socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.ROUTING_ID, KEY_PREFIX + b"1")
+        s.connect(running.address)
+        jobs = running.stats()["models"]["mlp/0"]["jobs"]
+        try:
+            tree, buffers = encode_tensors(torch.randn(2, 8))
+            s.send_multipart(client_codec().encode(SubmitJob(7, "infer", "mlp/0", tree), buffers))
+            assert not s.poll(1000), "a ZeroMQ peer posing as a local client was answered"
+        finally:
+            s.close()
+        assert running.stats()["models"]["mlp/0"]["jobs"] == jobs, "its job ran (its answer went to the local client)"
+        assert local.infer("mlp/0", torch.randn(2, 8)).shape == (2, 4)

@@ -5,6 +5,7 @@ its own key; a client that goes is forgotten."""
 from __future__ import annotations
 
 import os
+import select
 import socket
 import time
 import uuid
@@ -110,3 +111,37 @@ def test_a_client_of_another_user_is_refused(clients) -> None:
         pytest.fail("the other user's client was never refused")
     assert os.waitstatus_to_exitcode(status) == 0
     assert clients.fds() == [clients.listener_fd]  # nobody kept
+
+
+def test_a_link_that_cannot_take_a_message_is_polled_for_writing_until_it_has(tmp_path) -> None:
+    import threading
+    from types import SimpleNamespace
+
+    from scheduler.loop_poll import LoopPoll
+
+    near, far_socket = UnixLink.pair(blocking=False)
+    far = UnixLink(far_socket, blocking=True)
+    while not near.wants_write:
+        near.send([bytes(60_000)])
+    loop = LoopPoll(-1, [SimpleNamespace(link=near)], None)  # type: ignore[list-item]
+    def drain() -> None:  # a Unix socket is writable again once its reader has taken three quarters
+        while far.wait(0):
+            far.recv()
+
+    reader = threading.Timer(0.3, drain)
+    reader.start()
+    try:
+        began = time.monotonic()
+        ready = loop.wait(10_000)
+        assert time.monotonic() - began < 5, "the loop slept through the socket becoming writable"
+        assert ready.get(near.fileno(), 0) & select.POLLOUT
+        while near.wants_write:  # the loop's flush, turn after turn, as the reader takes the rest
+            loop.flush()
+            loop.wait(100)
+            if far.wait(0):
+                far.recv()
+        assert not loop.wait(0), "a link with nothing left to send is still polled for writing"
+    finally:
+        reader.join()
+        near.close()
+        far.close()

@@ -193,3 +193,39 @@ def test_a_message_over_the_bound_closes_the_link_before_any_of_it_is_kept():
     UnixLink(ok_peer, blocking=True).send([bytes(900)])
     assert ok.wait(1000) and [bytes(f) for f in ok.recv()] == [bytes(900)]
     ok.close()
+
+
+def test_what_a_peer_sent_before_it_went_is_read_though_ours_to_it_were_unread(ends):
+    near, far = ends
+    near.send([b"never read"])  # left unread: the kernel reports the reset once, before the data
+    far.send([b"last words"])
+    far.close()
+    assert near.wait(1000)
+    assert [bytes(f) for f in near.recv()] == [b"last words"]
+    with pytest.raises(LinkClosed):
+        near.recv()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to listen as another user")
+def test_a_listener_of_another_user_is_refused(tmp_path):
+    name = f"\0cohort-test-{os.getpid()}-{id(tmp_path)}"
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # another user takes the name first
+        try:
+            os.setuid(65534)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            listener.bind(name)
+            listener.listen(1)
+            os.write(ready_w, b"x")
+            listener.settimeout(10)
+            listener.accept()
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        with pytest.raises(PermissionError, match="another user"):
+            UnixLink.connect(name, blocking=True)
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
