@@ -51,7 +51,7 @@ from tools.bench_control import (  # noqa: E402
     pipelined,
     round_trips,
 )
-from tools.bench_relay import relay_round_trips  # noqa: E402
+from tools.bench_relay import relay_round_trips, unix_relay_round_trips  # noqa: E402
 from tools.bench_workloads import ControlPlane  # noqa: E402
 from tools.harness import start  # noqa: E402
 
@@ -113,11 +113,13 @@ def tiny_jobs(seconds: float) -> dict[str, Any]:
         finally:
             echo.close()
     out["python_relay_p50_ms"] = p50_ms(relay_round_trips(cp.round_trips, cp.warmup, cp.budget_s))
+    out["python_unix_relay_p50_ms"] = p50_ms(unix_relay_round_trips(cp.round_trips, cp.warmup, cp.budget_s))
     pool = measure_pool(cp, 1)
     out["pool_jobs_s"] = round(pool["jobs_s"])
     out["p50_over_echo"] = round(out["cohort_p50_ms"] / out["echo_p50_ms"], 2)
     out["zeromq_p50_over_echo"] = round(out["cohort_zeromq_p50_ms"] / out["echo_p50_ms"], 2)
     out["python_relay_over_echo"] = round(out["python_relay_p50_ms"] / out["echo_p50_ms"], 2)
+    out["python_unix_relay_over_echo"] = round(out["python_unix_relay_p50_ms"] / out["echo_p50_ms"], 2)
     out["jobs_s_over_pool"] = round(out["cohort_jobs_s"] / out["pool_jobs_s"], 2)
     out["submit_jobs_s_over_pool"] = round(out["cohort_submit_jobs_s"] / out["pool_jobs_s"], 2)
     return out

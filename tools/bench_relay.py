@@ -1,12 +1,16 @@
 """The floor of cohort's design in Python: a client, a relay and an echo worker, three Python
-processes that do nothing but forward a small message over ZeroMQ as cohort's three do
-(DEALER -> ROUTER | PAIR -> PAIR and back). What cohort adds over this is its own work;
-what this adds over ``bench_control``'s echo (a C proxy) is Python's cost per hop."""
+processes that do nothing but forward a small message, over ZeroMQ (DEALER -> ROUTER | PAIR ->
+PAIR and back, as cohort's three did before its Unix sockets) or over Unix ``SOCK_SEQPACKET``
+sockets with cohort's own ``core.unix_link`` (as a local client, the coordinator and a worker
+talk now). What cohort adds over these is its own work; what they add over ``bench_control``'s
+echo (a C proxy) is Python's cost per hop."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import select
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -15,6 +19,7 @@ from typing import Any
 
 import zmq
 
+from core.unix_link import UnixLink
 from tools.bench_control import round_trips
 
 STOP = b"stop"
@@ -71,6 +76,68 @@ def relay_and_echo() -> Iterator[str]:
         for name in os.listdir(directory):
             os.unlink(os.path.join(directory, name))
         os.rmdir(directory)
+
+
+def _unix_relay(front: socket.socket, back: socket.socket) -> None:
+    clients, worker = UnixLink(front, blocking=True), UnixLink(back, blocking=True)
+    poller = select.poll()
+    for link in (clients, worker):
+        poller.register(link.fileno(), select.POLLIN)
+    while True:
+        for fd, _ in poller.poll(1000):
+            if fd == clients.fileno():
+                frames = clients.recv()
+                if frames is not None:
+                    worker.send(frames)
+                    if bytes(frames[-1]) == STOP:
+                        return
+            else:
+                frames = worker.recv()
+                if frames is not None:
+                    clients.send(frames)
+
+
+def _unix_echo(end: socket.socket) -> None:
+    link = UnixLink(end, blocking=True)
+    while link.wait(None):
+        frames = link.recv()
+        if frames is not None:
+            if bytes(frames[-1]) == STOP:
+                return
+            link.send(frames)
+
+
+def unix_relay_round_trips(count: int, warmup: int, budget_s: float, payload: bytes = bytes(100)) -> list[float]:
+    """As ``relay_round_trips``, over Unix socket pairs with ``core.unix_link`` (cohort's local links)."""
+    client, relay_front = UnixLink.pair(blocking=True)
+    relay_back, echo_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    spawn = multiprocessing.get_context("spawn")  # it hands the sockets over itself (SCM_RIGHTS)
+    processes = [spawn.Process(target=_unix_relay, args=(relay_front, relay_back), daemon=True),
+                 spawn.Process(target=_unix_echo, args=(echo_end,), daemon=True)]
+    for process in processes:
+        process.start()
+    for sock in (relay_front, relay_back, echo_end):
+        sock.close()
+
+    def call() -> list[Any]:
+        client.send([payload])
+        if not client.wait(10_000):
+            raise TimeoutError("the relay did not answer within 10 s")
+        frames = client.recv()
+        if frames is None:
+            raise TimeoutError("the relay's answer did not come whole")
+        return frames
+
+    try:
+        return round_trips(call, count, warmup, budget_s)
+    finally:
+        client.send([STOP])
+        for process in processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        client.close()
 
 
 def relay_round_trips(count: int, warmup: int, budget_s: float, payload: bytes = bytes(100)) -> list[float]:

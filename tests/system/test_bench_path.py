@@ -54,3 +54,15 @@ def test_bench_warm_times_the_handler_both_ways_and_leaves_nothing_behind(tmp_pa
     assert report["p50_us_loop_sleeping"] > 0 and report["p50_us_loop_spinning"] > 0
     after = {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("cohort-warm-")}
     assert after == before  # its socket's directory is gone
+
+
+@pytest.mark.timeout(120)
+def test_both_relays_echo_and_leave_no_process() -> None:
+    import multiprocessing
+
+    from tools.bench_relay import relay_round_trips, unix_relay_round_trips
+
+    for relay in (unix_relay_round_trips, relay_round_trips):
+        took = relay(50, 5, 30.0, payload=b"x" * 300)
+        assert len(took) == 50 and all(t > 0 for t in took), relay.__name__
+    assert multiprocessing.active_children() == []
