@@ -245,5 +245,10 @@ class UnixLink:
         return bool(self._poller.poll(timeout_ms))
 
     def close(self) -> None:
+        """Close this end; a thread waiting on it in ``wait`` wakes (a plain close would leave it asleep)."""
         self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # not connected, or already shut
         self.sock.close()

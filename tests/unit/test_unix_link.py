@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -229,3 +230,15 @@ def test_a_listener_of_another_user_is_refused(tmp_path):
     finally:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
+
+
+def test_closing_a_link_wakes_a_thread_waiting_on_it(ends):
+    near, _ = ends
+    woke: list[float] = []
+    waiter = threading.Thread(target=lambda: (near.wait(20_000), woke.append(time.monotonic())))
+    waiter.start()
+    time.sleep(0.2)
+    closed = time.monotonic()
+    near.close()
+    waiter.join(10)
+    assert woke and woke[0] - closed < 5, "a thread waiting on a closed link slept on"
