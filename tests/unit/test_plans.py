@@ -164,10 +164,10 @@ def test_the_group_runs_joined_jobs_the_way_that_is_faster_and_results_do_not_ch
             assert executor.joined_jobs == chosen_before, "the last call joined nothing"
             tried = [cost for label, cost in report.per_job_us.items() if label.startswith("vmap")]
             assert tried and min(tried) > 2 * report.per_job_us["one_by_one"]
-        else:
-            assert report.in_use[8] == "vmap@8", report
+        else:  # joined, in one call of 8 or two of 4: on a busy CPU the two measure within noise of each other
+            assert report.in_use[8] in ("vmap@8", "vmap@4"), report
             assert executor.joined_jobs == chosen_before + 8
-            assert report.per_job_us["one_by_one"] > 2 * report.per_job_us["vmap@8"]
+            assert report.per_job_us["one_by_one"] > 2 * report.per_job_us[report.in_use[8]]
     finally:
         bank.close()
 
