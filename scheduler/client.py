@@ -195,7 +195,6 @@ class Client(BaseClient):
 
     def _open(self, link: Link | LocalLink) -> _DirectSocket:
         direct = _DirectSocket(link, Connection(self.address, self._core))
-        direct.retry_at = time.monotonic() + LOCAL_RETRY_S
         weakref.finalize(direct, link.close)
         with self._direct_lock:
             if self._closed:
@@ -258,7 +257,7 @@ class _DirectSocket:
         self.connection = connection
         self.done: dict[int, Settled] = {}  # answers read, not yet taken by their caller
         self.drops = 0  # connection drops seen so far
-        self.retry_at = 0.0  # on ZeroMQ: when to look for the coordinator's Unix socket again
+        self.retry_at = time.monotonic() + LOCAL_RETRY_S  # on ZeroMQ: when to look for the Unix socket again
 
     def call(self, call: Call, timeout: float) -> Any:
         """Send ``call`` and wait for its reply on this socket, on the calling thread."""
