@@ -30,6 +30,7 @@ from core.messages import (
     CoordinatorReply,
     JobDone,
     JobResult,
+    PassOn,
     RunJob,
     SetWeights,
     SubmitJob,
@@ -52,6 +53,8 @@ def tensor_count(message: Any) -> int:
         return message.inputs.frames + message.targets.frames
     if isinstance(message, (JobResult, JobDone)):
         return message.outputs.frames
+    if isinstance(message, PassOn):
+        return message.reply.outputs.frames
     if isinstance(message, SetWeights):
         return message.weights.frames
     if isinstance(message, WeightsReply):

@@ -18,6 +18,7 @@ from core.spec import GroupSpec
 from core.tensors import NO_TENSORS, TensorTree
 
 JOB_OPS: tuple[str, ...] = ("infer", "train_step", "ensemble", "train_round", "evaluate")
+LOSS_OPS: tuple[str, ...] = ("train_step", "train_round", "evaluate")  # answered with their losses, not outputs
 # Operations on models' bank slots that the coordinator asks of a worker, ordered with its
 # jobs: "read" (a model's entries out), "write" (in), "copy" (slot to slot), "mirror" (to
 # the host copy that a replacement worker is restored from), "set_hparams", "get_hparams",
@@ -227,6 +228,11 @@ class RunJob(ToWorker):
     seed: int | None = None  # "reset": the seed (None: the group's own rule)
     shm_results: bool = False  # large outputs may go into the worker's arena (the client reads it)
     client_pid: int = 0  # the client's process, which holds such a result until it frees it (0: not said)
+    # A local client's job that this worker may answer itself, on the socket the coordinator passed
+    # it for that client (tagged ``reply_to``, the client's connection number; 0: answered by the
+    # coordinator), as ``JobDone(req_id, ...)``; it then tells the coordinator ``JobAnswered``.
+    reply_to: int = 0
+    req_id: int = 0
 
 
 class Shutdown(ToWorker):
@@ -259,6 +265,20 @@ class JobResult(FromWorker):
     job_id: int
     outputs: TensorTree = NO_TENSORS
     losses: list[float] | None = None
+
+
+class JobAnswered(FromWorker):
+    """A job this worker answered its local client itself (``RunJob.reply_to``): it succeeded."""
+
+    job_id: int
+
+
+class PassOn(FromWorker):
+    """An answer to a local client that a worker could not give it directly (its socket did not take
+    it): the coordinator sends it on to that client (``client``, its connection number) as it is."""
+
+    client: int
+    reply: JobDone
 
 
 class JobError(FromWorker):
@@ -303,9 +323,10 @@ class WorkerFailed(FromWorker):
 class JobResults(FromWorker):
     """Several finished jobs in one message; buffers follow result by result."""
 
-    results: list[Union[JobResult, JobError]]
+    results: list[Union[JobResult, JobError, JobAnswered, PassOn]]
 
 
-WorkerEvent = Union[WorkerHello, WorkerReady, JobResult, JobError, JobResults, Heartbeat, WorkerFailed]
+WorkerEvent = Union[WorkerHello, WorkerReady, JobResult, JobError, JobAnswered, PassOn, JobResults, Heartbeat,
+                    WorkerFailed]
 
 

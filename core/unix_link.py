@@ -10,10 +10,16 @@ peer has gone (end of file), which is all a link between two local processes nee
 On the wire a message is ``<payload bytes: Q><frames: I><one Q length per frame><frames...>``,
 cut into records of at most ``RECORD_BYTES``; one writer per socket, so the records of one
 message come in order and unbroken. A link is used by one thread at a time.
+
+Between messages, a link may pass a socket to the other end (``send_socket``): one record of
+its header alone, whose frame count is ``PASSED_SOCKET`` and whose payload length is a tag
+the two ends agree on, with the descriptor attached (``SCM_RIGHTS``). Only an end made with
+``takes_sockets`` keeps such a socket (``take_sockets``); any other end's kernel closes it.
 """
 
 from __future__ import annotations
 
+import array
 import os
 import select
 import socket
@@ -27,6 +33,8 @@ import numpy as np
 RECORD_BYTES = 64 * 1024  # a record must fit the socket's send buffer (208 KiB by default on Linux)
 SOCKET_BUFFER_BYTES = 4 << 20  # asked for; the kernel caps it at net.core.wmem_max / rmem_max
 _HEAD = struct.Struct("<QI")
+PASSED_SOCKET = 0xFFFFFFFF  # a header's frame count that marks a passed socket: no message has so many frames
+_FDS_SPACE = socket.CMSG_SPACE(4 * 4)  # room for a few descriptors: more than one is a broken rule
 _PEER = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 _LENGTHS: dict[int, struct.Struct] = {}
 
@@ -73,7 +81,8 @@ class UnixLink:
     the others never wait: what the socket cannot take now is kept, in order, until ``flush``
     (call it when the socket is writable: ``wants_write``)."""
 
-    def __init__(self, sock: socket.socket, blocking: bool, max_message_bytes: int | None = None) -> None:
+    def __init__(self, sock: socket.socket, blocking: bool, max_message_bytes: int | None = None,
+                 takes_sockets: bool = False) -> None:
         self.sock = sock
         self.max_message_bytes = max_message_bytes  # a longer message closes the link (None: no bound)
         self.blocking = blocking
@@ -95,6 +104,8 @@ class UnixLink:
         self._filled = 0
         self._poller = select.poll()
         self._poller.register(self._fd, select.POLLIN)
+        self.takes_sockets = takes_sockets
+        self._taken: list[tuple[int, socket.socket]] = []  # passed sockets not yet taken, with their tags
 
     @classmethod
     def pair(cls, blocking: bool) -> tuple[UnixLink, socket.socket]:
@@ -103,7 +114,7 @@ class UnixLink:
         return cls(mine, blocking), theirs
 
     @classmethod
-    def connect(cls, path: str, blocking: bool, timeout_s: float = 5.0) -> UnixLink:
+    def connect(cls, path: str, blocking: bool, timeout_s: float = 5.0, takes_sockets: bool = False) -> UnixLink:
         """A link to the listener at ``path``, refused (``PermissionError``) unless a process of this
         user listens there: an abstract name has no permissions, so anyone could have taken it."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -116,7 +127,7 @@ class UnixLink:
         except OSError:
             sock.close()
             raise
-        return cls(sock, blocking)
+        return cls(sock, blocking, takes_sockets=takes_sockets)
 
     def fileno(self) -> int:
         return self._fd
@@ -144,6 +155,18 @@ class UnixLink:
             if self._unsent or not self._send_record(record):
                 self._unsent.append([bytes(piece) for piece in record] if self.copy_unsent else record)
 
+    def send_now(self, frames: Sequence[Any]) -> bool:
+        """Send one message that fits one record, if the socket takes it now; False (nothing sent, nothing
+        kept) if it does not fit, or messages wait to go, or the socket is full. Raises ``LinkClosed``."""
+        if self.closed:
+            raise LinkClosed("link closed")
+        views = [memoryview(f).cast("B") for f in frames]
+        sizes = [v.nbytes for v in views]
+        head = _HEAD.pack(sum(sizes), len(sizes)) + _lengths(len(sizes)).pack(*sizes)
+        if self._unsent or len(head) + sum(sizes) > RECORD_BYTES:
+            return False
+        return self._send_record([head, *views])
+
     def flush(self) -> bool:
         """Send what was kept while the socket takes it; True when nothing is left."""
         while self._unsent:
@@ -151,6 +174,28 @@ class UnixLink:
                 return False
             self._unsent.popleft()
         return True
+
+    def send_socket(self, sock: socket.socket, tag: int) -> bool:
+        """Pass ``sock`` (a duplicate of its descriptor) to the other end, with ``tag``; only now, between
+        messages: False, and nothing passed, if messages wait to go or the socket cannot take it now."""
+        if self.closed:
+            raise LinkClosed("link closed")
+        if self._unsent:
+            return False
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))]
+        try:
+            self.sock.sendmsg([_HEAD.pack(tag, PASSED_SOCKET)], rights, socket.MSG_DONTWAIT)
+            return True
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            self.closed = True
+            raise LinkClosed(str(exc)) from exc
+
+    def take_sockets(self) -> list[tuple[int, socket.socket]]:
+        """The sockets passed to this end so far (``takes_sockets``), each with its tag; the caller owns them."""
+        taken, self._taken = self._taken, []
+        return taken
 
     def _send_record(self, record: list[Any]) -> bool:
         try:
@@ -172,6 +217,8 @@ class UnixLink:
                 count = self._recv_into(self._scratch_view)
                 if count is None:
                     return None
+                if count == _HEAD.size and _HEAD.unpack_from(self._scratch)[1] == PASSED_SOCKET:
+                    continue  # a passed socket's record: its descriptor is kept by _recv_into
                 total = self._check_head(count)
                 if count == total:
                     return self._frames(self._scratch[:count])
@@ -196,9 +243,9 @@ class UnixLink:
         flags = 0 if self.blocking and self._partial is not None else socket.MSG_DONTWAIT
         try:
             try:
-                count = self.sock.recv_into(view, 0, flags)
+                count = self._receive(view, flags)
             except ConnectionResetError:  # the peer went with our messages unread: said once, and what it
-                count = self.sock.recv_into(view, 0, flags)  # sent before it went is still there to read
+                count = self._receive(view, flags)  # sent before it went is still there to read
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:
@@ -208,6 +255,29 @@ class UnixLink:
             self.closed = True
             raise LinkClosed("the other end closed the link")
         return count
+
+    def _receive(self, view: memoryview, flags: int) -> int:
+        if not self.takes_sockets:  # the kernel closes any descriptor passed to it
+            return self.sock.recv_into(view, 0, flags)
+        count, ancillary, _, _ = self.sock.recvmsg_into([view], _FDS_SPACE, flags | socket.MSG_CMSG_CLOEXEC)
+        if ancillary:
+            self._keep_passed(view, count, ancillary)
+        return count
+
+    def _keep_passed(self, view: memoryview, count: int, ancillary: list[tuple[int, int, bytes]]) -> None:
+        fds = array.array("i")
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+        socks = [socket.socket(fileno=fd) for fd in fds]
+        head = _HEAD.unpack_from(view) if count == _HEAD.size else None
+        if head is None or head[1] != PASSED_SOCKET or len(socks) != 1:
+            for sock in socks:
+                sock.close()
+            if head is not None and head[1] == PASSED_SOCKET:
+                self._broken(f"a passed socket's record with {len(socks)} descriptors")
+            return  # descriptors on a message's record: not asked for, closed
+        self._taken.append((head[0], socks[0]))
 
     def _check_head(self, count: int) -> int:
         """The length of the message whose first record (``count`` bytes) is in the scratch buffer."""

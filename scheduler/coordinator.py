@@ -47,6 +47,7 @@ from core.errors import (
 )
 from core.frames_io import NOBLOCK, readable, recv_frames, send_frames
 from core.messages import (
+    LOSS_OPS,
     BarrierRequest,
     CopyWeights,
     ErrorReply,
@@ -54,6 +55,7 @@ from core.messages import (
     GetWeights,
     Hello,
     HelloReply,
+    JobAnswered,
     JobDone,
     JobError,
     JobResult,
@@ -61,6 +63,7 @@ from core.messages import (
     ListModels,
     ModelInfo,
     ModelsReply,
+    PassOn,
     Replies,
     Requests,
     ResetModel,
@@ -88,6 +91,7 @@ from scheduler.mps import MpsDaemon
 from scheduler.placement import place
 from scheduler.security import CurveServer
 from scheduler.stats import JobStats
+from scheduler.stats_view import stats_of
 from scheduler.supervisor import StartupError, Supervisor, worker_malloc, worker_threads
 from scheduler.validate import (
     check_inputs,
@@ -106,7 +110,6 @@ IDLE_POLL_MS = 50
 HEALTH_EVERY_S = 0.02
 SNAPSHOT_FINISH_S = 120.0  # at shutdown, how long snapshot files being written may take to finish
 WEIGHT_CHANGING = ("train_step", "train_round")
-LOSSES = ("train_step", "train_round", "evaluate")  # answered with their losses
 
 __all__ = ["Coordinator", "StartupError"]
 
@@ -170,6 +173,8 @@ class Coordinator:
             **self.supervisor.handlers,
             JobResult: self._on_job_result,
             JobError: self._on_job_error,
+            JobAnswered: self._on_job_answered,
+            PassOn: self._on_pass_on,
             JobResults: self._on_job_results,
         }
 
@@ -229,6 +234,8 @@ class Coordinator:
                 unlink_shm(name)
 
     def _spawn(self, w: WorkerHandle) -> None:
+        if self.local is not None:
+            self.local.forget_worker(w.id)
         self.supervisor.spawn(w, self.run_dir, self.run_id)
 
     def request_stop(self, *_: Any) -> None:
@@ -246,6 +253,7 @@ class Coordinator:
             self._receive_clients()
         if self.local is not None:
             self.local.receive(ready, self._on_client_message)
+        self._dispatch()  # a new job goes out first: what workers sent can be read while it runs
         self._receive_workers(timeout_ms=0, ready=ready)
         self._check_health()
         self._expire_deadlines()
@@ -357,12 +365,14 @@ class Coordinator:
                                        self.shm_identity, self.device, self.plan.gpu.uuid if self.plan.gpu else ""))
 
     def _on_models(self, client: bytes, msg: ListModels, _: list[Any]) -> None:
+        self._receive_workers()  # a job a worker answered before this request came is counted first
         infos = [ModelInfo(f"{g}/{i}", g, i, worker, self.versions[(g, i)], self.workers[worker].device or self.device)
                  for (g, i), (worker, _) in self.slot_of.items()]
         infos.sort(key=lambda m: (m.group, m.index))
         self._reply(client, ModelsReply(msg.req_id, infos))
 
     def _on_stats(self, client: bytes, msg: StatsRequest, _: list[Any]) -> None:
+        self._receive_workers()
         self._reply(client, StatsReply(msg.req_id, self.stats_dict()))
 
     # ---------------------------------------------------------------- jobs in
@@ -446,8 +456,13 @@ class Coordinator:
     def given_up(self, model: ModelKey) -> bool:
         return self.workers[self.slot_of[model][0]].state == "failed"
 
-    def _admit(self, models: list[ModelKey]) -> None:
+    def _admit(self, models: list[ModelKey], drained: bool = False) -> None:
         self._check_alive(models)
+        full = len(self.jobs) >= self.cc.max_queued or any(self.queued_per_model[m] >= self.cc.max_queued_per_model
+                                                           for m in models)
+        if full and not drained:  # a job answered directly may be done: its worker said so before its answer
+            self._receive_workers()
+            return self._admit(models, drained=True)
         if len(self.jobs) >= self.cc.max_queued:
             raise Overloaded(f"{len(self.jobs)} jobs queued or in flight (bound {self.cc.max_queued}); retry later")
         for m in models:
@@ -531,6 +546,21 @@ class Coordinator:
         w.jobs_done += 1
         self._finish_part(part, (msg.outputs, buffers, msg.losses), None)
 
+    def _on_job_answered(self, w: WorkerHandle, msg: JobAnswered, _: list[Any]) -> None:
+        part = w.in_flight.pop(msg.job_id, None)
+        if part is None:
+            return
+        w.jobs_done += 1
+        job = part.job
+        if not job.answered:  # it ran in this one part (a condition of answering directly)
+            job.answered = True
+            self._record_done(job, None)
+        self._finish_part(part, None, None)
+
+    def _on_pass_on(self, w: WorkerHandle, msg: PassOn, buffers: list[Any]) -> None:
+        if self.local is not None:
+            self._reply(self.local.key(msg.client), msg.reply, buffers)
+
     def _on_job_error(self, w: WorkerHandle, msg: JobError, _: list[Any]) -> None:
         part = w.in_flight.pop(msg.job_id, None)
         if part is None:
@@ -558,16 +588,12 @@ class Coordinator:
         if job.on_done is not None:  # the coordinator's own job: its caller answers whoever asked
             job.on_done(job, error)
             return
-        latency = time.monotonic() - job.accepted
-        self.stats.record_finish(job.models, latency, None if error is None else type(error).__name__)
+        self._record_done(job, error)
         if error is not None:
             self._reply_error(job.client, job.req_id, error)
             return
-        if job.op in LOSSES:
+        if job.op in LOSS_OPS:
             losses = [loss for p in job.parts for loss in (job.results[p.worker][2] or [])]
-            if job.op in WEIGHT_CHANGING:
-                for m in job.models:
-                    self.versions[m] += 1
             self._reply(job.client, JobDone(job.req_id, losses=losses))
         elif job.op == "ensemble" and len(job.parts) > 1:
             tree, buffers = join_rows([(job.results[p.worker][0], job.results[p.worker][1]) for p in job.parts])
@@ -575,6 +601,12 @@ class Coordinator:
         else:
             tree, buffers, _ = job.results[job.parts[0].worker]
             self._reply(job.client, JobDone(job.req_id, tree), buffers)
+
+    def _record_done(self, job: Job, error: CohortError | None) -> None:
+        self.stats.record_finish(job.models, time.monotonic() - job.accepted, None if error is None else type(error).__name__)
+        if error is None and job.op in WEIGHT_CHANGING:
+            for m in job.models:
+                self.versions[m] += 1
 
     def _retire(self, job: Job) -> None:
         self.jobs.pop(job.id, None)
@@ -641,7 +673,7 @@ class Coordinator:
         """One message for every part sent to a worker in this step: one system call, one wake-up."""
         commands = [RunJob(p.job.id, p.job.op, p.job.group, p.slots, p.inputs, p.targets, p.job.deadline,
                            p.job.option, p.job.source, p.job.shared, p.hparams, p.job.seed, p.job.shm_results,
-                           p.job.client_pid)
+                           p.job.client_pid, *self._answered_by_worker(p, w))
                     for p in parts]
         buffers = [b for p in parts for b in p.buffers]
         message = commands[0] if len(commands) == 1 else RunJobs(commands)
@@ -652,30 +684,16 @@ class Coordinator:
             w.in_flight[part.job.id] = part
         return True
 
+    def _answered_by_worker(self, part: Part, w: WorkerHandle) -> tuple[int, int]:
+        """``(reply_to, req_id)`` of a job that ``w`` answers its local client itself, else ``(0, 0)``:
+        a client's job (not the coordinator's) that runs in this one part."""
+        job = part.job
+        if (self.local is None or job.on_done is not None or len(job.parts) != 1 or not self.local.owns(job.client)
+                or w.link is None or not self.local.answer_socket(job.client, w.id, w.link)):
+            return 0, 0
+        return self.local.number(job.client), job.req_id
+
     # ================================================================== stats
 
     def stats_dict(self) -> dict[str, Any]:
-        uptime = time.monotonic() - self.started
-        models = {
-            f"{g}/{i}": {"jobs": self.stats.per_model.get((g, i), 0), "version": v, "worker": self.slot_of[(g, i)][0],
-                         "queued": self.queued_per_model.get((g, i), 0), "host_copy_version": self.host.version.get((g, i))}
-            for (g, i), v in sorted(self.versions.items())
-        }
-        return {
-            "cohort_version": __version__,
-            "pid": os.getpid(),
-            "run_id": self.run_id,
-            "restored_from": self.cc.restore_run or None,
-            "uptime_s": round(uptime, 3),
-            "address": self.cc.address, "device": self.device,
-            "gpu": None if self.plan.gpu is None else {"uuid": self.plan.gpu.uuid, "name": self.plan.gpu.name,
-                                                       "compute_mode": self.plan.gpu.compute_mode},
-            "mps": {**self.mps.state(), "recycles": list(self.supervisor.recycles)},
-            "workers": [w.stats(self.device) for w in self.workers],
-            "queued": sum(len(w.pending) for w in self.workers),
-            "snapshots": [writer.progress() for writer, _ in self.weight_ops.writers],
-            "in_flight": sum(len(w.in_flight) for w in self.workers),
-            **self.stats.summary(uptime),
-            "models": models,
-        }
-
+        return stats_of(self)

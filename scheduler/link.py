@@ -19,6 +19,7 @@ client opens a new connection for the next call.
 from __future__ import annotations
 
 import select
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +30,7 @@ from zmq.utils.monitor import recv_monitor_message
 from core.codec import zero_copy
 from core.errors import ProtocolError
 from core.frames_io import NOBLOCK, SNDMORE, readable, recv_frames
-from core.unix_link import LinkClosed, UnixLink
+from core.unix_link import RECORD_BYTES, LinkClosed, UnixLink
 from scheduler.security import CurveClient
 
 DROPPED = zmq.EVENT_DISCONNECTED
@@ -100,20 +101,32 @@ class Link:
 
 class LocalLink:
     """A connection to a coordinator on this host over its Unix socket (``scheduler.local_clients``):
-    what ``Link`` does, without ZeroMQ's I/O threads on either side."""
+    what ``Link`` does, without ZeroMQ's I/O threads on either side.
+
+    The coordinator may pass it a socket per worker (``scheduler.local_clients`` says why) on
+    which that worker answers this connection's jobs directly: replies are read from all of them,
+    in whatever order they come (each names its request)."""
 
     def __init__(self, name: str) -> None:
-        self.link = UnixLink.connect(name, blocking=False)
+        self.link = UnixLink.connect(name, blocking=False, takes_sockets=True)
         self.link.copy_unsent = False  # send() returns once all of a message is out
         self.gone = False
         self._dropped = False
+        self._from_workers: dict[int, UnixLink] = {}  # by worker id
+        self._by_fd: dict[int, tuple[int, UnixLink]] = {}  # a worker's socket: (worker id, link)
+        self._ready: list[int] = []  # the descriptors the last wait found readable, not yet read empty
+        self._readable = select.poll()
+        self._readable.register(self.link.fileno(), select.POLLIN)
         self._writable = select.poll()
         self._writable.register(self.link.fileno(), select.POLLOUT)
         self._hangup = select.poll()  # reports the other end's close alone, not replies waiting
         self._hangup.register(self.link.fileno(), select.POLLRDHUP)
 
     def wait(self, timeout_ms: int) -> bool:
-        return self.gone or self.link.wait(timeout_ms)
+        if self.gone:
+            return True
+        self._ready = [fd for fd, _ in self._readable.poll(timeout_ms)]
+        return bool(self._ready)
 
     def dropped(self) -> bool:
         dropped, self._dropped = self._dropped, False
@@ -146,12 +159,35 @@ class LocalLink:
         return True
 
     def receive(self) -> list[Any] | None:
-        if self.gone:
-            return None
+        """The next message waiting on a socket that the last ``wait`` found readable (the coordinator's
+        or a worker's); None once they are read empty. Only those are read: a look at each of the others
+        would cost a system call, and what comes there later wakes the next ``wait``."""
+        while self._ready and not self.gone:
+            fd = self._ready[-1]
+            frames = self._from_coordinator() if fd == self.link.fileno() else self._from_worker(fd)
+            if frames is not None:
+                return frames
+            self._ready.pop()
+        return None
+
+    def _from_coordinator(self) -> list[Any] | None:
         try:
-            return self.link.recv()
+            frames = self.link.recv()
         except LinkClosed:  # the coordinator has gone: the calls out on this link learn it from dropped()
             self._lose()
+            return None
+        if passed := self.link.take_sockets():
+            self._add_workers(passed)
+        return frames
+
+    def _from_worker(self, fd: int) -> list[Any] | None:
+        worker, link = self._by_fd.get(fd, (-1, None))
+        if link is None:
+            return None
+        try:
+            return link.recv()
+        except LinkClosed:  # that worker has gone (or restarted): its jobs are answered by the coordinator
+            self._remove_worker(worker)
             return None
 
     def close(self) -> None:
@@ -159,6 +195,27 @@ class LocalLink:
         self._dropped = True
         self.gone = True
         self.link.close()
+        for worker in list(self._from_workers):
+            self._remove_worker(worker)
+
+    def _add_workers(self, passed: list[tuple[int, socket.socket]]) -> None:
+        for worker, sock in passed:
+            if worker in self._from_workers:  # a restarted worker's: the old one's socket is done
+                self._remove_worker(worker)
+            # A worker answers here in one record: anything longer breaks the rule and closes the link.
+            link = UnixLink(sock, blocking=False, max_message_bytes=RECORD_BYTES)
+            self._from_workers[worker] = link
+            self._by_fd[link.fileno()] = (worker, link)
+            self._readable.register(link.fileno(), select.POLLIN)
+
+    def _remove_worker(self, worker: int) -> None:
+        link = self._from_workers.pop(worker)
+        self._by_fd.pop(link.fileno(), None)
+        try:
+            self._readable.unregister(link.fileno())
+        except (KeyError, ValueError):
+            pass
+        link.close()
 
     def _lose(self) -> None:
         self.close()

@@ -12,6 +12,12 @@ ends the coordinator. Only processes of the coordinator's own user are accepted.
 Each connection gets a client key of its own, so the coordinator answers it as it answers a
 ZeroMQ client, by key. A client that goes away is seen at once (end of file) and forgotten;
 what was queued for it is dropped, as ZeroMQ drops replies to a gone peer.
+
+Workers answer a local client's jobs themselves (``answer_socket``): the first time a job of a
+connection goes to a worker, the coordinator makes a socket pair and passes one end to each of
+them; the worker sends the reply there and tells the coordinator only that the job is done. A
+call then crosses the coordinator once instead of twice, and the reply does not wait for the
+coordinator's turn.
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ class LocalClients:
         self._links: dict[bytes, UnixLink] = {}
         self._by_fd: dict[int, bytes] = {}
         self._writing: dict[bytes, UnixLink] = {}  # those whose socket holds back replies
+        self._answered_by: dict[bytes, set[int]] = {}  # the workers each client has an answer socket with
         self._next = 0
         self.version = 0  # changes whenever a client comes or goes: the loop polls their descriptors anew
 
@@ -128,6 +135,45 @@ class LocalClients:
         if link.wants_write:
             self._writing[client] = link
 
+    def number(self, client: bytes) -> int:
+        """A local client's connection number (its key's), the tag of its answer sockets."""
+        return int(client[len(KEY_PREFIX):])
+
+    def key(self, number: int) -> bytes:
+        return KEY_PREFIX + str(number).encode()
+
+    def answer_socket(self, client: bytes, worker: int, worker_link: UnixLink) -> bool:
+        """Whether ``worker`` can answer ``client`` itself, on a socket pair passed to both now if they
+        have none yet. False (the coordinator answers) where it cannot be made or passed at once."""
+        link = self._links.get(client)
+        if link is None:
+            return False
+        workers = self._answered_by.setdefault(client, set())
+        if worker in workers:
+            return True
+        try:
+            ends = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError:  # out of descriptors: the coordinator answers
+            return False
+        try:
+            # The worker's end first: if the client's cannot go, the worker's writes fail (no reader)
+            # and it falls back to the coordinator; the other way round, the client would wait on
+            # a socket nobody writes to (harmless too, but it holds a descriptor).
+            if not worker_link.send_socket(ends[0], self.number(client)) or not link.send_socket(ends[1], worker):
+                return False
+        except LinkClosed:
+            return False  # the worker or the client has gone: each is dropped where that is seen
+        finally:
+            for end in ends:  # passed ends are duplicates held by the kernel until taken
+                end.close()
+        workers.add(worker)
+        return True
+
+    def forget_worker(self, worker: int) -> None:
+        """A worker (re)starts: its clients' answer sockets went with the process before it."""
+        for workers in self._answered_by.values():
+            workers.discard(worker)
+
     def flush(self) -> None:
         """Send what clients' sockets could not take before, as they take it."""
         for key, link in list(self._writing.items()):
@@ -173,6 +219,7 @@ class LocalClients:
     def _drop(self, key: bytes) -> None:
         link = self._links.pop(key, None)
         self._writing.pop(key, None)
+        self._answered_by.pop(key, None)  # each worker closes its end once it sees the client's closed
         if link is not None:
             self._by_fd.pop(link.fileno(), None)
             link.close()

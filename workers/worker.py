@@ -33,11 +33,15 @@ from core.device import resolve_device
 from core.errors import CohortError
 from core.heap import freeze_start_up_heap
 from core.messages import (
+    LOSS_OPS,
     Heartbeat,
     InitWorker,
+    JobAnswered,
+    JobDone,
     JobError,
     JobResult,
     JobResults,
+    PassOn,
     RunJob,
     RunJobs,
     Shutdown,
@@ -47,7 +51,7 @@ from core.messages import (
 )
 from core.spec import GroupSpec
 from core.tensors import byte_tensor, encode_tensors, tensor_nbytes, to_arena
-from core.unix_link import LinkClosed, UnixLink
+from core.unix_link import RECORD_BYTES, LinkClosed, UnixLink
 from workers import bank_ops
 from workers.compile_cache import CompileCache
 from workers.execute import GroupRuntime
@@ -82,6 +86,9 @@ class Worker:
         self.shm_results: dict[int, int] = {}  # jobs whose client reads results from shared memory: its pid
         self.shm_prefix = ""
         self.gpus: dict[str, int] | None = None  # GPU UUID to index, for clients' CUDA tensors
+        self.clients: dict[int, UnixLink] = {}  # local clients this worker answers itself, by connection number
+        self.answer_to: dict[int, tuple[int, int, bool]] = {}  # job id: (connection, request id, answered with losses)
+        self._client_hangups = select.poll()
         self.handlers: dict[type, Callable[[Any, list[Any], list[tuple[RunJob, list[Any]]]], None]] = {
             RunJob: lambda m, buffers, jobs: jobs.append(self._local(m, buffers)),
             RunJobs: lambda m, buffers, jobs: jobs.extend(self._local(j, b) for j, b in unbundle(m.jobs, buffers)),
@@ -186,8 +193,56 @@ class Worker:
             frames = self._next(0)
             if frames is None:
                 return
+            if self.link.takes_sockets and (passed := self.link.take_sockets()):
+                self._add_clients(passed)
             message, buffers = self.codec.decode(frames)
             self.handlers[type(message)](message, buffers, jobs)
+
+    def _add_clients(self, passed: list[tuple[int, socket.socket]]) -> None:
+        """Sockets of local clients, passed by the coordinator, on which this worker answers their jobs."""
+        for number, sock in passed:
+            self._drop_client(number)
+            link = UnixLink(sock, blocking=False)  # a full socket (a client slow to read) never holds the loop
+            self.clients[number] = link
+            self._client_hangups.register(link.fileno(), select.POLLRDHUP)
+
+    def _drop_client(self, number: int) -> None:
+        link = self.clients.pop(number, None)
+        if link is not None:
+            self._client_hangups.unregister(link.fileno())
+            link.close()
+
+    def _direct_answer(self, job_id: int, tree: Any, own: list[Any], losses: list[float] | None,
+                       ) -> tuple[UnixLink, int, JobDone, list[Any], list[Any]] | None:
+        """The answer to a job that this worker gives its local client itself (the coordinator asked for
+        it, the client's socket is here, and the answer fits one record): the socket, the client's
+        connection number, the reply, its buffers and its frames; None where the coordinator answers."""
+        client, req_id, with_losses = self.answer_to.pop(job_id, (0, 0, False))
+        link = self.clients.get(client)
+        if link is None:
+            return None
+        reply, buffers = (JobDone(req_id, losses=losses or []), []) if with_losses else (JobDone(req_id, tree), own)
+        frames = self.codec.encode(reply, buffers)
+        if sum(memoryview(f).nbytes for f in frames) > RECORD_BYTES - 64:  # the link's header fits in the rest
+            return None
+        return link, client, reply, buffers, frames
+
+    def _send_answers(self, answers: list[tuple[UnixLink, int, JobDone, list[Any], list[Any]]]) -> None:
+        """Send the answers given directly; one a socket does not take now (its client is slow to read, or
+        gone) goes to the coordinator, which passes it on (``PassOn``): the coordinator has counted its
+        job done already."""
+        passed_on: list[PassOn] = []
+        buffers: list[Any] = []
+        for link, client, reply, own, frames in answers:
+            try:
+                if link.send_now(frames):
+                    continue
+            except LinkClosed:  # the client has gone: the coordinator drops what it passes on
+                self._drop_client(client)
+            passed_on.append(PassOn(self.worker_id, client, reply))
+            buffers += own
+        if passed_on:
+            self._send(passed_on[0] if len(passed_on) == 1 else JobResults(self.worker_id, passed_on), buffers)
 
     def _next(self, timeout_ms: int) -> list[Any] | None:
         """The next message, waiting up to ``timeout_ms`` for it; the coordinator's end of the link
@@ -200,6 +255,7 @@ class Worker:
             self.running = False
             return None
 
+
     def _local(self, job: RunJob, buffers: list[Any]) -> tuple[RunJob, list[Any]]:
         """A job whose tensors lie in a client's arena or on its GPU, as if they had come in frames: byte
         tensors over the arena or over the client's GPU memory (CUDA IPC), which the job computes on in
@@ -207,6 +263,8 @@ class Worker:
         when it is prepared, with the reason in this worker's log."""
         if job.shm_results:
             self.shm_results[job.job_id] = job.client_pid
+        if job.reply_to:
+            self.answer_to[job.job_id] = (job.reply_to, job.req_id, job.op in LOSS_OPS)
         if not (job.inputs.shm or job.targets.shm or job.inputs.cuda or job.targets.cuda):
             return job, buffers
         try:
@@ -259,12 +317,16 @@ class Worker:
         return self.out
 
     def _reply(self, finished: list[Finished]) -> None:
-        """Every finished job in one message: one system call and one wake-up for the coordinator."""
-        results: list[JobResult | JobError] = []
+        """Every finished job in one message: one system call and one wake-up for the coordinator. Jobs
+        this worker answers its local clients directly are only named in it (``JobAnswered``), and answered
+        after it: the coordinator counts them done before their clients can ask again."""
+        results: list[JobResult | JobError | JobAnswered] = []
         buffers: list[Any] = []
+        answers = []
         for item in finished:
             reader = self.shm_results.pop(item.job_id, None)
             if item.error is not None:
+                self.answer_to.pop(item.job_id, None)
                 results.append(JobError(self.worker_id, item.job_id, type(item.error).__name__, item.error.message,
                                         item.traceback))
                 self.fatal = self.fatal or item.fatal
@@ -272,16 +334,23 @@ class Worker:
             try:
                 tree, own = encode_tensors(item.outputs)
             except CohortError as exc:
+                self.answer_to.pop(item.job_id, None)
                 results.append(JobError(self.worker_id, item.job_id, type(exc).__name__, f"model output: {exc}"))
                 continue
             if reader is not None and self.shm_prefix and sum(b.nbytes for b in own) >= SHM_MIN_BYTES:
                 tree, own, _ = to_arena(tree, own, self._arena_out(), reader)  # held until the client frees it
+            if item.job_id in self.answer_to and (answer := self._direct_answer(item.job_id, tree, own, item.losses)):
+                results.append(JobAnswered(self.worker_id, item.job_id))
+                answers.append(answer)
+                continue
             results.append(JobResult(self.worker_id, item.job_id, tree, item.losses))
             buffers += own
         if len(results) == 1:
             self._send(results[0], buffers)
         elif results:
             self._send(JobResults(self.worker_id, results), buffers)
+        if answers:
+            self._send_answers(answers)
 
     def _report(self) -> None:
         """The executor's counts, now and then (liveness is the lifeline's job)."""
@@ -293,6 +362,8 @@ class Worker:
             plans = [report for rt in self.runtimes.values() for report in rt.plan_reports()]
             self._send(Heartbeat(self.worker_id, self.counters(), shapes, plans))
             self.arenas.prune(remove_dead=True)  # the memory of clients that are gone goes back
+            for fd, _ in self._client_hangups.poll(0) if self.clients else ():
+                self._drop_client(next(n for n, link in self.clients.items() if link.fileno() == fd))
 
     def counters(self) -> dict[str, int]:
         ex = self.executor
@@ -323,6 +394,8 @@ class Worker:
         for bank in self.banks:
             bank.close()
         self.banks = []
+        for number in list(self.clients):
+            self._drop_client(number)
         self.link.close()
 
 
@@ -341,7 +414,7 @@ def main(link_fd: int, worker_id: int, beat_path: str) -> int:
                         format=f"%(asctime)s cohort worker {worker_id} %(levelname)s %(message)s")
     # Ctrl-C goes to the coordinator, which stops the workers in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    worker = Worker(UnixLink(socket.socket(fileno=link_fd), blocking=True), worker_id)
+    worker = Worker(UnixLink(socket.socket(fileno=link_fd), blocking=True, takes_sockets=True), worker_id)
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "running", False))
     lifeline = Lifeline(beat_path, os.getppid(), worker.remove_shm).start()
     try:

@@ -242,3 +242,54 @@ def test_closing_a_link_wakes_a_thread_waiting_on_it(ends):
     near.close()
     waiter.join(10)
     assert woke and woke[0] - closed < 5, "a thread waiting on a closed link slept on"
+
+
+def test_a_passed_socket_arrives_between_messages_and_works():
+    near, far_socket = UnixLink.pair(blocking=False)
+    far = UnixLink(far_socket, blocking=True, takes_sockets=True)
+    mine, theirs = UnixLink.pair(blocking=False)
+    try:
+        near.send([b"before"])
+        assert near.send_socket(theirs, 7)
+        theirs.close()  # the kernel holds the passed duplicate
+        near.send([b"after"])
+        assert _recv(far) == [b"before"]
+        assert _recv(far) == [b"after"]  # the passed socket's record is not a message
+        [(tag, passed)] = far.take_sockets()
+        assert tag == 7 and far.take_sockets() == []
+        got = UnixLink(passed, blocking=False)
+        assert got.send_now([b"over the passed socket"])
+        assert _recv(mine) == [b"over the passed socket"]
+        got.close()
+    finally:
+        for link in (near, far, mine):
+            link.close()
+
+
+def test_an_end_that_takes_no_sockets_drops_them_and_reads_on(ends):
+    near, far = ends
+    _, theirs = UnixLink.pair(blocking=False)
+    assert near.send_socket(theirs, 3)
+    theirs.close()
+    near.send([b"next"])
+    assert _recv(far) == [b"next"]
+    assert far.take_sockets() == []
+    fds = len(os.listdir("/proc/self/fd"))
+    near.send_socket(socket.socket(fileno=os.dup(near.fileno())), 4)
+    near.send([b"again"])
+    assert _recv(far) == [b"again"]
+    assert len(os.listdir("/proc/self/fd")) <= fds + 1  # the duplicate sent; none received and kept
+
+
+def test_send_now_sends_one_record_or_nothing(ends):
+    near, far = ends
+    assert not near.send_now([bytes(RECORD_BYTES)])  # more than one record with its header: not sent
+    assert near.send_now([b"x" * 100])
+    assert _recv(far) == [b"x" * 100]
+    sent = 0
+    while near.send_now([bytes(60_000)]):  # until the socket is full: never blocks, never keeps a copy
+        sent += 1
+        assert sent < 10_000
+    assert not near.wants_write
+    for _ in range(sent):
+        assert _recv(far) == [bytes(60_000)]
