@@ -352,24 +352,22 @@ class _DirectSocket:
             remaining = call.deadline - time.monotonic()
             if remaining <= 0 or not self.link.wait(int(remaining * 1000) + 1):
                 raise self.connection.no_answer(call, timeout)
-            self._read_all(call.req_id)
+            self._read_all()
             if call.req_id not in self.done:
                 self._note_drops()
-                self._read_all(call.req_id)  # it may have come just before the drop
+                self._read_all()  # it may have come just before the drop
         return settled
 
     def _note_drops(self) -> None:
         if self.link.dropped():
             self.drops += 1
 
-    def _read_all(self, wanted: int) -> None:
-        """The replies waiting, into ``done``, until the one to request ``wanted`` is in (the rest wake the
-        next wait); a reply to no call still out (one that timed out) is dropped."""
+    def _read_all(self) -> None:
+        """Every reply waiting, into ``done``; a reply to no call still out (one that timed out) is dropped."""
         while (frames := self.link.receive()) is not None:
             for settled in self.connection.receive(frames):
                 self.done[settled.call.req_id] = settled
-            if wanted in self.done:
-                return
+
 
 
 class _IOThread:

@@ -42,6 +42,7 @@ from core.messages import (
     JobResult,
     JobResults,
     PassOn,
+    Replies,
     RunJob,
     RunJobs,
     Shutdown,
@@ -60,6 +61,7 @@ from workers.lifeline import Lifeline
 from workers.outcome import Finished
 
 REPORT_S = 0.25
+ANSWER_BYTES = RECORD_BYTES // 2  # tensors of one direct answer at most: its header fits in the rest of a record
 SHM_MIN_BYTES = 256 * 1024  # results this large go through the arena for a local client
 RESULT_ARENA_BYTES = 256 << 20  # address space: pages are allocated as results are first written
 RESULT_RECLAIM_S = 120.0  # a result for a client that did not say its pid is given up after this
@@ -213,36 +215,50 @@ class Worker:
             link.close()
 
     def _direct_answer(self, job_id: int, tree: Any, own: list[Any], losses: list[float] | None,
-                       ) -> tuple[UnixLink, int, JobDone, list[Any], list[Any]] | None:
+                       ) -> tuple[int, JobDone, list[Any]] | None:
         """The answer to a job that this worker gives its local client itself (the coordinator asked for
-        it, the client's socket is here, and the answer fits one record): the socket, the client's
-        connection number, the reply, its buffers and its frames; None where the coordinator answers."""
+        it, and the client's socket is here): the client's connection number, the reply and its buffers;
+        None where the coordinator answers (also for tensors too large for one record of the socket)."""
         client, req_id, with_losses = self.answer_to.pop(job_id, (0, 0, False))
-        link = self.clients.get(client)
-        if link is None:
+        if client not in self.clients or sum(memoryview(b).nbytes for b in own) > ANSWER_BYTES:
             return None
-        reply, buffers = (JobDone(req_id, losses=losses or []), []) if with_losses else (JobDone(req_id, tree), own)
-        frames = self.codec.encode(reply, buffers)
-        if sum(memoryview(f).nbytes for f in frames) > RECORD_BYTES - 64:  # the link's header fits in the rest
-            return None
-        return link, client, reply, buffers, frames
+        return (client, JobDone(req_id, losses=losses or []), []) if with_losses else (client, JobDone(req_id, tree), own)
 
-    def _send_answers(self, answers: list[tuple[UnixLink, int, JobDone, list[Any], list[Any]]]) -> None:
-        """Send the answers given directly; one a socket does not take now (its client is slow to read, or
-        gone) goes to the coordinator, which passes it on (``PassOn``): the coordinator has counted its
-        job done already."""
+    def _send_answers(self, answers: list[tuple[int, JobDone, list[Any]]]) -> None:
+        """Send the answers given directly, those of one client together in one message (as the coordinator
+        bundles its replies); what a socket does not take now (its client is slow to read, or gone) goes to
+        the coordinator, which passes it on (``PassOn``): it has counted those jobs done already."""
+        by_client: dict[int, list[list[tuple[JobDone, list[Any]]]]] = {}
+        for client, reply, own in answers:
+            chunks = by_client.setdefault(client, [[]])
+            size = sum(memoryview(b).nbytes for _, bufs in chunks[-1] for b in bufs)
+            if chunks[-1] and size + sum(memoryview(b).nbytes for b in own) > ANSWER_BYTES:
+                chunks.append([])  # one message stays within one record
+            chunks[-1].append((reply, own))
         passed_on: list[PassOn] = []
         buffers: list[Any] = []
-        for link, client, reply, own, frames in answers:
-            try:
-                if link.send_now(frames):
+        for client, chunks in by_client.items():
+            for chunk in chunks:
+                if self._send_answer(client, chunk):
                     continue
-            except LinkClosed:  # the client has gone: the coordinator drops what it passes on
-                self._drop_client(client)
-            passed_on.append(PassOn(self.worker_id, client, reply))
-            buffers += own
+                passed_on += [PassOn(self.worker_id, client, reply) for reply, _ in chunk]
+                buffers += [b for _, own in chunk for b in own]
         if passed_on:
             self._send(passed_on[0] if len(passed_on) == 1 else JobResults(self.worker_id, passed_on), buffers)
+
+    def _send_answer(self, client: int, chunk: list[tuple[JobDone, list[Any]]]) -> bool:
+        link = self.clients.get(client)
+        if link is None:
+            return False
+        if len(chunk) == 1:
+            frames = self.codec.encode(chunk[0][0], chunk[0][1])
+        else:
+            frames = self.codec.encode(Replies(0, [reply for reply, _ in chunk]), [b for _, own in chunk for b in own])
+        try:
+            return link.send_now(frames)  # False if it does not fit one record after all (a large header)
+        except LinkClosed:  # the client has gone: the coordinator drops what it passes on
+            self._drop_client(client)
+            return False
 
     def _next(self, timeout_ms: int) -> list[Any] | None:
         """The next message, waiting up to ``timeout_ms`` for it; the coordinator's end of the link
