@@ -31,6 +31,7 @@ from core.messages import (
     JobDone,
     JobResult,
     PassOn,
+    Replies,
     RunJob,
     SetWeights,
     SubmitJob,
@@ -72,6 +73,13 @@ def unbundle(items: list[Any], buffers: list[Any]) -> list[tuple[Any, list[Any]]
     if at != len(buffers):
         raise ProtocolError(f"bundle of {len(items)} items announces {at} buffers, {len(buffers)} followed")
     return out
+
+
+def bundle_replies(replies: list[tuple[Any, list[Any]]]) -> tuple[Any, list[Any]]:
+    """Replies to one client, with their buffers, as one message: the reply itself when it is alone."""
+    if len(replies) == 1:
+        return replies[0]
+    return Replies(0, [reply for reply, _ in replies]), [b for _, own in replies for b in own]
 
 
 class Codec:

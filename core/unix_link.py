@@ -35,6 +35,9 @@ SOCKET_BUFFER_BYTES = 4 << 20  # asked for; the kernel caps it at net.core.wmem_
 _HEAD = struct.Struct("<QI")
 PASSED_SOCKET = 0xFFFFFFFF  # a header's frame count that marks a passed socket: no message has so many frames
 _FDS_SPACE = socket.CMSG_SPACE(4 * 4)  # room for a few descriptors: more than one is a broken rule
+# Plain ints: the socket module's flags are enum members, and combining those costs a call each time.
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _PEER = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 _LENGTHS: dict[int, struct.Struct] = {}
 
@@ -57,6 +60,15 @@ def _lengths(count: int) -> struct.Struct:
         if count <= 64:  # the common counts, kept; a peer cannot grow the cache without bound
             _LENGTHS[count] = packer
     return packer
+
+
+def _message(frames: Sequence[Any]) -> tuple[bytes, list[memoryview], int]:
+    """A message's header, its frames as byte views, and its length on the wire."""
+    views = [memoryview(f).cast("B") for f in frames]
+    sizes = [v.nbytes for v in views]
+    payload = sum(sizes)
+    head = _HEAD.pack(payload, len(sizes)) + _lengths(len(sizes)).pack(*sizes)
+    return head, views, len(head) + payload
 
 
 def _records(parts: list[memoryview], limit: int) -> Iterator[list[memoryview]]:
@@ -144,10 +156,8 @@ class UnixLink:
         ``LinkClosed`` when the other end has gone."""
         if self.closed:
             raise LinkClosed("link closed")
-        views = [memoryview(f).cast("B") for f in frames]
-        sizes = [v.nbytes for v in views]
-        head = _HEAD.pack(sum(sizes), len(sizes)) + _lengths(len(sizes)).pack(*sizes)
-        if len(head) + sum(sizes) <= RECORD_BYTES:
+        head, views, total = _message(frames)
+        if total <= RECORD_BYTES:
             records: Any = ([memoryview(head), *views],)
         else:
             records = _records([memoryview(head), *views], RECORD_BYTES)
@@ -160,12 +170,10 @@ class UnixLink:
         kept) if it does not fit, or messages wait to go, or the socket is full. Raises ``LinkClosed``."""
         if self.closed:
             raise LinkClosed("link closed")
-        views = [memoryview(f).cast("B") for f in frames]
-        sizes = [v.nbytes for v in views]
-        head = _HEAD.pack(sum(sizes), len(sizes)) + _lengths(len(sizes)).pack(*sizes)
-        if self._unsent or len(head) + sum(sizes) > RECORD_BYTES:
+        if self._unsent:
             return False
-        return self._send_record([head, *views])
+        head, views, total = _message(frames)
+        return total <= RECORD_BYTES and self._send_record([head, *views])
 
     def flush(self) -> bool:
         """Send what was kept while the socket takes it; True when nothing is left."""
@@ -184,7 +192,7 @@ class UnixLink:
             return False
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))]
         try:
-            self.sock.sendmsg([_HEAD.pack(tag, PASSED_SOCKET)], rights, socket.MSG_DONTWAIT)
+            self.sock.sendmsg([_HEAD.pack(tag, PASSED_SOCKET)], rights, _DONTWAIT)
             return True
         except (BlockingIOError, InterruptedError):
             return False
@@ -240,7 +248,7 @@ class UnixLink:
     def _recv_into(self, view: memoryview) -> int | None:
         if self.closed:
             raise LinkClosed("link closed")
-        flags = 0 if self.blocking and self._partial is not None else socket.MSG_DONTWAIT
+        flags = 0 if self.blocking and self._partial is not None else _DONTWAIT
         try:
             try:
                 count = self._receive(view, flags)
@@ -259,7 +267,7 @@ class UnixLink:
     def _receive(self, view: memoryview, flags: int) -> int:
         if not self.takes_sockets:  # the kernel closes any descriptor passed to it
             return self.sock.recv_into(view, 0, flags)
-        count, ancillary, _, _ = self.sock.recvmsg_into([view], _FDS_SPACE, flags | socket.MSG_CMSG_CLOEXEC)
+        count, ancillary, _, _ = self.sock.recvmsg_into([view], _FDS_SPACE, flags | _CLOEXEC)
         if ancillary:
             self._keep_passed(view, count, ancillary)
         return count
@@ -321,3 +329,5 @@ class UnixLink:
         except OSError:
             pass  # not connected, or already shut
         self.sock.close()
+        for _, passed in self.take_sockets():  # passed here and never taken: nobody else holds them
+            passed.close()

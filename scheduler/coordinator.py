@@ -28,6 +28,7 @@ from core.arena import shm_identity
 from core.bank import leftover_shm, unlink_shm
 from core.codec import (
     PROTOCOL_VERSION,
+    bundle_replies,
     coordinator_client_codec,
     coordinator_worker_codec,
     unbundle,
@@ -64,7 +65,6 @@ from core.messages import (
     ModelInfo,
     ModelsReply,
     PassOn,
-    Replies,
     Requests,
     ResetModel,
     RunJob,
@@ -154,6 +154,7 @@ class Coordinator:
         self.worker_codec = coordinator_worker_codec()
         self.supervisor = Supervisor(self.cc, self.workers, self.host, self.versions, self.mps, self.device, {},
                                      self.worker_codec, self._finish_part)
+        self.supervisor.read_last = self._read_worker
         for w in self.workers:
             self.supervisor.prepare(w, [self._spec_for_block(b.group, b.indices) for b in w.blocks])
         queue = JobQueue(self.bank_job, self._feed, self._fail_blocked, self.given_up, self.jobs)
@@ -343,12 +344,7 @@ class Coordinator:
     def _flush_replies(self) -> None:
         replies, self._replies = self._replies, {}
         for client, items in replies.items():
-            if len(items) == 1:
-                message, buffers = items[0]
-            else:
-                message = Replies(0, [m for m, _ in items])
-                buffers = [b for _, own in items for b in own]
-            frames = self.client_codec.encode(message, buffers)
+            frames = self.client_codec.encode(*bundle_replies(items))
             if self.local is not None and self.local.owns(client):
                 self.local.send(client, frames)
                 continue
@@ -365,14 +361,14 @@ class Coordinator:
                                        self.shm_identity, self.device, self.plan.gpu.uuid if self.plan.gpu else ""))
 
     def _on_models(self, client: bytes, msg: ListModels, _: list[Any]) -> None:
-        self._receive_workers()  # a job a worker answered before this request came is counted first
+        self._drain_workers()  # a job a worker answered before this request came is counted first
         infos = [ModelInfo(f"{g}/{i}", g, i, worker, self.versions[(g, i)], self.workers[worker].device or self.device)
                  for (g, i), (worker, _) in self.slot_of.items()]
         infos.sort(key=lambda m: (m.group, m.index))
         self._reply(client, ModelsReply(msg.req_id, infos))
 
     def _on_stats(self, client: bytes, msg: StatsRequest, _: list[Any]) -> None:
-        self._receive_workers()
+        self._drain_workers()
         self._reply(client, StatsReply(msg.req_id, self.stats_dict()))
 
     # ---------------------------------------------------------------- jobs in
@@ -456,13 +452,11 @@ class Coordinator:
     def given_up(self, model: ModelKey) -> bool:
         return self.workers[self.slot_of[model][0]].state == "failed"
 
-    def _admit(self, models: list[ModelKey], drained: bool = False) -> None:
+    def _admit(self, models: list[ModelKey]) -> None:
+        queued = self.queued_per_model
+        if len(self.jobs) >= self.cc.max_queued or any(queued[m] >= self.cc.max_queued_per_model for m in models):
+            self._drain_workers()  # a job answered directly is done: its worker said so before its answer
         self._check_alive(models)
-        full = len(self.jobs) >= self.cc.max_queued or any(self.queued_per_model[m] >= self.cc.max_queued_per_model
-                                                           for m in models)
-        if full and not drained:  # a job answered directly may be done: its worker said so before its answer
-            self._receive_workers()
-            return self._admit(models, drained=True)
         if len(self.jobs) >= self.cc.max_queued:
             raise Overloaded(f"{len(self.jobs)} jobs queued or in flight (bound {self.cc.max_queued}); retry later")
         for m in models:
@@ -520,20 +514,27 @@ class Coordinator:
                 poll.register(fd, select.POLLIN)
             ready = dict(poll.poll(timeout_ms))
         for w in self.workers:
-            if w.link is None or w.link.fileno() not in ready:  # polled by file descriptor
-                continue
-            for _ in range(1000):
-                if (frames := w.receive()) is None:  # None too once a handler has buried the worker
-                    break
-                try:
-                    message, buffers = self.worker_codec.decode(frames)
-                    self.worker_handlers[type(message)](w, message, buffers)
-                except StartupError:
-                    raise
-                except Exception as exc:
-                    if w.state == "starting" and w.restarts == 0:  # at start-up: fail now, with the reason
-                        raise StartupError(f"worker {w.id}: {type(exc).__name__}: {exc}") from exc
-                    log.exception("worker %d sent a message that could not be handled", w.id)  # never a crash
+            if w.link is not None and w.link.fileno() in ready:  # polled by file descriptor
+                self._read_worker(w)
+
+    def _drain_workers(self) -> None:
+        """Every message the workers have sent so far (no wait: a look at each link)."""
+        for w in self.workers:
+            self._read_worker(w)
+
+    def _read_worker(self, w: WorkerHandle) -> None:
+        for _ in range(1000):
+            if (frames := w.receive()) is None:  # None too once a handler has buried the worker
+                break
+            try:
+                message, buffers = self.worker_codec.decode(frames)
+                self.worker_handlers[type(message)](w, message, buffers)
+            except StartupError:
+                raise
+            except Exception as exc:
+                if w.state == "starting" and w.restarts == 0:  # at start-up: fail now, with the reason
+                    raise StartupError(f"worker {w.id}: {type(exc).__name__}: {exc}") from exc
+                log.exception("worker %d sent a message that could not be handled", w.id)  # never a crash
 
     def _on_job_results(self, w: WorkerHandle, msg: JobResults, buffers: list[Any]) -> None:
         for result, own in unbundle(msg.results, buffers):
@@ -688,10 +689,10 @@ class Coordinator:
         """``(reply_to, req_id)`` of a job that ``w`` answers its local client itself, else ``(0, 0)``:
         a client's job (not the coordinator's) that runs in this one part."""
         job = part.job
-        if (self.local is None or job.on_done is not None or len(job.parts) != 1 or not self.local.owns(job.client)
-                or w.link is None or not self.local.answer_socket(job.client, w.id, w.link)):
+        if self.local is None or job.on_done is not None or len(job.parts) != 1 or w.link is None:
             return 0, 0
-        return self.local.number(job.client), job.req_id
+        number = self.local.answer_socket(job.client, w.id, w.link)
+        return (number, job.req_id) if number else (0, 0)
 
     # ================================================================== stats
 

@@ -112,8 +112,7 @@ class LocalLink:
         self.link.copy_unsent = False  # send() returns once all of a message is out
         self.gone = False
         self._dropped = False
-        self._from_workers: dict[int, UnixLink] = {}  # by worker id
-        self._by_fd: dict[int, tuple[int, UnixLink]] = {}  # a worker's socket: (worker id, link)
+        self._from_workers: dict[int, UnixLink] = {}  # the workers' sockets, by descriptor
         self._ready: list[int] = []  # the descriptors the last wait found readable, not yet read empty
         self._readable = select.poll()
         self._readable.register(self.link.fileno(), select.POLLIN)
@@ -181,13 +180,13 @@ class LocalLink:
         return frames
 
     def _from_worker(self, fd: int) -> list[Any] | None:
-        worker, link = self._by_fd.get(fd, (-1, None))
+        link = self._from_workers.get(fd)
         if link is None:
             return None
         try:
             return link.recv()
         except LinkClosed:  # that worker has gone (or restarted): its jobs are answered by the coordinator
-            self._remove_worker(worker)
+            self._remove_worker(fd)
             return None
 
     def close(self) -> None:
@@ -195,27 +194,21 @@ class LocalLink:
         self._dropped = True
         self.gone = True
         self.link.close()
-        for worker in list(self._from_workers):
-            self._remove_worker(worker)
+        for fd in list(self._from_workers):
+            self._remove_worker(fd)
 
     def _add_workers(self, passed: list[tuple[int, socket.socket]]) -> None:
-        for worker, sock in passed:
-            if worker in self._from_workers:  # a restarted worker's: the old one's socket is done
-                self._remove_worker(worker)
+        # By descriptor, not worker: a restarted worker's new socket comes while the old one may still
+        # hold answers to read; the old one goes once read to its end.
+        for _, sock in passed:
             # A worker answers here in one record: anything longer breaks the rule and closes the link.
             link = UnixLink(sock, blocking=False, max_message_bytes=RECORD_BYTES)
-            self._from_workers[worker] = link
-            self._by_fd[link.fileno()] = (worker, link)
+            self._from_workers[link.fileno()] = link
             self._readable.register(link.fileno(), select.POLLIN)
 
-    def _remove_worker(self, worker: int) -> None:
-        link = self._from_workers.pop(worker)
-        self._by_fd.pop(link.fileno(), None)
-        try:
-            self._readable.unregister(link.fileno())
-        except (KeyError, ValueError):
-            pass
-        link.close()
+    def _remove_worker(self, fd: int) -> None:
+        self._readable.unregister(fd)
+        self._from_workers.pop(fd).close()
 
     def _lose(self) -> None:
         self.close()

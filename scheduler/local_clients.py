@@ -74,7 +74,8 @@ class LocalClients:
         self._links: dict[bytes, UnixLink] = {}
         self._by_fd: dict[int, bytes] = {}
         self._writing: dict[bytes, UnixLink] = {}  # those whose socket holds back replies
-        self._answered_by: dict[bytes, set[int]] = {}  # the workers each client has an answer socket with
+        # Each client's connection number, and the workers it has an answer socket with.
+        self._answered_by: dict[bytes, tuple[int, set[int]]] = {}
         self._next = 0
         self.version = 0  # changes whenever a client comes or goes: the loop polls their descriptors anew
 
@@ -135,43 +136,44 @@ class LocalClients:
         if link.wants_write:
             self._writing[client] = link
 
-    def number(self, client: bytes) -> int:
-        """A local client's connection number (its key's), the tag of its answer sockets."""
-        return int(client[len(KEY_PREFIX):])
-
     def key(self, number: int) -> bytes:
+        """The client key of connection ``number``."""
         return KEY_PREFIX + str(number).encode()
 
-    def answer_socket(self, client: bytes, worker: int, worker_link: UnixLink) -> bool:
-        """Whether ``worker`` can answer ``client`` itself, on a socket pair passed to both now if they
-        have none yet. False (the coordinator answers) where it cannot be made or passed at once."""
-        link = self._links.get(client)
-        if link is None:
-            return False
-        workers = self._answered_by.setdefault(client, set())
+    def answer_socket(self, client: bytes, worker: int, worker_link: UnixLink) -> int:
+        """The tag (``client``'s connection number) of the socket on which ``worker`` answers ``client``
+        itself, passed to both now if they have none yet; 0 (the coordinator answers) where none can
+        be made or passed at once."""
+        answered_by = self._answered_by.get(client)
+        if answered_by is None:  # not a local client, or gone
+            return 0
+        number, workers = answered_by
         if worker in workers:
-            return True
+            return number
+        link = self._links[client]
+        if link.wants_write or worker_link.wants_write or link.closed or worker_link.closed:
+            return 0  # a socket passes only between messages, and these wait to go
         try:
             ends = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError:  # out of descriptors: the coordinator answers
-            return False
+            return 0
         try:
             # The worker's end first: if the client's cannot go, the worker's writes fail (no reader)
             # and it falls back to the coordinator; the other way round, the client would wait on
             # a socket nobody writes to (harmless too, but it holds a descriptor).
-            if not worker_link.send_socket(ends[0], self.number(client)) or not link.send_socket(ends[1], worker):
-                return False
+            if not worker_link.send_socket(ends[0], number) or not link.send_socket(ends[1], worker):
+                return 0
         except LinkClosed:
-            return False  # the worker or the client has gone: each is dropped where that is seen
+            return 0  # the worker or the client has gone: each is dropped where that is seen
         finally:
             for end in ends:  # passed ends are duplicates held by the kernel until taken
                 end.close()
         workers.add(worker)
-        return True
+        return number
 
     def forget_worker(self, worker: int) -> None:
         """A worker (re)starts: its clients' answer sockets went with the process before it."""
-        for workers in self._answered_by.values():
+        for _, workers in self._answered_by.values():
             workers.discard(worker)
 
     def flush(self) -> None:
@@ -204,15 +206,21 @@ class LocalClients:
                 log.error("local clients use ZeroMQ from now on: a connection could not be accepted (%s)", exc)
                 self._stop_listening()
                 return
-            pid, uid = peer(sock)
+            try:
+                pid, uid = peer(sock)
+            except OSError as exc:  # the client went between connect and accept
+                log.warning("a local client could not be accepted: %s", exc)
+                sock.close()
+                continue
             if uid != os.geteuid():  # the address may be loopback TCP, open to all; this socket is not
                 log.warning("refused a local client of another user (pid %d, uid %d)", pid, uid)
                 sock.close()
                 continue
             self._next += 1
-            key = KEY_PREFIX + str(self._next).encode()
+            key = self.key(self._next)
             link = UnixLink(sock, blocking=False, max_message_bytes=self.max_message_bytes)
             self._links[key] = link
+            self._answered_by[key] = (self._next, set())
             self._by_fd[link.fileno()] = key
             self.version += 1
 

@@ -52,9 +52,13 @@ class LoopPoll:
     def drain(self, timeout_s: float = SHUTDOWN_FLUSH_S) -> None:
         """At shutdown: send what the workers' links keep (each its ``Shutdown`` last) while they read."""
         deadline = time.monotonic() + timeout_s
-        while writing(self.workers) and time.monotonic() < deadline:
+        while writing(self.workers) and (left := deadline - time.monotonic()) > 0:
             flush_links(self.workers)
-            self.wait(10)
+            writable = select.poll()  # for writing alone: what waits to be read would wake it at once
+            for w in self.workers:
+                if w.link is not None and w.link.wants_write and not w.link.closed:
+                    writable.register(w.link.fileno(), select.POLLOUT)
+            writable.poll(min(10, int(left * 1000) + 1))
 
     def _poll_writes(self, links: tuple[Any, ...]) -> None:
         wanted = {link.fileno() for link in links if link.wants_write}

@@ -58,6 +58,9 @@ class Supervisor:
         self.codec = codec
         self.finish_part = finish_part
         self.recycles: list[dict[str, Any]] = []
+        # Reads what a worker sent before it went (set by the coordinator): a job it answered a client
+        # directly, or finished, counts as done, not as lost or to run again.
+        self.read_last: Callable[[WorkerHandle], None] = lambda w: None
         self.handlers: dict[type, Callable[[WorkerHandle, Any, list[Any]], None]] = {
             WorkerHello: self.on_hello,
             WorkerReady: self.on_ready,
@@ -159,6 +162,7 @@ class Supervisor:
         log.error("worker %d (pid %d) died: %s", w.id, w.pid, reason)
         self.mps.terminate_client(w.pid)
         w.kill()
+        self.read_last(w)
         w.close_link()
         w.remove_shm()
         in_flight = list(w.in_flight.values())

@@ -181,7 +181,7 @@ class WorkerHandle:
 
 def writing(workers: list[WorkerHandle]) -> bool:
     """Whether a worker's socket holds back messages (``flush_links`` sends them as it takes them)."""
-    return any(w.link is not None and w.link.wants_write for w in workers)
+    return any(w.link is not None and w.link.wants_write and not w.link.closed for w in workers)
 
 
 def flush_links(workers: list[WorkerHandle]) -> None:

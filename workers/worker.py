@@ -27,7 +27,7 @@ import torch
 
 from core.arena import Arena, ArenaReader
 from core.bank import Bank, BankHandle, bank_layout, unlink_shm
-from core.codec import unbundle, worker_codec
+from core.codec import bundle_replies, unbundle, worker_codec
 from core.cuda_ipc import open_bytes, release_unopened, visible_gpus
 from core.device import resolve_device
 from core.errors import CohortError
@@ -42,7 +42,6 @@ from core.messages import (
     JobResult,
     JobResults,
     PassOn,
-    Replies,
     RunJob,
     RunJobs,
     Shutdown,
@@ -91,6 +90,7 @@ class Worker:
         self.clients: dict[int, UnixLink] = {}  # local clients this worker answers itself, by connection number
         self.answer_to: dict[int, tuple[int, int, bool]] = {}  # job id: (connection, request id, answered with losses)
         self._client_hangups = select.poll()
+        self._client_by_fd: dict[int, int] = {}  # a client's socket: its connection number
         self.handlers: dict[type, Callable[[Any, list[Any], list[tuple[RunJob, list[Any]]]], None]] = {
             RunJob: lambda m, buffers, jobs: jobs.append(self._local(m, buffers)),
             RunJobs: lambda m, buffers, jobs: jobs.extend(self._local(j, b) for j, b in unbundle(m.jobs, buffers)),
@@ -195,7 +195,7 @@ class Worker:
             frames = self._next(0)
             if frames is None:
                 return
-            if self.link.takes_sockets and (passed := self.link.take_sockets()):
+            if passed := self.link.take_sockets():
                 self._add_clients(passed)
             message, buffers = self.codec.decode(frames)
             self.handlers[type(message)](message, buffers, jobs)
@@ -207,55 +207,57 @@ class Worker:
             link = UnixLink(sock, blocking=False)  # a full socket (a client slow to read) never holds the loop
             self.clients[number] = link
             self._client_hangups.register(link.fileno(), select.POLLRDHUP)
+            self._client_by_fd[link.fileno()] = number
 
     def _drop_client(self, number: int) -> None:
         link = self.clients.pop(number, None)
         if link is not None:
             self._client_hangups.unregister(link.fileno())
+            del self._client_by_fd[link.fileno()]
             link.close()
 
     def _direct_answer(self, job_id: int, tree: Any, own: list[Any], losses: list[float] | None,
-                       ) -> tuple[int, JobDone, list[Any]] | None:
+                       ) -> tuple[int, JobDone, list[Any], int] | None:
         """The answer to a job that this worker gives its local client itself (the coordinator asked for
-        it, and the client's socket is here): the client's connection number, the reply and its buffers;
-        None where the coordinator answers (also for tensors too large for one record of the socket)."""
+        it, and the client's socket is here): the client's connection number, the reply, its buffers and
+        their bytes; None where the coordinator answers (also for tensors too large for one record)."""
         client, req_id, with_losses = self.answer_to.pop(job_id, (0, 0, False))
-        if client not in self.clients or sum(memoryview(b).nbytes for b in own) > ANSWER_BYTES:
+        if client not in self.clients:
             return None
-        return (client, JobDone(req_id, losses=losses or []), []) if with_losses else (client, JobDone(req_id, tree), own)
+        if with_losses:
+            return client, JobDone(req_id, losses=losses or []), [], 0
+        size = sum(b.nbytes for b in own)
+        return (client, JobDone(req_id, tree), own, size) if size <= ANSWER_BYTES else None
 
-    def _send_answers(self, answers: list[tuple[int, JobDone, list[Any]]]) -> None:
+    def _send_answers(self, answers: list[tuple[int, JobDone, list[Any], int]]) -> None:
         """Send the answers given directly, those of one client together in one message (as the coordinator
         bundles its replies); what a socket does not take now (its client is slow to read, or gone) goes to
         the coordinator, which passes it on (``PassOn``): it has counted those jobs done already."""
         by_client: dict[int, list[list[tuple[JobDone, list[Any]]]]] = {}
-        for client, reply, own in answers:
-            chunks = by_client.setdefault(client, [[]])
-            size = sum(memoryview(b).nbytes for _, bufs in chunks[-1] for b in bufs)
-            if chunks[-1] and size + sum(memoryview(b).nbytes for b in own) > ANSWER_BYTES:
-                chunks.append([])  # one message stays within one record
-            chunks[-1].append((reply, own))
+        last_size: dict[int, int] = {}  # the bytes of each client's last message so far
+        for client, reply, own, size in answers:
+            messages = by_client.setdefault(client, [[]])
+            if messages[-1] and last_size[client] + size > ANSWER_BYTES:  # one message stays within one record
+                messages.append([])
+                last_size[client] = 0
+            messages[-1].append((reply, own))
+            last_size[client] = last_size.get(client, 0) + size
         passed_on: list[PassOn] = []
         buffers: list[Any] = []
-        for client, chunks in by_client.items():
-            for chunk in chunks:
-                if self._send_answer(client, chunk):
-                    continue
-                passed_on += [PassOn(self.worker_id, client, reply) for reply, _ in chunk]
-                buffers += [b for _, own in chunk for b in own]
+        for client, messages in by_client.items():
+            for message in messages:
+                if not self._send_answer(client, message):
+                    passed_on += [PassOn(self.worker_id, client, reply) for reply, _ in message]
+                    buffers += [b for _, own in message for b in own]
         if passed_on:
             self._send(passed_on[0] if len(passed_on) == 1 else JobResults(self.worker_id, passed_on), buffers)
 
-    def _send_answer(self, client: int, chunk: list[tuple[JobDone, list[Any]]]) -> bool:
+    def _send_answer(self, client: int, answers: list[tuple[JobDone, list[Any]]]) -> bool:
         link = self.clients.get(client)
         if link is None:
             return False
-        if len(chunk) == 1:
-            frames = self.codec.encode(chunk[0][0], chunk[0][1])
-        else:
-            frames = self.codec.encode(Replies(0, [reply for reply, _ in chunk]), [b for _, own in chunk for b in own])
         try:
-            return link.send_now(frames)  # False if it does not fit one record after all (a large header)
+            return link.send_now(self.codec.encode(*bundle_replies(answers)))  # False: full, or over a record after all
         except LinkClosed:  # the client has gone: the coordinator drops what it passes on
             self._drop_client(client)
             return False
@@ -379,7 +381,7 @@ class Worker:
             self._send(Heartbeat(self.worker_id, self.counters(), shapes, plans))
             self.arenas.prune(remove_dead=True)  # the memory of clients that are gone goes back
             for fd, _ in self._client_hangups.poll(0) if self.clients else ():
-                self._drop_client(next(n for n, link in self.clients.items() if link.fileno() == fd))
+                self._drop_client(self._client_by_fd[fd])
 
     def counters(self) -> dict[str, int]:
         ex = self.executor

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import threading
 import time
 import uuid
 
@@ -145,3 +146,56 @@ def test_a_link_that_cannot_take_a_message_is_polled_for_writing_until_it_has(tm
         reader.join()
         near.close()
         far.close()
+
+
+def test_an_answer_socket_is_passed_once_and_only_between_messages(clients) -> None:
+    client = UnixLink.connect(clients.name, blocking=True, takes_sockets=True)
+    client.send([b"hello"])
+    [(key, _)] = _serve_once(clients)
+    coordinator_end, worker_socket = UnixLink.pair(blocking=False)
+    worker = UnixLink(worker_socket, blocking=True, takes_sockets=True)
+    try:
+        assert clients.answer_socket(b"\x00local:999", 0, coordinator_end) == 0  # no such client
+        clients.send(key, [bytes(8 << 20)])  # more than the socket takes: the rest waits to go
+        assert clients.writing()
+        assert clients.answer_socket(key, 0, coordinator_end) == 0  # nothing passed while a reply waits
+        coordinator_end.send([b"job"])
+        assert _frames(worker) == [b"job"] and worker.take_sockets() == []
+        flusher = threading.Thread(target=_flush_all, args=(clients,))  # the coordinator sends the rest
+        flusher.start()
+        assert _frames(client) == [bytes(8 << 20)]
+        flusher.join(10)
+        assert not clients.writing()
+        number = clients.answer_socket(key, 0, coordinator_end)
+        assert number > 0 and clients.key(number) == key
+        assert clients.answer_socket(key, 0, coordinator_end) == number  # once per client and worker
+        coordinator_end.send([b"job"])
+        client.send([b"next"])
+        assert _serve_once(clients) == [(key, [b"next"])]
+        assert _frames(worker) == [b"job"]
+        [(tag, worker_end)] = worker.take_sockets()
+        clients.send(key, [b"reply"])
+        assert _frames(client) == [b"reply"]  # the passed socket came before it
+        [(worker_id, client_end)] = client.take_sockets()
+        assert (tag, worker_id) == (number, 0)
+        UnixLink(worker_end, blocking=False).send_now([b"answer"])
+        assert _frames(UnixLink(client_end, blocking=True)) == [b"answer"]
+    finally:
+        for link in (client, coordinator_end, worker):
+            link.close()
+
+
+def _flush_all(local: LocalClients) -> None:
+    deadline = time.monotonic() + 10
+    while local.writing() and time.monotonic() < deadline:
+        local.flush()
+        time.sleep(0.001)
+
+
+def _frames(link: UnixLink) -> list[bytes]:
+    assert link.wait(5000)
+    frames = link.recv()
+    while frames is None:
+        assert link.wait(5000)
+        frames = link.recv()
+    return [bytes(f) for f in frames]

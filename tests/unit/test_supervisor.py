@@ -147,3 +147,24 @@ def test_a_silent_worker_is_replaced() -> None:
     respawned: list[int] = []
     sup.check(lambda w: respawned.append(w.id))
     assert respawned == [0]
+
+
+def test_what_a_dead_worker_sent_is_read_before_its_jobs_fail() -> None:
+    """A job the worker answered (a client got its answer directly) or finished before it died counts
+    as done: the supervisor reads the worker's last messages before it fails or requeues the rest."""
+    sup, (w0, w1, _), finished, _ = make("off")
+    answered, running = in_flight(w1, 7), in_flight(w1, 8)
+    read: list[int] = []
+
+    def read_last(w: WorkerHandle) -> None:  # the coordinator's: a JobAnswered for job 7 was waiting
+        assert w.link is not None, "read after the link was closed"
+        read.append(w.id)
+        w.in_flight.pop(7)
+
+    w1.link = object()  # type: ignore[assignment]  # closed by bury: a stand-in that close_link drops
+    w1.close_link = lambda: setattr(w1, "link", None)  # type: ignore[method-assign]
+    sup.read_last = read_last
+    w1.process.code = 1
+    sup.check(lambda w: None)
+    assert read == [1] and answered.job.id == 7
+    assert [(p.job.id, type(e)) for p, e in finished] == [(8, WorkerDied)] and running.job.id == 8
