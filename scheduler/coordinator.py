@@ -78,12 +78,12 @@ from core.messages import (
     SubmitJob,
 )
 from core.spec import GroupSpec, ModelKey
-from core.tensors import NO_TENSORS, TensorTree, check_buffers, join_rows, slice_rows
+from core.tensors import NO_TENSORS, TensorTree, check_buffers, join_rows
 from scheduler import __version__, gpu
 from scheduler.barrier import Barriers
 from scheduler.config import Config
 from scheduler.host_copies import HostCopies
-from scheduler.jobs import Job, Part
+from scheduler.jobs import Job, Part, split
 from scheduler.leftovers import KEEP_HOST_COPIES_ENV, alive, remove_stale
 from scheduler.local_clients import LocalClients
 from scheduler.loop_poll import LoopPoll
@@ -154,7 +154,7 @@ class Coordinator:
         self.worker_codec = coordinator_worker_codec()
         self.supervisor = Supervisor(self.cc, self.workers, self.host, self.versions, self.mps, self.device, {},
                                      self.worker_codec, self._finish_part)
-        self.supervisor.read_last = self._read_worker
+        self.supervisor.read_last = self._read_all_of
         for w in self.workers:
             self.supervisor.prepare(w, [self._spec_for_block(b.group, b.indices) for b in w.blocks])
         queue = JobQueue(self.bank_job, self._feed, self._fail_blocked, self.given_up, self.jobs)
@@ -249,7 +249,7 @@ class Coordinator:
 
     def step(self, timeout_ms: int = IDLE_POLL_MS) -> None:
         clients_wait = readable(self.frontend)  # its descriptor signals new messages only, not those taken in
-        ready = self.loop_poll.wait(0 if clients_wait or self._can_dispatch() else timeout_ms)
+        ready = self.loop_poll.wait(0 if clients_wait or self._can_dispatch() else timeout_ms, self._awaiting())
         if clients_wait or self.loop_poll.frontend_fd in ready:
             self._receive_clients()
         if self.local is not None:
@@ -395,7 +395,7 @@ class Coordinator:
         check_targets(msg.op, msg.targets, batch, stacked)
         job = self._new_job(msg.op, group, models, msg.timeout_s, client, msg.req_id)
         job.shared = msg.op in ("train_round", "evaluate") and stacked is None  # one batch for every model
-        self._split(job, msg.inputs, buffers[:n_in], msg.targets, buffers[n_in:], stacked)
+        split(job, self.slot_of, msg.inputs, buffers[:n_in], msg.targets, buffers[n_in:], stacked)
         # Results in a worker's arena for a client that sees it; results of several workers are joined here.
         job.client_pid = msg.client_pid if 0 < msg.client_pid < 1 << 22 else 0  # Linux pids are below 2**22
         job.shm_results = msg.shm_results and local and len(job.parts) == 1 and job.client_pid > 0
@@ -412,7 +412,7 @@ class Coordinator:
         job.on_done, job.blocked = on_done, blocked
         job.option, job.seed = option, seed
         job.source = [self.slot_of[m][1] for m in source] if source else []
-        self._split(job, inputs, buffers or [], NO_TENSORS, [], None)
+        split(job, self.slot_of, inputs, buffers or [], NO_TENSORS, [], None)
         for part in job.parts:
             part.hparams = {name: [values[(job.group, i)] for i in part.indices] for name, values in (hparams or {}).items()}
         self._queue(job)
@@ -464,31 +464,6 @@ class Coordinator:
                 raise Overloaded(f"model {m[0]}/{m[1]} has {self.queued_per_model[m]} jobs queued (bound "
                                  f"{self.cc.max_queued_per_model}); retry later")
 
-    def _split(self, job: Job, inputs: TensorTree, in_buffers: list[Any], targets: TensorTree, t_buffers: list[Any],
-               stacked: int | None) -> None:
-        """One part per worker holding some of the job's models, its slots in ascending order."""
-        if len(job.models) == 1 and stacked is None:  # most jobs: one model, one part, nothing to cut
-            worker, slot = self.slot_of[job.models[0]]
-            job.parts.append(Part(job, worker, [slot], [job.models[0][1]], inputs, targets, [*in_buffers, *t_buffers]))
-            job.open_parts = 1
-            return
-        by_worker: dict[int, list[tuple[int, int]]] = {}
-        for model in job.models:
-            worker, slot = self.slot_of[model]
-            by_worker.setdefault(worker, []).append((slot, model[1]))
-        for worker, pairs in by_worker.items():
-            pairs.sort()
-            slots, indices = [s for s, _ in pairs], [i for _, i in pairs]
-            tree_in, buf_in, tree_t, buf_t = inputs, in_buffers, targets, t_buffers
-            if stacked is not None:
-                lo, hi = indices[0], indices[-1] + 1
-                tree_in, buf_in = slice_rows(inputs, in_buffers, lo, hi)
-                tree_t, buf_t = slice_rows(targets, t_buffers, lo, hi)
-            job.parts.append(Part(job, worker, slots, indices, tree_in, tree_t, [*buf_in, *buf_t]))
-        if len(job.parts) > 1:
-            job.parts.sort(key=lambda p: p.indices[0])
-        job.open_parts = len(job.parts)
-
     def _feed(self, job: Job, inputs: TensorTree, buffers: list[Any]) -> None:
         """A blocked bank job's inputs have come (a ``read`` on another worker): it may run."""
         for part in job.parts:
@@ -516,15 +491,26 @@ class Coordinator:
         for w in self.workers:
             if w.link is not None and w.link.fileno() in ready:  # polled by file descriptor
                 self._read_worker(w)
+            if w.answering:  # read whether polled or not (``WorkerHandle.notices``)
+                self._read_worker(w, notices=True)
 
     def _drain_workers(self) -> None:
         """Every message the workers have sent so far (no wait: a look at each link)."""
         for w in self.workers:
-            self._read_worker(w)
+            self._read_all_of(w)
 
-    def _read_worker(self, w: WorkerHandle) -> None:
+    def _read_all_of(self, w: WorkerHandle) -> None:
+        self._read_worker(w)
+        self._read_worker(w, notices=True)
+
+    def _awaiting(self) -> bool:
+        """Whether something waits for jobs to finish (a job for a worker's full window, a barrier): the
+        workers' notices then wake the loop."""
+        return bool(self.barriers.open) or any(w.pending for w in self.workers)
+
+    def _read_worker(self, w: WorkerHandle, notices: bool = False) -> None:
         for _ in range(1000):
-            if (frames := w.receive()) is None:  # None too once a handler has buried the worker
+            if (frames := w.receive(notices)) is None:  # None too once a handler has buried the worker
                 break
             try:
                 message, buffers = self.worker_codec.decode(frames)
@@ -541,14 +527,14 @@ class Coordinator:
             self.worker_handlers[type(result)](w, result, own)
 
     def _on_job_result(self, w: WorkerHandle, msg: JobResult, buffers: list[Any]) -> None:
-        part = w.in_flight.pop(msg.job_id, None)
+        part = w.landed(msg.job_id)
         if part is None:
             return
         w.jobs_done += 1
         self._finish_part(part, (msg.outputs, buffers, msg.losses), None)
 
     def _on_job_answered(self, w: WorkerHandle, msg: JobAnswered, _: list[Any]) -> None:
-        part = w.in_flight.pop(msg.job_id, None)
+        part = w.landed(msg.job_id)
         if part is None:
             return
         w.jobs_done += 1
@@ -563,7 +549,7 @@ class Coordinator:
             self._reply(self.local.key(msg.client), msg.reply, buffers)
 
     def _on_job_error(self, w: WorkerHandle, msg: JobError, _: list[Any]) -> None:
-        part = w.in_flight.pop(msg.job_id, None)
+        part = w.landed(msg.job_id)
         if part is None:
             return
         w.jobs_done += 1
@@ -680,8 +666,10 @@ class Coordinator:
         message = commands[0] if len(commands) == 1 else RunJobs(commands)
         if not w.send(self.worker_codec.encode(message, buffers)):
             return False
-        for part in parts:
+        for part, command in zip(parts, commands):
             part.sent = True
+            part.answered_here = command.reply_to != 0
+            w.answering += part.answered_here
             w.in_flight[part.job.id] = part
         return True
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from core.errors import CohortError
 from core.spec import ModelKey
-from core.tensors import TensorTree
+from core.tensors import TensorTree, slice_rows
 from scheduler.barrier import Barrier
 
 
@@ -31,6 +31,7 @@ class Part:
     targets: TensorTree
     buffers: list[Any]
     sent: bool = False
+    answered_here: bool = False  # its worker answers the client itself (``RunJob.reply_to``)
     hparams: dict[str, list[float]] = field(default_factory=dict)  # set_hparams: values for this part's slots
 
 
@@ -70,3 +71,27 @@ class Job:
         return bool(self.fences)
 
 
+def split(job: Job, slot_of: dict[ModelKey, tuple[int, int]], inputs: TensorTree, in_buffers: list[Any],
+          targets: TensorTree, t_buffers: list[Any], stacked: int | None) -> None:
+    """One part per worker holding some of the job's models, its slots in ascending order."""
+    if len(job.models) == 1 and stacked is None:  # most jobs: one model, one part, nothing to cut
+        worker, slot = slot_of[job.models[0]]
+        job.parts.append(Part(job, worker, [slot], [job.models[0][1]], inputs, targets, [*in_buffers, *t_buffers]))
+        job.open_parts = 1
+        return
+    by_worker: dict[int, list[tuple[int, int]]] = {}
+    for model in job.models:
+        worker, slot = slot_of[model]
+        by_worker.setdefault(worker, []).append((slot, model[1]))
+    for worker, pairs in by_worker.items():
+        pairs.sort()
+        slots, indices = [s for s, _ in pairs], [i for _, i in pairs]
+        tree_in, buf_in, tree_t, buf_t = inputs, in_buffers, targets, t_buffers
+        if stacked is not None:
+            lo, hi = indices[0], indices[-1] + 1
+            tree_in, buf_in = slice_rows(inputs, in_buffers, lo, hi)
+            tree_t, buf_t = slice_rows(targets, t_buffers, lo, hi)
+        job.parts.append(Part(job, worker, slots, indices, tree_in, tree_t, [*buf_in, *buf_t]))
+    if len(job.parts) > 1:
+        job.parts.sort(key=lambda p: p.indices[0])
+    job.open_parts = len(job.parts)

@@ -26,9 +26,12 @@ class LoopPoll:
         self._poll = select.poll()
         self._polled: tuple[Any, ...] = ()
         self._writing: set[int] = set()
+        self._notices: tuple[int, ...] = ()  # the workers' notice sockets, polled while something awaits them
+        self._awaiting = False
 
-    def wait(self, timeout_ms: int) -> dict[int, int]:
-        """Wait up to ``timeout_ms``; the ready descriptors and their events."""
+    def wait(self, timeout_ms: int, awaiting: bool = False) -> dict[int, int]:
+        """Wait up to ``timeout_ms``; the ready descriptors and their events. The workers' notices wake it
+        only while ``awaiting`` (something waits for a job to finish)."""
         links = tuple(w.link for w in self.workers if w.link is not None and not w.link.closed)
         polled = (links, self.local.version if self.local is not None else 0)
         if polled != self._polled:
@@ -39,6 +42,15 @@ class LoopPoll:
                 if fd >= 0:  # the client socket before it is bound
                     self._poll.register(fd, select.POLLIN)
             self._writing = set()
+            self._notices = tuple(w.notices.fileno() for w in self.workers if w.notices is not None
+                                  and not w.notices.closed and w.link in links)
+            for fd in self._notices:
+                self._poll.register(fd, select.POLLIN if awaiting else 0)
+            self._awaiting = awaiting
+        elif awaiting != self._awaiting:
+            self._awaiting = awaiting
+            for fd in self._notices:
+                self._poll.modify(fd, select.POLLIN if awaiting else 0)
         if self._writing or writing(self.workers) or self.local is not None and self.local.writing():
             self._poll_writes(links)
         return dict(self._poll.poll(timeout_ms))

@@ -56,6 +56,11 @@ class WorkerHandle:
     generation: int = 0
     beat_path: str = ""
     link: UnixLink | None = None
+    # Where the worker says which jobs it answered directly (``JobAnswered`` alone): read at every turn of
+    # the loop while such jobs are out, but polled only while something waits for a job to finish, so
+    # the worker's word does not wake a coordinator that has nothing to do with it.
+    notices: UnixLink | None = None
+    answering: int = 0  # jobs out that this worker answers directly, not yet said done
     process: subprocess.Popen[bytes] | None = None
     pid: int = 0
     device: str = ""
@@ -100,17 +105,19 @@ class WorkerHandle:
             beat.write(BEAT.pack(0.0))
         self.shm_prefix = f"cohort-{run_id}-w{self.id}g{self.generation}-"
         self.link, theirs = UnixLink.pair(blocking=False)
+        self.notices, theirs_notices = UnixLink.pair(blocking=False)
+        self.answering = 0
         worker_env = dict(env)  # complete: the supervisor decides what the worker sees
         worker_env.update(allocator_env(worker_env))
         path = [os.getcwd(), *filter(None, worker_env.get("PYTHONPATH", "").split(os.pathsep))]
         worker_env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "workers", "--link-fd", str(theirs.fileno()), "--worker-id", str(self.id),
-                 "--beat", self.beat_path],
+                [sys.executable, "-m", "workers", "--link-fd", str(theirs.fileno()), "--notices-fd",
+                 str(theirs_notices.fileno()), "--worker-id", str(self.id), "--beat", self.beat_path],
                 env=worker_env,
                 stdin=subprocess.DEVNULL,
-                pass_fds=(theirs.fileno(),),
+                pass_fds=(theirs.fileno(), theirs_notices.fileno()),
                 start_new_session=True,  # Ctrl-C reaches the coordinator only; it stops workers in order
             )
         except BaseException:
@@ -118,6 +125,7 @@ class WorkerHandle:
             raise
         finally:
             theirs.close()  # the worker's now: its end is seen to close when the worker dies
+            theirs_notices.close()
         self.pid = self.process.pid
         self.state = "starting"
         self.started_at = time.monotonic()
@@ -145,13 +153,21 @@ class WorkerHandle:
         except LinkClosed:
             return False
 
-    def receive(self) -> list[Any] | None:
-        """The frames of the worker's next message; None when none waits or the worker has gone
-        (its exit is seen by the supervisor's health check)."""
+    def receive(self, notices: bool = False) -> list[Any] | None:
+        """The frames of the worker's next message (on ``notices``, its word on jobs it answered directly);
+        None when none waits or the worker has gone (its exit is seen by the supervisor's health check)."""
+        link = self.notices if notices else self.link
         try:
-            return None if self.link is None else self.link.recv()
+            return None if link is None else link.recv()
         except LinkClosed:
             return None
+
+    def landed(self, job_id: int) -> Part | None:
+        """The part of ``job_id`` this worker has finished, out of its jobs in flight (None if not there)."""
+        part = self.in_flight.pop(job_id, None)
+        if part is not None and part.answered_here:
+            self.answering -= 1
+        return part
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -172,6 +188,9 @@ class WorkerHandle:
         if self.link is not None:
             self.link.close()
             self.link = None
+        if self.notices is not None:
+            self.notices.close()
+            self.notices = None
         if self.beat_path:
             try:
                 os.unlink(self.beat_path)

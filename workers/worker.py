@@ -72,9 +72,10 @@ log = logging.getLogger("cohort.worker")
 
 
 class Worker:
-    def __init__(self, link: UnixLink, worker_id: int) -> None:
+    def __init__(self, link: UnixLink, worker_id: int, notices: UnixLink | None = None) -> None:
         self.worker_id = worker_id
         self.link = link  # blocking: the coordinator always reads, so a send never waits long
+        self.notices = notices  # for messages of JobAnswered alone (``WorkerHandle.notices`` says why)
         self.codec = worker_codec()
         self.banks: list[Bank] = []
         self.runtimes: dict[str, GroupRuntime] = {}
@@ -363,12 +364,27 @@ class Worker:
                 continue
             results.append(JobResult(self.worker_id, item.job_id, tree, item.losses))
             buffers += own
-        if len(results) == 1:
-            self._send(results[0], buffers)
+        message = results[0] if len(results) == 1 else JobResults(self.worker_id, results)
+        if answers and len(answers) == len(results):
+            self._notify(message)
         elif results:
-            self._send(JobResults(self.worker_id, results), buffers)
+            self._send(message, buffers)
         if answers:
             self._send_answers(answers)
+
+    def _notify(self, message: JobAnswered | JobResults) -> None:
+        """Name jobs answered directly, on the notices socket, so as not to wake the coordinator; on the
+        link if that socket is full (the coordinator has not looked in a while) or gone."""
+        frames = self.codec.encode(message)
+        try:
+            if self.notices is not None and self.notices.send_now(frames):
+                return
+        except LinkClosed:
+            self.notices = None
+        try:
+            self.link.send(frames)
+        except LinkClosed:
+            self.running = False
 
     def _report(self) -> None:
         """The executor's counts, now and then (liveness is the lifeline's job)."""
@@ -414,6 +430,8 @@ class Worker:
         self.banks = []
         for number in list(self.clients):
             self._drop_client(number)
+        if self.notices is not None:
+            self.notices.close()
         self.link.close()
 
 
@@ -426,13 +444,14 @@ def open_host_copy(spec: GroupSpec, name: str, device: torch.device) -> Bank:
     return host
 
 
-def main(link_fd: int, worker_id: int, beat_path: str) -> int:
+def main(link_fd: int, notices_fd: int, worker_id: int, beat_path: str) -> int:
     # The coordinator's log level and format, so a worker's lines read like its own.
     logging.basicConfig(level=os.environ.get(LOG_LEVEL_ENV, "INFO"), stream=sys.stderr,
                         format=f"%(asctime)s cohort worker {worker_id} %(levelname)s %(message)s")
     # Ctrl-C goes to the coordinator, which stops the workers in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    worker = Worker(UnixLink(socket.socket(fileno=link_fd), blocking=True, takes_sockets=True), worker_id)
+    worker = Worker(UnixLink(socket.socket(fileno=link_fd), blocking=True, takes_sockets=True), worker_id,
+                    UnixLink(socket.socket(fileno=notices_fd), blocking=False))
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "running", False))
     lifeline = Lifeline(beat_path, os.getppid(), worker.remove_shm).start()
     try:

@@ -106,3 +106,43 @@ def _outputs():
     from core.tensors import encode_tensors
 
     return encode_tensors(torch.arange(6, dtype=torch.float32).reshape(2, 3))
+
+
+def test_what_waits_for_a_job_answered_directly_is_not_kept_waiting(tmp_path) -> None:
+    """A worker's word on the jobs it answered directly does not wake an idle coordinator; it must wake
+    one that waits for it: a job behind a full window (of one job), a barrier. Each time, another
+    client's call goes out while a slow job answered directly runs, and must end right after it, not
+    at the coordinator's next idle turn (up to 50 ms later)."""
+    import threading
+
+    from cohort_harness import start_cohort
+    from fixture_models import group
+
+    running = start_cohort(tmp_path, [group("slow", "sleepy", count=2)], workers=1, window=1)
+    gaps: dict[str, list[float]] = {"infer": [], "barrier": []}
+    try:
+        with running.client(timeout=30) as first, running.client(timeout=30) as second:
+            first.infer("slow/0", torch.zeros(1, 4))  # each has its answer socket before the timing
+            second.infer("slow/1", torch.zeros(1, 4))
+            for k in range(16):
+                op = "infer" if k % 2 == 0 else "barrier"
+                ended: dict[str, float] = {}
+
+                def other(op: str = op, ended: dict[str, float] = ended) -> None:
+                    second.infer("slow/1", torch.zeros(1, 4)) if op == "infer" else second.barrier()
+                    ended["other"] = time.monotonic()
+
+                slow = torch.zeros(1, 4)
+                slow[0, 0] = 0.125  # seconds the job sleeps: not a multiple of the idle turn, 50 ms after the other call
+                thread = threading.Thread(target=lambda: time.sleep(0.05) or other())
+                thread.start()
+                first.infer("slow/0", slow)
+                ended["slow"] = time.monotonic()
+                thread.join(30)
+                gaps[op].append(ended["other"] - ended["slow"])
+        for op, values in gaps.items():
+            values.sort()
+            assert values[len(values) // 2] < 0.015, f"{op}: waited {[round(v * 1000, 1) for v in values]} ms"
+        assert "Traceback" not in running.log()
+    finally:
+        running.close()

@@ -124,7 +124,7 @@ def test_a_link_that_cannot_take_a_message_is_polled_for_writing_until_it_has(tm
     far = UnixLink(far_socket, blocking=True)
     while not near.wants_write:
         near.send([bytes(60_000)])
-    loop = LoopPoll(-1, [SimpleNamespace(link=near)], None)  # type: ignore[list-item]
+    loop = LoopPoll(-1, [SimpleNamespace(link=near, notices=None)], None)  # type: ignore[list-item]
     def drain() -> None:  # a Unix socket is writable again once its reader has taken three quarters
         while far.wait(0):
             far.recv()
